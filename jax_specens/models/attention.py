@@ -1,0 +1,80 @@
+"""Multi-head attention (MHA / GQA / MQA) over the preallocated KV cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from jax_specens import cache as kv
+from jax_specens.models.config import ModelConfig
+from jax_specens.models.layers import Norm, apply_rope, inv_frequencies, linear
+
+NEG_INF = -1e30
+
+
+def attention_mask(
+    positions: Int[Array, "B W"], num_slots: int, window: int | None
+) -> Bool[Array, "B W S"]:
+  """Query at position p sees slot j iff j <= p (and p - j < window for sliding layers)."""
+  slots = jnp.arange(num_slots)[None, None, :]
+  p = positions[:, :, None]
+  mask = slots <= p
+  if window is not None:
+    mask &= slots > p - window
+  return mask
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
+    d, h, k, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
+    self.scale = config.scale
+    self.softcap = config.attn_softcap
+    self.window = config.window(layer)
+    self.use_rope = config.positions == "rope"
+    self.inv_freq = (
+        tuple(inv_frequencies(config.rope_for(layer), config.rotary_dim).tolist())
+        if self.use_rope else ()
+    )
+    self.q = linear(d, h * hd, config.qkv_bias, dtype, rngs)
+    self.k = linear(d, k * hd, config.qkv_bias, dtype, rngs)
+    self.v = linear(d, k * hd, config.qkv_bias, dtype, rngs)
+    self.o = linear(h * hd, d, config.o_bias, dtype, rngs)
+    self.q_norm = Norm(hd, config, dtype) if config.qk_norm else None
+    self.k_norm = Norm(hd, config, dtype) if config.qk_norm else None
+
+  def __call__(
+      self,
+      x: Float[Array, "B W D"],
+      positions: Int[Array, "B W"],
+      cache_k: Float[Array, "B S K Dh"],
+      cache_v: Float[Array, "B S K Dh"],
+  ) -> tuple[Float[Array, "B W D"], Float[Array, "B S K Dh"], Float[Array, "B S K Dh"]]:
+    b, w, _ = x.shape
+    q = self.q(x).reshape(b, w, self.num_heads, self.head_dim)
+    k = self.k(x).reshape(b, w, self.num_kv_heads, self.head_dim)
+    v = self.v(x).reshape(b, w, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if self.use_rope:
+      inv = np.asarray(self.inv_freq, np.float32)
+      q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
+    cache_k = kv.write(cache_k, k, positions[:, 0])
+    cache_v = kv.write(cache_v, v, positions[:, 0])
+
+    groups = self.num_heads // self.num_kv_heads
+    qg = q.reshape(b, w, self.num_kv_heads, groups, self.head_dim)
+    scores = jnp.einsum("bwkgd,bskd->bkgws", qg, cache_k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * self.scale
+    if self.softcap is not None:
+      scores = jnp.tanh(scores / self.softcap) * self.softcap
+    mask = attention_mask(positions, cache_k.shape[1], self.window)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgws,bskd->bwkgd", probs, cache_v.astype(v.dtype))
+    out = out.reshape(b, w, self.num_heads * self.head_dim)
+    return self.o(out), cache_k, cache_v

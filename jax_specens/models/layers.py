@@ -1,0 +1,103 @@
+"""Small building blocks: norms, rotary embeddings, the MLP."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from jax_specens.models.config import ModelConfig, RopeConfig
+
+INIT = nnx.initializers.normal(0.02)
+
+
+def linear(d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  """`y = x @ kernel + bias`, kernel `[d_in, d_out]` (HF nn.Linear weights are transposed)."""
+  return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=INIT, param_dtype=dtype,
+                    dtype=dtype, rngs=rngs)
+
+
+class Norm(nnx.Module):
+  """RMSNorm (optionally Gemma's `1 + w`) or LayerNorm, computed in float32."""
+
+  def __init__(self, dim: int, config: ModelConfig, dtype, rngs: nnx.Rngs | None = None):
+    self.kind = config.norm
+    self.eps = config.norm_eps
+    self.plus_one = config.norm_plus_one
+    self.scale = nnx.Param(jnp.zeros((dim,), dtype) if self.plus_one else jnp.ones((dim,), dtype))
+    self.bias = nnx.Param(jnp.zeros((dim,), dtype)) if self.kind == "layer" else None
+
+  def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+    y = x.astype(jnp.float32)
+    if self.kind == "layer":
+      y = y - y.mean(-1, keepdims=True)
+    y = y * jax.lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + self.eps)
+    w = self.scale[...].astype(jnp.float32)
+    y = y * (1.0 + w if self.plus_one else w)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def inv_frequencies(rope: RopeConfig, rotary_dim: int) -> np.ndarray:
+  """`[rotary_dim / 2]` inverse frequencies in float32, as Hugging Face computes them."""
+  exps = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rotary_dim)
+  inv = (np.float32(1.0) / (np.float32(rope.theta) ** exps)).astype(np.float32)
+  if rope.kind == "linear":
+    inv = inv / np.float32(rope.factor)
+  elif rope.kind == "llama3":
+    old = rope.original_max_position
+    low_wavelen = old / rope.low_freq_factor
+    high_wavelen = old / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+    smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    inv = np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv
+
+
+def apply_rope(
+    x: Float[Array, "B W H D"], positions: Int[Array, "B W"], inv_freq: np.ndarray,
+) -> Float[Array, "B W H D"]:
+  """Rotates the first `2 * len(inv_freq)` features of every head (rotate-half layout)."""
+  rot = 2 * inv_freq.shape[0]
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # B W rot/2
+  emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]  # B W 1 rot
+  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  xr, rest = x[..., :rot], x[..., rot:]
+  half = rot // 2
+  rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], -1)
+  out = xr * cos + rotated * sin
+  return jnp.concatenate([out, rest], -1) if rest.shape[-1] else out
+
+
+def activation(name: str):
+  if name == "silu":
+    return jax.nn.silu
+  if name == "gelu_tanh":
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  raise ValueError(f"unknown activation {name!r}; supported: silu, gelu_tanh, gelu")
+
+
+class MLP(nnx.Module):
+  """Gated (`down(act(gate(x)) * up(x))`) or plain (`down(act(up(x)))`) feed-forward."""
+
+  def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+    d, f, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+    self.act_name = config.activation
+    self.gate = linear(d, f, b, dtype, rngs) if config.gated_mlp else None
+    self.up = linear(d, f, b, dtype, rngs)
+    self.down = linear(f, d, b, dtype, rngs)
+
+  def __call__(self, x: Float[Array, "B W D"]) -> Float[Array, "B W D"]:
+    act = activation(self.act_name)
+    h = act(self.gate(x)) * self.up(x) if self.gate is not None else act(self.up(x))
+    return self.down(h)

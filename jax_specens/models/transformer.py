@@ -1,0 +1,85 @@
+"""The decoder-only transformer every family is an instance of."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from jax_specens.cache import KVCache
+from jax_specens.models.attention import Attention
+from jax_specens.models.config import ModelConfig
+from jax_specens.models.layers import INIT, MLP, Norm, linear
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block; Gemma2/3 add a norm after attention and after the MLP."""
+
+  def __init__(self, config: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
+    d = config.hidden_size
+    self.attn_norm = Norm(d, config, dtype)
+    self.attn = Attention(config, layer, dtype, rngs)
+    self.mlp_norm = Norm(d, config, dtype)
+    self.mlp = MLP(config, dtype, rngs)
+    self.post_attn_norm = Norm(d, config, dtype) if config.post_norms else None
+    self.post_mlp_norm = Norm(d, config, dtype) if config.post_norms else None
+
+  def __call__(self, x, positions, cache_k, cache_v):
+    a, cache_k, cache_v = self.attn(self.attn_norm(x), positions, cache_k, cache_v)
+    if self.post_attn_norm is not None:
+      a = self.post_attn_norm(a)
+    x = x + a
+    m = self.mlp(self.mlp_norm(x))
+    if self.post_mlp_norm is not None:
+      m = self.post_mlp_norm(m)
+    return x + m, cache_k, cache_v
+
+
+class Transformer(nnx.Module):
+  """Embeddings → blocks → final norm → LM head (tied to the embeddings or its own)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.config = config
+    d = config.hidden_size
+    self.embed = nnx.Embed(config.vocab_size, d, embedding_init=INIT, param_dtype=dtype,
+                           dtype=dtype, rngs=rngs)
+    self.pos_embed = (
+        nnx.Embed(config.max_position_embeddings, d, embedding_init=INIT, param_dtype=dtype,
+                  dtype=dtype, rngs=rngs)
+        if config.positions == "learned" else None
+    )
+    self.layers = nnx.List([Block(config, i, dtype, rngs) for i in range(config.num_layers)])
+    self.final_norm = Norm(d, config, dtype)
+    self.lm_head = None if config.tie_embeddings else linear(d, config.vocab_size, False, dtype,
+                                                             rngs)
+
+  def __call__(
+      self, tokens: Int[Array, "B W"], positions: Int[Array, "B W"], cache: KVCache
+  ) -> tuple[Float[Array, "B W V"], KVCache]:
+    """Scores W tokens per row at absolute `positions` (= cache slots), writing their K/V.
+
+    Returns float32 logits and the cache with its rows' K/V written; `cache.pos` is left to the
+    caller (see `jax_specens.step`).
+    """
+    x = self.embed(tokens)
+    if self.config.embed_scale:
+      x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
+    if self.pos_embed is not None:
+      x = x + self.pos_embed(positions)
+    ks, vs = [], []
+    for i, layer in enumerate(self.layers):
+      x, k, v = layer(x, positions, cache.k[i], cache.v[i])
+      ks.append(k)
+      vs.append(v)
+    x = self.final_norm(x)
+    if self.lm_head is None:
+      logits = self.embed.attend(x)
+    else:
+      logits = self.lm_head(x)
+    logits = logits.astype(jnp.float32)
+    if self.config.final_softcap is not None:
+      c = self.config.final_softcap
+      logits = jnp.tanh(logits / c) * c
+    return logits, cache.replace(k=tuple(ks), v=tuple(vs))
