@@ -1,0 +1,47 @@
+"""Built-in models shipped inside the package, trained here on real text (see `train.py`).
+
+- "code":  a code specialist (Llama architecture, 4 layers, hidden 192), Python standard-library code;
+- "prose": a prose specialist of the same size, English text shipped with Python;
+- "draft": a small general model (2 layers, hidden 128) trained on both.
+
+All three share one byte-level BPE tokenizer (4096 tokens) and are stored in our checkpoint format
+(bf16), so everything that takes a converted Hugging Face model takes them too:
+
+    model = builtin_model("code")                # a jax_specens.Model
+    tok = builtin_tokenizer()                    # a transformers tokenizer
+    jax-specens generate --model $(python -c "import jax_specens.builtin as b; print(b.builtin_dir('code'))") ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+
+BUILTIN_MODELS = ("code", "prose", "draft")
+MODELS_DIR = Path(__file__).parent / "models"
+
+
+def builtin_dir(name: str) -> Path:
+  """The checkpoint directory of built-in model `name` ("code", "prose" or "draft")."""
+  if name not in BUILTIN_MODELS:
+    raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
+  path = MODELS_DIR / name
+  if not (path / "jax_specens.json").is_file():
+    raise FileNotFoundError(
+        f"the built-in model {name!r} is missing from {MODELS_DIR}; this installation was built "
+        "without its package data: reinstall jax_specens, or train the models again with "
+        "`jax-specens train-builtin`")
+  return path
+
+
+def builtin_model(name: str, dtype=jnp.float32):
+  """Loads built-in model `name` as a `jax_specens.Model` cast to `dtype` (stored in bf16)."""
+  from jax_specens.checkpoint import load_model
+  return load_model(builtin_dir(name), dtype)
+
+
+def builtin_tokenizer():
+  """The tokenizer shared by the built-in models (a `transformers` fast tokenizer)."""
+  from jax_specens.checkpoint import load_tokenizer
+  return load_tokenizer(builtin_dir("draft"))
