@@ -11,6 +11,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from typing import TYPE_CHECKING
@@ -64,3 +65,19 @@ def write(
 
 def cache_bytes(cache: KVCache) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves((cache.k, cache.v)))
+
+
+def check_fits(prompt_len, max_new_tokens: int, cache_len: int, slack: int = 0) -> None:
+  """Raises a clear ValueError (before anything is traced) when generation cannot fit the cache.
+
+  prompt_len: the longest prompt (an int, or per-row lengths of which the maximum counts);
+  slack: extra slots a method writes past the last kept token (e.g. gamma + 1 for speculation).
+  """
+  longest = int(np.max(np.asarray(prompt_len)))
+  need = longest + int(max_new_tokens) + int(slack)
+  if need > cache_len:
+    extra = f" + {slack} slots of speculation slack" if slack else ""
+    raise ValueError(
+        f"prompt of {longest} tokens + max_new_tokens={max_new_tokens}{extra} = {need} tokens do "
+        f"not fit a cache of {cache_len} slots; pass cache_len >= {need}, or shorten the prompt "
+        "or max_new_tokens")
