@@ -115,12 +115,20 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32) -> Model:
   return from_module(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype)))
 
 
-def load_model(model_dir: str | os.PathLike, dtype=jnp.float32, shardings=None) -> Model:
+def load_model(model_dir: str | os.PathLike, dtype=jnp.float32, shardings=None,
+               mesh=None) -> Model:
   """Restores a model saved by `save_model` or `jax-specens convert`, cast to `dtype`.
 
   shardings: optional function `Model -> pytree of jax.sharding.Sharding` matching the params;
   orbax then restores every array directly into its shards.
+  mesh: a `jax.sharding.Mesh` with axes `data`/`model` (`jax_specens.parallel.make_mesh`): the
+  same, with the partition rules of `jax_specens.parallel`.
   """
+  if mesh is not None:
+    if shardings is not None:
+      raise ValueError("load_model: pass either shardings= or mesh=, not both")
+    from jax_specens.parallel.place import model_shardings
+    shardings = lambda abstract: model_shardings(abstract, mesh)  # noqa: E731
   config = read_config(model_dir)
   abstract = abstract_model(config, dtype)
   target = nnx.to_pure_dict(abstract.params)

@@ -1,0 +1,147 @@
+"""Putting models, caches and batches onto a mesh: in memory, or straight from a checkpoint.
+
+    mesh = make_mesh(data=2, model=4)
+    target = load_model(target_dir, mesh=mesh)          # orbax restores each shard in place
+    draft = shard_model(create_model(cfg), mesh)        # a model already in memory
+    cache = shard_cache(target.init_cache(8, 256), target.config, mesh)
+    prompts = shard_batch(prompts, mesh)
+
+Inside a jitted decode nothing else is needed: with the mesh set (`jax.set_mesh(mesh)`, which
+`jax_specens.parallel.decode` does) the caches that decode creates are constrained to the cache
+rule by `constrain_cache`, and XLA propagates the rest.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jax_specens.cache import KVCache
+from jax_specens.models.config import ModelConfig
+from jax_specens.parallel.mesh import AXES, device_ids
+from jax_specens.parallel.rules import (batch_spec, cache_spec, check_batch, make_plan,
+                                        param_shardings)
+from jax_specens.step import Model
+
+
+def model_shardings(model: Model, mesh: Mesh, *, tensor_parallel: bool = True,
+                    replicate_kv: bool = True, name: str = "model"):
+  """`nnx.State` of `NamedSharding`s for `model.params` (what `checkpoint.load_model` takes)."""
+  plan = make_plan(model.config, mesh, tensor_parallel=tensor_parallel,
+                   replicate_kv=replicate_kv, name=name)
+  return param_shardings(model.params, plan)
+
+
+def shard_model(model: Model, mesh: Mesh, **plan_kwargs) -> Model:
+  """The same model with every parameter split over `mesh` by the partition rules.
+
+  plan_kwargs: `tensor_parallel`, `replicate_kv`, `name` (see `rules.make_plan`).
+  """
+  shardings = model_shardings(model, mesh, **plan_kwargs)
+  return model.replace(params=jax.device_put(model.params, shardings))
+
+
+def shard_models(models: Sequence[Model], mesh: Mesh | Sequence[Mesh], **plan_kwargs
+                 ) -> list[Model]:
+  """Places an ensemble: every model on one shared mesh, or model i on `mesh[i]`.
+
+  Sub-meshes (see `mesh.submeshes`) must be disjoint. Note that `decode()` compiles all models
+  into one program, which needs one device set: disjoint sub-meshes suit host-driven loops that
+  call each model's `step` separately (e.g. cross-tokenizer CoSD), not `decode()`.
+  """
+  if isinstance(mesh, Mesh):
+    return [shard_model(m, mesh, name=f"model {i}", **plan_kwargs) for i, m in enumerate(models)]
+  meshes = list(mesh)
+  if len(meshes) != len(models):
+    raise ValueError(f"got {len(models)} models but {len(meshes)} sub-meshes; give one mesh per "
+                     "model, or a single mesh shared by all")
+  seen: dict[int, int] = {}
+  for i, sub in enumerate(meshes):
+    for d in sub.devices.flat:
+      if d.id in seen:
+        raise ValueError(f"sub-meshes {seen[d.id]} and {i} share device {d.id}; sub-meshes must "
+                         "be disjoint (build them with jax_specens.parallel.submeshes)")
+      seen[d.id] = i
+  return [shard_model(m, s, name=f"model {i}", **plan_kwargs)
+          for i, (m, s) in enumerate(zip(models, meshes))]
+
+
+def load_model(model_dir: str | os.PathLike, dtype=jnp.float32, *, mesh: Mesh,
+               **plan_kwargs) -> Model:
+  """Restores a checkpoint directly into its shards on `mesh` (no full copy on any device)."""
+  from jax_specens import checkpoint  # checkpoint imports this module for its `mesh=` argument
+  return checkpoint.load_model(
+      model_dir, dtype,
+      shardings=lambda abstract: model_shardings(abstract, mesh, **plan_kwargs))
+
+
+def _cache_shardings(cache: KVCache, config: ModelConfig, mesh, **plan_kwargs):
+  check_batch(cache.batch_size, mesh)
+  kv = cache_spec(make_plan(config, mesh, **plan_kwargs))
+  return cache.replace(k=tuple(kv for _ in cache.k), v=tuple(kv for _ in cache.v),
+                       pos=batch_spec(1))
+
+
+def shard_cache(cache: KVCache, config: ModelConfig, mesh: Mesh, **plan_kwargs) -> KVCache:
+  """The cache split by the cache rule: batch on `data`, kv heads on `model`."""
+  specs = _cache_shardings(cache, config, mesh, **plan_kwargs)
+  return jax.device_put(cache, jax.tree_util.tree_map(
+      lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)))
+
+
+def ambient_mesh():
+  """The mesh set with `jax.set_mesh` when it has a `data` or `model` axis, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(AXES) & set(mesh.axis_names):
+    return None
+  return mesh
+
+
+def constrain_cache(cache: KVCache, config: ModelConfig) -> KVCache:
+  """Inside jit: pins a freshly made cache to the cache rule of the ambient mesh; else a no-op.
+
+  Raises ValueError (at trace time, before anything runs) when the mesh does not divide the
+  batch or the heads.
+  """
+  mesh = ambient_mesh()
+  if mesh is None:
+    return cache
+  specs = _cache_shardings(cache, config, mesh)
+  return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, cache, specs,
+                                is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_batch(tree, mesh: Mesh):
+  """Every array in `tree` split on its leading (batch) dimension over `data`.
+
+  On several hosts each process must pass the same global batch (see `multihost.global_batch`
+  for host-local rows).
+  """
+  for x in jax.tree_util.tree_leaves(tree):
+    check_batch(x.shape[0], mesh)
+  return jax.tree_util.tree_map(
+      lambda x: jax.device_put(x, NamedSharding(mesh, batch_spec(x.ndim))), tree)
+
+
+def check_models(models: Sequence[Model], mesh: Mesh, batch_size: int | None = None,
+                 **plan_kwargs) -> None:
+  """Raises ValueError before tracing when `mesh` does not fit a model's heads or the batch."""
+  for i, m in enumerate(models):
+    make_plan(m.config, mesh, name=f"model {i}", **plan_kwargs)
+  if batch_size is not None:
+    check_batch(batch_size, mesh)
+
+
+def same_devices(models: Sequence[Model]) -> None:
+  """Raises ValueError when the models' parameters sit on different device sets."""
+  sets = [device_ids(m.params) for m in models]
+  for i, s in enumerate(sets[1:], 1):
+    if s != sets[0]:
+      raise ValueError(
+          f"model 0 is on devices {sorted(sets[0])} but model {i} on {sorted(s)}: decode() "
+          "compiles every model into one program, which needs one device set; put all models on "
+          "one mesh (jax_specens.parallel.shard_models(models, mesh))")
