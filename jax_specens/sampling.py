@@ -1,0 +1,139 @@
+"""Per-row sampling parameters and the distributions they define, in log space.
+
+Every parameter is a traced `[B]` array, so changing temperature, top-k, top-p or min-p between
+calls never recompiles. Greedy decoding is `temperature == 0`: the distribution becomes one-hot at
+the argmax of the logits. Distributions are log-probabilities with `-inf` for removed tokens; no
+function here produces NaN, also when every token of a row has been removed.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+NEG_INF = -jnp.inf
+
+
+@flax.struct.dataclass
+class SamplingParams:
+  """Per-row sampling parameters (all `[B]`).
+
+  temperature: 0 means greedy (argmax), > 0 divides the logits.
+  top_k: keep the k most likely tokens (ties at the k-th value are kept too); 0 disables.
+  top_p: keep the smallest set of most likely tokens whose mass reaches p; 1 disables.
+  min_p: keep tokens with `p(x) >= min_p * max p`; 0 disables.
+  """
+
+  temperature: Float[Array, "B"]
+  top_k: Int[Array, "B"]
+  top_p: Float[Array, "B"]
+  min_p: Float[Array, "B"]
+
+  @classmethod
+  def make(cls, batch_size: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
+           ) -> "SamplingParams":
+    """Broadcasts scalars or `[B]` arrays (Python, numpy or traced) to `[B]` arrays."""
+
+    def row(x, dtype):
+      return jnp.broadcast_to(jnp.asarray(x, dtype), (batch_size,))
+
+    return cls(temperature=row(temperature, jnp.float32), top_k=row(top_k, jnp.int32),
+               top_p=row(top_p, jnp.float32), min_p=row(min_p, jnp.float32))
+
+  @property
+  def greedy(self) -> Bool[Array, "B"]:
+    return self.temperature <= 0
+
+  def unfiltered_when_greedy(self) -> "SamplingParams":
+    """Greedy rows get temperature 1 and no filtering (how SPEC §2 defines a greedy ensemble)."""
+    g = self.greedy
+    return SamplingParams(
+        temperature=jnp.where(g, 1.0, self.temperature), top_k=jnp.where(g, 0, self.top_k),
+        top_p=jnp.where(g, 1.0, self.top_p), min_p=jnp.where(g, 0.0, self.min_p))
+
+
+def per_row(x: Array, ndim: int) -> Array:
+  """`[B]` -> `[B, 1, ..., 1]` broadcastable against an array of rank `ndim` (batch first)."""
+  return x.reshape(x.shape + (1,) * (ndim - 1))
+
+
+def normalize(logp: Float[Array, "... V"]) -> Float[Array, "... V"]:
+  """Renormalises log-weights. A row whose mass is all removed stays all `-inf` (never NaN)."""
+  lse = jax.nn.logsumexp(logp, axis=-1, keepdims=True)
+  return jnp.where(jnp.isfinite(lse), logp - jnp.where(jnp.isfinite(lse), lse, 0.0), NEG_INF)
+
+
+def one_hot_log(index: Int[Array, "..."], vocab: int) -> Float[Array, "... V"]:
+  """Log of a one-hot distribution: 0 at `index`, -inf elsewhere."""
+  return jnp.where(jnp.arange(vocab) == index[..., None], 0.0, NEG_INF)
+
+
+def _filter(logp: Float[Array, "B ... V"], params: SamplingParams) -> Float[Array, "B ... V"]:
+  """Applies top-k, then top-p on the renormalised survivors, then min-p. Keeps the argmax."""
+  nd = logp.ndim
+  v = logp.shape[-1]
+  k = per_row(params.top_k, nd)
+  p = per_row(params.top_p, nd)
+  srt = -jnp.sort(-logp, axis=-1)  # descending
+  idx = jnp.arange(v)
+  in_k = (k <= 0) | (idx < k)
+  srt_k = normalize(jnp.where(in_k, srt, NEG_INF))
+  probs = jnp.exp(srt_k)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep_sorted = in_k & ((p >= 1.0) | (mass_before < p))
+  keep_sorted = keep_sorted.at[..., 0].set(True)
+  # the smallest kept value is the threshold in the unsorted array
+  threshold = jnp.min(jnp.where(keep_sorted, srt, jnp.inf), axis=-1, keepdims=True)
+  keep = logp >= threshold
+  mp = per_row(params.min_p, nd)
+  keep &= (mp <= 0) | (logp >= jnp.max(logp, axis=-1, keepdims=True) + jnp.log(jnp.maximum(mp, 1e-38)))
+  keep |= logp == jnp.max(logp, axis=-1, keepdims=True)
+  return jnp.where(keep, logp, NEG_INF)
+
+
+def log_probs(logits: Float[Array, "B ... V"], params: SamplingParams) -> Float[Array, "B ... V"]:
+  """The sampling distribution defined by `params`, as log-probabilities (batch axis first).
+
+  Greedy rows get the one-hot distribution at `argmax(logits)`. Filtering (a sort over V) is skipped
+  at run time when no row uses top-k, top-p or min-p.
+  """
+  nd = logits.ndim
+  t = per_row(params.temperature, nd)
+  greedy = t <= 0
+  x = jax.nn.log_softmax(logits / jnp.where(greedy, 1.0, t), axis=-1)
+  x = jnp.where(jnp.isnan(x), NEG_INF, x)
+  needs_filter = jnp.any((params.top_k > 0) | (params.top_p < 1.0) | (params.min_p > 0.0))
+  x = jax.lax.cond(needs_filter, lambda y: normalize(_filter(y, params)), lambda y: y, x)
+  hard = one_hot_log(jnp.argmax(logits, axis=-1), logits.shape[-1])
+  return jnp.where(greedy, hard, x)
+
+
+def sample(key: Array, logp: Float[Array, "B ... V"]) -> Int[Array, "B ..."]:
+  """One draw per row from log-probabilities. A row with no mass left gives token 0."""
+  tok = jax.random.categorical(key, logp, axis=-1)
+  return jnp.where(jnp.isfinite(jnp.max(logp, axis=-1)), tok, 0).astype(jnp.int32)
+
+
+def check_params(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> None:
+  """Raises ValueError for out-of-range sampling parameters (concrete values only; call before
+  tracing)."""
+
+  def concrete(x):
+    try:
+      return np.asarray(x)
+    except Exception:  # a tracer: cannot be checked here
+      return None
+
+  t, k, p, m = (concrete(x) for x in (temperature, top_k, top_p, min_p))
+  if t is not None and (np.any(t < 0) or np.any(~np.isfinite(t))):
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {t}; pass temperature=0 for "
+                     "greedy decoding or a positive value for sampling")
+  if k is not None and np.any(k < 0):
+    raise ValueError(f"top_k must be >= 0 (0 disables it), got {k}")
+  if p is not None and (np.any(p <= 0) or np.any(p > 1)):
+    raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {p}")
+  if m is not None and (np.any(m < 0) or np.any(m > 1)):
+    raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {m}")
