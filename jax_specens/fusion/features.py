@@ -1,0 +1,85 @@
+"""Per-position features of two or more models' next-token distributions (SPEC §4-5).
+
+Every verifier (rule, tree, learned head) and the learned ensemble weights read the same feature
+vector, computed from the models' raw logits at one position (softmax at temperature 1, so a
+verifier's decision does not depend on the sampling temperature) and one candidate token per model:
+
+    probs    p_k(c_m) for every model k and every candidate m   (n*n values, row-major in k)
+    entropy  H(p_k) in nats                                      (n values)
+    margin   top-1 minus top-2 probability of p_k                (n values)
+    agree    1 when all candidates are the same token            (1 value)
+
+For CoSD (n = 2, model 0 the draft d, model 1 the assistant a, candidates x~ from the draft and x^
+from the assistant) the first four are `p_d(x~), p_d(x^), p_a(x~), p_a(x^)`. For ensemble weights
+the candidates are each model's argmax, so the features depend only on the prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+# Indices into a two-model (draft, assistant) feature vector.
+P_D_XD, P_D_XA, P_A_XD, P_A_XA = 0, 1, 2, 3
+AGREE = -1
+
+
+def num_features(num_models: int) -> int:
+  return num_models * num_models + 2 * num_models + 1
+
+
+def feature_names(num_models: int = 2) -> tuple[str, ...]:
+  """Human-readable names, in feature order (d/a and x~/x^ for two models)."""
+  m = ("d", "a") if num_models == 2 else tuple(str(k) for k in range(num_models))
+  c = ("x~", "x^") if num_models == 2 else tuple(f"c{k}" for k in range(num_models))
+  return (tuple(f"p_{m[k]}({c[j]})" for k in range(num_models) for j in range(num_models))
+          + tuple(f"entropy_{m[k]}" for k in range(num_models))
+          + tuple(f"margin_{m[k]}" for k in range(num_models)) + ("agree",))
+
+
+def position_features(
+    logits: Sequence[Float[Array, "*P V"]],
+    candidates: Sequence[Int[Array, "*P"]],
+) -> Float[Array, "*P F"]:
+  """Features at every position `*P` (any leading shape) from n models' logits and candidates.
+
+  Args:
+    logits: n arrays `[*P, V]` of raw logits (one per model, same vocabulary).
+    candidates: n int arrays `[*P]`, model k's candidate token at each position.
+  Returns:
+    float32 `[*P, n*n + 2n + 1]` in the order documented in the module docstring. NaN-free for
+    any finite logits, including distributions with all mass on one token.
+  """
+  n = len(logits)
+  if n < 2 or len(candidates) != n:
+    raise ValueError(f"position_features needs n >= 2 models with one candidate each; got "
+                     f"{n} logits and {len(candidates)} candidates")
+  logp = [jax.nn.log_softmax(l.astype(jnp.float32), axis=-1) for l in logits]
+  cands = [c.astype(jnp.int32)[..., None] for c in candidates]
+  probs = [jnp.exp(jnp.take_along_axis(lp, c, axis=-1))[..., 0] for lp in logp for c in cands]
+  entropy = [-jnp.sum(jnp.where(lp > -jnp.inf, jnp.exp(lp) * lp, 0.0), axis=-1) for lp in logp]
+  margin = []
+  for lp in logp:
+    top2 = jax.lax.top_k(jnp.exp(lp), 2)[0]
+    margin.append(top2[..., 0] - top2[..., 1])
+  agree = jnp.all(jnp.stack([c[..., 0] == cands[0][..., 0] for c in cands]), axis=0)
+  return jnp.stack(probs + entropy + margin + [agree.astype(jnp.float32)], axis=-1)
+
+
+def argmax_features(logits: Sequence[Float[Array, "*P V"]]) -> Float[Array, "*P F"]:
+  """Prefix-only features: each model's candidate is its own argmax."""
+  return position_features(logits, [jnp.argmax(l, axis=-1) for l in logits])
+
+
+def check_features(features, num_models: int = 2, what: str = "features") -> None:
+  """Raises a ValueError naming the expected width when `features` has the wrong last axis."""
+  want = num_features(num_models)
+  shape = getattr(features, "shape", None)
+  if shape is None or len(shape) < 1 or shape[-1] != want:
+    raise ValueError(
+        f"{what} must have shape [..., {want}] ({num_models} models: "
+        f"{', '.join(feature_names(num_models))}); got shape {shape}. Compute them with "
+        "jax_specens.fusion.position_features")
