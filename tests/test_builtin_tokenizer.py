@@ -58,7 +58,9 @@ def test_bad_domain_or_split_is_named():
 def test_trained_tokenizer_round_trips_and_loads_with_transformers(tmp_path):
   texts = ["def add(a, b):\n    return a + b\n"] * 20 + ["The quick brown fox jumps."] * 20
   tok = tokenizer_lib.train_tokenizer(texts, vocab_size=300)
-  assert tok.get_vocab_size() == 300 and tokenizer_lib.eot_id(tok) == 0
+  # BPE stops early when a tiny corpus runs out of pairs to merge: at most the target, and merges
+  # beyond the 256 bytes + <|endoftext|>.
+  assert 257 < tok.get_vocab_size() <= 300 and tokenizer_lib.eot_id(tok) == 0
   tokenizer_lib.save_tokenizer(tok, tmp_path)
   config = json.loads((tmp_path / "tokenizer_config.json").read_text())
   assert config["eos_token"] == tokenizer_lib.EOT

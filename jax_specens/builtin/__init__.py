@@ -41,7 +41,17 @@ def builtin_model(name: str, dtype=jnp.float32):
   return load_model(builtin_dir(name), dtype)
 
 
+TOKENIZER_DIR = MODELS_DIR / "tokenizer"
+
+
 def builtin_tokenizer():
-  """The tokenizer shared by the built-in models (a `transformers` fast tokenizer)."""
+  """The tokenizer shared by the built-in models (a `transformers` fast tokenizer).
+
+  Loaded from the package's `models/tokenizer/` (every model directory holds a copy too).
+  """
+  if not (TOKENIZER_DIR / "tokenizer.json").is_file():
+    raise FileNotFoundError(
+        f"the built-in tokenizer is missing from {TOKENIZER_DIR}; reinstall jax_specens with its "
+        "package data, or train it again with `python -m jax_specens.builtin.train`")
   from jax_specens.checkpoint import load_tokenizer
-  return load_tokenizer(builtin_dir("draft"))
+  return load_tokenizer(TOKENIZER_DIR)
