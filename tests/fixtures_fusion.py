@@ -103,3 +103,12 @@ def reference_corpus():
   """(fit, held_out) reference sequences of the mixed grammar; disjoint seeds."""
   return (sample_sequences(REFERENCE_GRAMMAR, 240, 33, seed=11),
           sample_sequences(REFERENCE_GRAMMAR, 120, 33, seed=12))
+
+
+@pytest.fixture(scope="session")
+def fusion_harvests(grammar_models, reference_corpus):
+  """(fit, held_out) teacher-forced harvests of (draft, assistant) over the reference corpus."""
+  from jax_specens.fusion import harvest_tokens
+  fit, held_out = reference_corpus
+  return tuple(harvest_tokens(grammar_models, seqs, seq_len=33, batch_size=64, progress=False)
+               for seqs in (fit, held_out))
