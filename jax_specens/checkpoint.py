@@ -134,7 +134,11 @@ def load_model(model_dir: str | os.PathLike, dtype=jnp.float32, shardings=None,
   target = nnx.to_pure_dict(abstract.params)
   sh = nnx.to_pure_dict(shardings(abstract)) if shardings is not None else None
 
-  def leaf(x, s=None):
+  # without shardings: whole arrays on this process's first device (jax.devices()[0] belongs to
+  # process 0 only when several processes share a program)
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def leaf(x, s=local):
     return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=s)
 
   target = (jax.tree_util.tree_map(leaf, target, sh) if sh is not None
