@@ -60,8 +60,12 @@ def check_model_type(raw: dict) -> str:
 def standardised(raw: dict):
   """A `transformers.PretrainedConfig` built from `raw` (its own defaults and legacy handling)."""
   from transformers import AutoConfig
+  model_type = check_model_type(raw)
   d = {k: v for k, v in raw.items() if k != "model_type"}
-  return AutoConfig.for_model(check_model_type(raw), **d)
+  try:
+    return AutoConfig.for_model(model_type, **d)
+  except (TypeError, ValueError, KeyError) as e:  # transformers' own validation of the fields
+    raise ValueError(f"config.json of model_type {model_type!r} is invalid: {e}") from e
 
 
 def _token_ids(value) -> tuple[int, ...]:
@@ -160,8 +164,10 @@ def _rope_family_fields(hf, family: str) -> dict:
     if getattr(hf, "use_bidirectional_attention", False):
       raise ValueError(f"{family}: use_bidirectional_attention=True is not supported (decoding "
                        "needs causal attention)")
+    # Gemma3's attention never applies attn_logit_softcapping (transformers keeps the field only).
     fields.update(post_norms=True, query_scale=float(hf.query_pre_attn_scalar) ** -0.5,
-                  attn_softcap=getattr(hf, "attn_logit_softcapping", None),
+                  attn_softcap=(getattr(hf, "attn_logit_softcapping", None)
+                                if family == "gemma2" else None),
                   final_softcap=getattr(hf, "final_logit_softcapping", None))
   return fields
 

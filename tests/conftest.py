@@ -15,5 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 pytest_plugins = [
+    "tests.fixtures_models",
     "tests.fixtures_fusion",
 ]
