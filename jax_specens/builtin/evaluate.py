@@ -36,14 +36,20 @@ def teacher_forced_logits(model: Model, tokens: Int[Array, "B T"]) -> Float[Arra
   return logits
 
 
-def batches(wins: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """(inputs, targets) of at most `batch_size` windows; the last batch is padded by repetition
-  to keep one compiled shape, and the padding is cut from the targets' batch (targets rows = real)."""
+def padded_chunks(wins: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+  """(`[batch_size, ...]` windows, number of real rows): the last chunk is padded by repeating its
+  last window, so every chunk has one compiled shape."""
   for i in range(0, len(wins), batch_size):
     chunk = wins[i:i + batch_size]
     real = len(chunk)
     if real < batch_size:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
+    yield chunk, real
+
+
+def batches(wins: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(inputs, targets) of `padded_chunks`; the padding is cut from the targets (rows = real)."""
+  for chunk, real in padded_chunks(wins, batch_size):
     yield chunk[:, :-1], chunk[:real, 1:]
 
 

@@ -6,8 +6,9 @@ Reads the two corpora of `jax_specens.builtin.data` (the interpreter's own stand
 one shared byte-level BPE tokenizer, then three small Llama-architecture models with optax, and
 saves each with `jax_specens.checkpoint.save_model` (orbax, bf16) into OUT/{code,prose,draft}/ — the
 same format as a converted Hugging Face model. OUT/training.json records the recipes, the wall time
-and the held-out loss of every model on both domains. With the default recipes the whole run takes
-about 25 minutes on 2 CPU cores; `--steps-scale 0.01` makes a smoke run of a few seconds.
+and the held-out loss of every model on both domains. The shipped models were trained with
+`--time-budget 45` on 2 busy (shared) CPU cores (see training.json for the steps each got);
+`--steps-scale 0.01` makes a smoke run of a few seconds.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class Recipe:
   warmup_steps: int = 60
   weight_decay: float = 0.1
   seed: int = 0
+  time_share: float = 1 / 3  # this model's part of a --time-budget
+
 
   def model_config(self, vocab_size: int, eot: int) -> ModelConfig:
     return ModelConfig(
@@ -67,12 +70,12 @@ class Recipe:
 
 
 RECIPES = {
-    "code": Recipe(("code",), hidden_size=192, num_layers=4, num_heads=3, intermediate_size=512,
-                   steps=700),
-    "prose": Recipe(("prose",), hidden_size=192, num_layers=4, num_heads=3, intermediate_size=512,
-                    steps=500),
-    "draft": Recipe(("code", "prose"), hidden_size=128, num_layers=2, num_heads=2,
-                    intermediate_size=352, steps=700),
+    "code": Recipe(("code",), hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
+                   steps=320, time_share=0.4),
+    "prose": Recipe(("prose",), hidden_size=128, num_layers=4, num_heads=4,
+                    intermediate_size=384, steps=260, time_share=0.35),
+    "draft": Recipe(("code", "prose"), hidden_size=96, num_layers=2, num_heads=3,
+                    intermediate_size=256, steps=400, time_share=0.25),
 }
 VOCAB_SIZE = 4096
 
@@ -96,20 +99,32 @@ def loss_fn(model: Model, batch: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
+def learning_rate(recipe: Recipe, step: int, progress: float) -> float:
+  """Linear warm-up over `warmup_steps`, then cosine decay to 10% as `progress` goes 0 -> 1."""
+  if step < recipe.warmup_steps:
+    return recipe.learning_rate * (step + 1) / recipe.warmup_steps
+  cosine = 0.5 * (1.0 + np.cos(np.pi * min(progress, 1.0)))
+  return recipe.learning_rate * (0.1 + 0.9 * cosine)
+
+
 def optimizer(recipe: Recipe) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, recipe.learning_rate, recipe.warmup_steps, recipe.steps,
-      end_value=recipe.learning_rate * 0.1)
+  """AdamW (clipped) whose learning rate is a traced hyperparameter set every step."""
   decay_matrices = lambda model: jax.tree_util.tree_map(lambda x: x.ndim >= 2, model)
-  return optax.chain(
+  return optax.inject_hyperparams(lambda learning_rate: optax.chain(
       optax.clip_by_global_norm(1.0),
-      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=recipe.weight_decay,
-                  mask=decay_matrices))
+      optax.adamw(learning_rate, b1=0.9, b2=0.95, weight_decay=recipe.weight_decay,
+                  mask=decay_matrices)))(learning_rate=recipe.learning_rate)
 
 
 def train_model(recipe: Recipe, streams: dict[str, np.ndarray], vocab_size: int, eot: int,
-                desc: str = "train", progress: bool = True) -> tuple[Model, list[float]]:
-  """Trains one model from random init; returns it (float32) and its training losses."""
+                desc: str = "train", progress: bool = True, seconds: float | None = None
+                ) -> tuple[Model, list[float], int]:
+  """Trains one model from random init; returns it (float32), its training losses and steps.
+
+  Runs `recipe.steps` steps, or fewer when `seconds` is given and runs out first: the cosine
+  decay then follows max(step / steps, elapsed / seconds), so the schedule always completes (a run
+  on a busy machine trains fewer steps; `training.json` records how many).
+  """
   for domain in recipe.domains:
     if len(streams[domain]) <= recipe.seq_len + 1:
       raise ValueError(f"the {domain} training text has {len(streams[domain])} tokens, too few "
@@ -127,12 +142,20 @@ def train_model(recipe: Recipe, streams: dict[str, np.ndarray], vocab_size: int,
   rng = np.random.default_rng(recipe.seed)
   losses = []
   bar = tqdm(range(recipe.steps), desc=desc, disable=not progress, mininterval=2.0)
+  start = time.time()
   for i in bar:
+    frac = i / recipe.steps
+    if seconds is not None:
+      frac = max(frac, (time.time() - start) / seconds)
+      if frac >= 1.0:
+        break
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate(recipe, i, frac))
     model, opt_state, loss = update(model, opt_state, jnp.asarray(sample_batch(rng, streams, recipe)))
     if i % 10 == 0 or i == recipe.steps - 1:
       losses.append(float(loss))
       bar.set_postfix(loss=f"{losses[-1]:.3f}")
-  return model, losses
+  bar.close()
+  return model, losses, i + 1 if frac < 1.0 else i
 
 
 def to_bfloat16(model: Model) -> Model:
@@ -172,6 +195,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="comma-separated subset of " + ", ".join(RECIPES) + " (default: all)")
   parser.add_argument("--steps-scale", type=float, default=1.0,
                       help="multiply every recipe's number of steps (0.01: a quick smoke run)")
+  parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                      help="stop early when training takes longer than this many minutes in all "
+                      "(each model gets its recipe's time_share of it; the learning-rate schedule "
+                      "follows the elapsed time, so it always completes). Default: no limit")
   parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
                       help="BPE vocabulary size when a new tokenizer is trained (an existing "
                       "OUT/tokenizer is reused so that all models share one)")
@@ -204,15 +231,17 @@ def run(args: argparse.Namespace) -> int:
   for name in names:
     recipe = RECIPES[name].scaled(args.steps_scale)
     t = time.time()
-    model, losses = train_model(recipe, train_streams, tok.get_vocab_size(), eot, desc=name,
-                                progress=not args.no_progress)
+    budget = None if args.time_budget is None else args.time_budget * 60 * recipe.time_share
+    model, losses, steps = train_model(recipe, train_streams, tok.get_vocab_size(), eot,
+                                       desc=name, progress=not args.no_progress, seconds=budget)
     seconds = time.time() - t
     model = to_bfloat16(model)
     held_out = {d: evaluate.mean_nll([model], evaluate.windows(
         test_streams[d], recipe.seq_len, EVAL_WINDOWS))[0] for d in data.DOMAINS}
     save_model(model, out / name, tokenizer_dir=tok_dir, overwrite=args.overwrite)
     record.setdefault("models", {})[name] = {
-        "recipe": dataclasses.asdict(recipe), "train_seconds": round(seconds, 1),
+        "recipe": dataclasses.asdict(recipe), "steps_trained": steps,
+        "train_seconds": round(seconds, 1),
         "final_train_loss": losses[-1], "held_out_nll": held_out,
         "held_out_ppl": {d: float(np.exp(v)) for d, v in held_out.items()}}
     print(f"{name}: {seconds:.0f}s, train loss {losses[-1]:.3f}, held-out nll " +
