@@ -193,3 +193,28 @@ def random_prompts(batch: int, max_len: int, vocab: int, seed: int = 0,
 
 def tokens_per_s(num_tokens: int, secs: float) -> float:
   return num_tokens / secs if secs > 0 else float("nan")
+
+
+def step_seconds(model, batch: int, context: int, repeats: int = 5) -> float:
+  """Median seconds of one jitted decode step (W = 1) of `model` at `batch` rows, with `context`
+  tokens already in the cache (the per-token cost `c` of SPEC §3 is a ratio of these)."""
+  import jax.numpy as jnp
+
+  from jax_specens.step import step
+  cache = [model.init_cache(batch, context + 8)]
+  tokens = jnp.ones((batch, 1), jnp.int32)
+  start = jnp.full((batch,), context, jnp.int32)
+
+  def one():
+    logits, cache[0] = step(model, cache[0], tokens, start)
+    return logits
+
+  return time_call(one, repeats=repeats, warmup=2)
+
+
+def se_theory(alpha: float, c: float, gamma_q: int, gamma_p: int) -> float:
+  """Expected speed-up of SE over the plain ensemble (SPEC §3), c = cost(M_q) / cost(M_p)."""
+  if alpha >= 1.0:
+    alpha = 1.0 - 1e-9
+  return ((1 - alpha ** gamma_q) * (1 + c)
+          / ((1 - alpha) * (1 + c * gamma_q - alpha ** gamma_p * c)))

@@ -12,6 +12,7 @@ import sys
 
 # subcommand name -> module under jax_specens.cli
 SUBCOMMANDS = {
+    "bench": "bench",
     "convert": "convert",
     "generate": "generate",
 }

@@ -1,0 +1,127 @@
+"""Speculative Ensemble speed-up over the plain ensemble as gamma and lambda vary (SPEC §3).
+
+    python -m benchmarks.se_sweep               # or: jax-specens bench se-sweep [--small]
+
+Two models, weighted-probability ensemble `r = lambda p_q + (1 - lambda) p_p` with M_q (the proposer,
+model 0) the cheaper one. For each lambda the plain ensemble (one call per model per token) is timed
+once, then SE for each gamma (gamma_q = gamma_p = gamma); lambda is traced, so only gamma compiles.
+Next to each measured speed-up: the theoretical one of SPEC §3,
+`(1 - a^g)(1 + c) / ((1 - a)(1 + c g - a^g c))`, from the measured acceptance rate `a` and the
+measured cost ratio `c` = step time of M_q / step time of M_p.
+
+Models: the built-in "draft" and "code" models (jax_specens.builtin) on code prompts; when the
+built-in models are not installed, a converted random Llama pair (`hf_models.build_pair`: the
+draft is the target's first layers) on random prompts — the JSON says which. Sampling at
+--temperature (default 1.0; SE is exact for any temperature). Writes se_sweep.json and se_sweep.png.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common, hf_models
+
+CODE_PROMPTS = ["def read_lines(path):\n", "import os\n\nclass Cache:\n", "for i in range(",
+                "    return sorted(", "if __name__ == '__main__':\n", "def parse(text):\n    ",
+                "try:\n    import json\n", "    def __init__(self, name"]
+
+
+def builtin_models(batch: int):
+  """(M_q, M_p), prompts, lengths and a description, from the built-in models (or None)."""
+  try:
+    from jax_specens import builtin
+    q, p = builtin.builtin_model("draft"), builtin.builtin_model("code")
+    tok = builtin.builtin_tokenizer()
+  except (FileNotFoundError, ImportError, AttributeError) as e:
+    print(f"built-in models not available ({e.__class__.__name__}): using a converted random pair")
+    return None
+  ids = [tok.encode(CODE_PROMPTS[i % len(CODE_PROMPTS)]) for i in range(batch)]
+  t = max(len(x) for x in ids)
+  prompts = np.zeros((batch, t), np.int32)
+  for i, x in enumerate(ids):
+    prompts[i, :len(x)] = x
+  lengths = np.array([len(x) for x in ids], np.int32)
+  return (q, p), prompts, lengths, "builtin draft (M_q) + code (M_p)"
+
+
+def random_models(root: Path, small: bool, batch: int, prompt_len: int):
+  import jax_specens
+  size = "small" if small else "base"
+  pair = hf_models.build_pair(root, size)
+  q = jax_specens.load_model(pair.draft_dir, jnp.float32)
+  p = jax_specens.load_model(pair.target_dir, jnp.float32)
+  prompts, lengths = common.random_prompts(batch, prompt_len, p.config.vocab_size)
+  return (q, p), prompts, lengths, f"converted random Llama pair '{size}' {hf_models.SIZES[size]}"
+
+
+def main(argv=None) -> int:
+  p = common.base_parser(__doc__.split("\n\n")[0])
+  p.add_argument("--gammas", type=int, nargs="+", default=None, help="default 1 2 3 4 (--small: 1 2)")
+  p.add_argument("--lambdas", type=float, nargs="+", default=None,
+                 help="ensemble weight of M_q; default 0.25 0.5 0.75 (--small: 0.5)")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (--small: 8)")
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--prompt-len", type=int, default=16, help="random prompts only")
+  p.add_argument("--random-models", action="store_true",
+                 help="use the converted random pair even when the built-in models exist")
+  args = p.parse_args(argv)
+  from jax_specens.decode import decode
+
+  gammas = args.gammas or ([1, 2] if args.small else [1, 2, 3, 4])
+  lambdas = args.lambdas or ([0.5] if args.small else [0.25, 0.5, 0.75])
+  n_new = args.max_new_tokens or (8 if args.small else 64)
+  if args.small:
+    args.repeats = 1
+  with tempfile.TemporaryDirectory() as tmp:
+    found = None if (args.random_models or args.small) else builtin_models(args.batch)
+    (mq, mp), prompts, lengths, what = found or random_models(Path(tmp), args.small, args.batch,
+                                                              args.prompt_len)
+    print(f"models: {what}; batch {args.batch}, {n_new} new tokens, T={args.temperature}")
+    context = int(np.max(lengths)) + n_new // 2
+    cost_q, cost_p = (common.step_seconds(m, args.batch, context) for m in (mq, mp))
+    c = cost_q / cost_p
+    print(f"step time M_q {cost_q * 1e3:.2f} ms, M_p {cost_p * 1e3:.2f} ms: c = {c:.3f}")
+    rows = []
+    for lam in lambdas:
+      common_kw = dict(weights=(lam, 1.0 - lam), max_new_tokens=n_new,
+                       temperature=args.temperature, key=jax.random.key(0))
+      ens = lambda: decode([mq, mp], prompts, lengths, method="ensemble", **common_kw)
+      t_ens = common.time_call(ens, repeats=args.repeats)
+      for g in gammas:
+        se = lambda: decode([mq, mp], prompts, lengths, method="se", gamma=g, **common_kw)
+        out = se()
+        t_se = common.time_call(se, repeats=args.repeats)
+        stats = out.stats.to_dict()
+        alpha = stats["acceptance_rate"] or 0.0
+        rows.append({"lambda": lam, "gamma": g, "alpha": alpha,
+                     "mean_accepted": stats["mean_accepted_length"], "c": c,
+                     "ensemble_s": t_ens, "se_s": t_se, "speedup": t_ens / t_se,
+                     "theory": common.se_theory(alpha, c, g, g),
+                     "model_calls": stats["model_calls"]})
+        r = rows[-1]
+        print(f"lambda {lam} gamma {g}: alpha {alpha:.3f}, speed-up {r['speedup']:.2f} "
+              f"(theory {r['theory']:.2f})", flush=True)
+  config = dict(models=what, batch=args.batch, max_new_tokens=n_new,
+                temperature=args.temperature, gammas=gammas, lambdas=lambdas,
+                step_s={"M_q": cost_q, "M_p": cost_p}, repeats=args.repeats)
+  path = common.write_results(args.out, "se_sweep", config, rows)
+  series = {}
+  for lam in lambdas:
+    sel = [r for r in rows if r["lambda"] == lam]
+    series[f"measured, lambda={lam}"] = [r["speedup"] for r in sel]
+    series[f"theory, lambda={lam}"] = [r["theory"] for r in sel]
+  common.line_plot(args.out / "se_sweep.png", gammas, series, "gamma",
+                   "speed-up over the plain ensemble", "Speculative Ensemble vs ensemble")
+  cols = ["lambda", "gamma", "alpha", "mean_accepted", "c", "speedup", "theory"]
+  print(f"\n{common.table(rows, cols)}\n\nwrote {path} and se_sweep.png")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
