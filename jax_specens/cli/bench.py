@@ -53,4 +53,8 @@ def run(args) -> int:
   if root not in sys.path:
     sys.path.insert(0, root)
   module = importlib.import_module(f"benchmarks.{BENCHMARKS[args.benchmark][0]}")
-  return int(module.main(args.args) or 0)
+  prog, sys.argv[0] = sys.argv[0], f"jax-specens bench {args.benchmark}"  # the script's usage line
+  try:
+    return int(module.main(args.args) or 0)
+  finally:
+    sys.argv[0] = prog
