@@ -112,3 +112,37 @@ def fusion_harvests(grammar_models, reference_corpus):
   fit, held_out = reference_corpus
   return tuple(harvest_tokens(grammar_models, seqs, seq_len=33, batch_size=64, progress=False)
                for seqs in (fit, held_out))
+
+
+def save_word_tokenizer(directory, words) -> None:
+  """A word-level tokenizer (id i <-> words[i], split on whitespace): tokenizer.json + config."""
+  import json
+  from pathlib import Path
+
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  tok.save(str(directory / "tokenizer.json"))
+  (directory / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": words[0]}))
+
+
+def grammar_text(sequences: np.ndarray) -> str:
+  """Grammar sequences as text documents ("t3 t7 ..."), separated by blank lines."""
+  return "\n\n".join(" ".join(f"t{t}" for t in row) for row in sequences)
+
+
+@pytest.fixture(scope="session")
+def grammar_model_dirs(grammar_models, tmp_path_factory):
+  """(draft_dir, assistant_dir, corpus_file): the grammar models saved with a word tokenizer."""
+  from jax_specens.checkpoint import save_model
+  root = tmp_path_factory.mktemp("grammar")
+  save_word_tokenizer(root / "tok", [f"t{i}" for i in range(VOCAB)])
+  dirs = [save_model(m, root / name, tokenizer_dir=root / "tok")
+          for m, name in zip(grammar_models, ("draft", "assistant"))]
+  corpus = root / "corpus.txt"
+  corpus.write_text(grammar_text(sample_sequences(REFERENCE_GRAMMAR, 150, 33, seed=13)))
+  return dirs[0], dirs[1], corpus

@@ -14,7 +14,11 @@ import sys
 SUBCOMMANDS = {
     "bench": "bench",
     "convert": "convert",
+    "demo": "demo",
+    "eval-fusion": "eval_fusion",
     "generate": "generate",
+    "train-builtin": "train_builtin",
+    "train-fusion": "train_fusion",
 }
 
 
