@@ -4,5 +4,9 @@ from jax_specens.cache import KVCache, check_fits, init_cache
 from jax_specens.checkpoint import load_model, load_tokenizer
 from jax_specens.models import SUPPORTED_FAMILIES, ModelConfig, RopeConfig, Transformer
 from jax_specens.step import Model, create_model, forward, forward_prompt, prefill, step
+from jax_specens.decode import decode, decode_stream
+from jax_specens.decoding import DecodeOutput, DecodeStats
+from jax_specens.ensemble import Ensemble, make_ensemble
+from jax_specens.sampling import SamplingParams
 
 __version__ = "0.1.0"

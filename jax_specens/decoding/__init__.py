@@ -1,0 +1,15 @@
+"""Decoding methods: a registry of name -> `Method` (init + one loop step), and their shared loop.
+
+Adding a method is one line here: `METHODS["name"] = module.METHOD`.
+"""
+
+from jax_specens.decoding import ar, ensemble, sd, se
+from jax_specens.decoding.loop import Config, LoopState, Method, Request, generate
+from jax_specens.decoding.outputs import FINISH_REASONS, DecodeOutput, DecodeStats
+
+METHODS: dict[str, Method] = {
+    "ar": ar.METHOD,
+    "sd": sd.METHOD,
+    "ensemble": ensemble.METHOD,
+    "se": se.METHOD,
+}

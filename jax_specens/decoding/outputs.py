@@ -1,0 +1,87 @@
+"""What every decode returns (SPEC §6): tokens, lengths, finish reasons and statistics."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Int
+
+FINISH_REASONS = ("running", "stop", "length", "cache_full")
+RUNNING, STOP, LENGTH, CACHE_FULL = range(len(FINISH_REASONS))
+
+
+@flax.struct.dataclass
+class DecodeStats:
+  """Counters of one decode, summed over the batch.
+
+  model_calls: `[N]` batched forward passes of each model inside the loop (prefill not counted);
+    models in method order (sd: draft, target; se/ensemble: as given).
+  proposed: `[N]` speculated tokens resolved (accepted, or rejected/discarded), by proposing model.
+  accepted: `[N]` of those, the accepted ones.
+  rounds: verifications that checked at least one token (row-events): mean accepted length is
+    `accepted / rounds`.
+  steps: iterations of the decode loop.
+  """
+
+  model_calls: Int[Array, "N"]
+  proposed: Int[Array, "N"]
+  accepted: Int[Array, "N"]
+  rounds: Int[Array, ""]
+  steps: Int[Array, ""]
+
+  @classmethod
+  def zeros(cls, num_models: int) -> "DecodeStats":
+    z = jnp.zeros((num_models,), jnp.int32)
+    return cls(model_calls=z, proposed=z, accepted=z, rounds=jnp.int32(0), steps=jnp.int32(0))
+
+  @property
+  def acceptance_rate(self) -> float:
+    p = int(np.sum(self.proposed))
+    return float(np.sum(self.accepted)) / p if p else float("nan")
+
+  @property
+  def mean_accepted_length(self) -> float:
+    r = int(self.rounds)
+    return float(np.sum(self.accepted)) / r if r else float("nan")
+
+  def to_dict(self) -> dict:
+    rate = self.acceptance_rate
+    return {
+        "model_calls": [int(x) for x in np.asarray(self.model_calls)],
+        "proposed": int(np.sum(self.proposed)),
+        "accepted": int(np.sum(self.accepted)),
+        "acceptance_rate": None if np.isnan(rate) else rate,
+        "mean_accepted_length": (None if np.isnan(self.mean_accepted_length)
+                                 else self.mean_accepted_length),
+        "steps": int(self.steps),
+    }
+
+
+@flax.struct.dataclass
+class DecodeOutput:
+  """tokens: `[B, max_new_tokens]`, entries past `lengths[b]` are 0; lengths: `[B]` generated
+  tokens per row (a stop token is included); finish_reason: `[B]` index into FINISH_REASONS;
+  wall_time: seconds, set when `decode` ran outside any jit (None otherwise)."""
+
+  tokens: Int[Array, "B N"]
+  lengths: Int[Array, "B"]
+  finish_reason: Int[Array, "B"]
+  stats: DecodeStats
+  wall_time: float | None = flax.struct.field(pytree_node=False, default=None)
+
+  def finish_reasons(self) -> list[str]:
+    return [FINISH_REASONS[int(i)] for i in np.asarray(self.finish_reason)]
+
+  def to_lists(self) -> list[list[int]]:
+    """Each row's generated tokens, trimmed to its length."""
+    toks, lens = np.asarray(self.tokens), np.asarray(self.lengths)
+    return [toks[b, :lens[b]].tolist() for b in range(toks.shape[0])]
+
+  def to_dict(self) -> dict:
+    stats = self.stats.to_dict()
+    if self.wall_time is not None:
+      stats["wall_time_s"] = self.wall_time
+      stats["tokens_per_s"] = float(np.sum(self.lengths)) / max(self.wall_time, 1e-9)
+    return {"tokens": self.to_lists(), "lengths": [int(x) for x in np.asarray(self.lengths)],
+            "finish_reasons": self.finish_reasons(), "stats": stats}

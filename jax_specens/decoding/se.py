@@ -1,0 +1,187 @@
+"""Speculative Ensemble with the alternate proposal framework for n models (SPEC §3).
+
+State per row, besides the shared loop state: `pending` proposals sit in `seq` after the committed
+tokens, `src` records which model proposed each, and each model keeps the raw logits it computed for
+positions `committed .. cache.pos` in a ring buffer (`ring[k][:, s % R]` holds position s). A model
+"has scored" pending position s iff `s <= cache.pos` (its queue).
+
+One loop step is a fixed round-robin cycle shared by all rows: for model k = 0..n-1, one *scoring
+pass* followed by `gamma_k - 1` *drafting passes*. Every pass of model k:
+  1. feeds the tokens model k has not fed yet (the last committed one and/or pending proposals),
+     storing the distributions it gets;
+  2. (scoring pass) verifies, oldest first, the pending tokens every model has scored, against
+     `r = C(p_1..p_n)` with the proposer's distribution as q (`acceptance.verify`): accepted ones
+     are emitted; at the first rejection the residual draw is emitted, all pending proposals are
+     dropped and every cache rolls back to the committed length;
+  3. if model k has the distribution for the position after the last pending token, samples its
+     proposal there (its "bonus" token) and appends it to the pending tokens.
+With two models this is exactly the alternate proposal framework: the verifier's bonus becomes the
+first token of its own proposal. The schedule depends only on the past, so the output follows the
+ensemble distribution exactly. Plain speculative decoding is the case (draft, target) with
+`C = p_target` and gammas (gamma, 1) (see sd.py).
+
+Static window sizes: model k feeds at most `1 + sum_{j != k} gamma_j` tokens and verifies at most
+`sum_{j != k} gamma_j`; at most `sum(gamma)` tokens are ever pending (the cache lookahead).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jax_specens import acceptance
+from jax_specens.decoding.loop import (Config, LoopState, Method, Request, advance, emit, feed,
+                                       prefill)
+from jax_specens.sampling import log_probs, sample
+
+
+@flax.struct.dataclass
+class SpecState:
+  """ring: per model `[B, R, V]` raw logits by position mod R; src `[B, S]` proposer of each
+  pending position; pending `[B]` number of pending proposals."""
+
+  ring: tuple[Float[Array, "B R V"], ...]
+  src: Int[Array, "B S"]
+  pending: Int[Array, "B"]
+
+
+def lookahead(cfg: Config) -> int:
+  return sum(cfg.gammas)
+
+
+def ring_size(cfg: Config) -> int:
+  return sum(cfg.gammas) + 1
+
+
+def init(models, req: Request, cfg: Config) -> LoopState:
+  state = prefill(models, req, cfg)
+  b, s = state.seq.shape
+  r = ring_size(cfg)
+  ring = tuple(jnp.zeros((b, r, m.config.vocab_size), jnp.float32) for m in models)
+  return state.replace(extra=SpecState(ring=ring, src=jnp.zeros((b, s), jnp.int32),
+                                       pending=jnp.zeros((b,), jnp.int32)))
+
+
+def step(models, req: Request, cfg: Config, state: LoopState, counted=None) -> LoopState:
+  """One round-robin cycle. counted: models whose proposals count in stats (default all)."""
+  total = sum(cfg.gammas)
+  for k, g in enumerate(cfg.gammas):
+    state = _pass(models, req, cfg, state, k, width=1 + total - g, verify_width=total - g,
+                  counted=counted)
+    for _ in range(g - 1):
+      state = _pass(models, req, cfg, state, k, width=1, verify_width=0, counted=counted)
+  return state
+
+
+def _pass(models, req, cfg, state: LoopState, k: int, width: int, verify_width: int, counted
+          ) -> LoopState:
+  ex: SpecState = state.extra
+  r = ring_size(cfg)
+  c = state.committed(req)
+  todo = jnp.clip(c + ex.pending - state.caches[k].pos, 0, width)
+  state, logits, start = feed(state, models, k, width, todo)
+  b = logits.shape[0]
+  i = jnp.arange(width)[None, :]
+  slots = jnp.where((i < todo[:, None]) & state.active[:, None], (start[:, None] + i + 1) % r, r)
+  ring_k = ex.ring[k].at[jnp.arange(b)[:, None], slots].set(logits, mode="drop")
+  state = state.replace(extra=ex.replace(ring=ex.ring[:k] + (ring_k,) + ex.ring[k + 1:]))
+  if verify_width:
+    state = _verify(req, cfg, state, verify_width, counted)
+  return _propose(req, cfg, state, k)
+
+
+def _gather(x: Array, pos: Int[Array, "B G"]) -> Array:
+  """x `[B, L, ...]` at per-row positions `[B, G]` (clipped to L)."""
+  pos = jnp.clip(pos, 0, x.shape[1] - 1)
+  return jnp.take_along_axis(x, pos.reshape(pos.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _verify(req, cfg, state: LoopState, width: int, counted) -> LoopState:
+  ex: SpecState = state.extra
+  r = ring_size(cfg)
+  n = len(ex.ring)
+  act = state.active
+  c = state.committed(req)
+  m = ex.pending
+  scored = jnp.min(jnp.stack([cache.pos for cache in state.caches]), axis=0) - c + 1
+  num_valid = jnp.where(act, jnp.clip(scored, 0, jnp.minimum(m, width)), 0)
+  pos = c[:, None] + jnp.arange(width)[None, :]
+  logits = jnp.stack([_gather(ring, pos % r) for ring in ex.ring])  # [N, B, G, V]
+  tokens = _gather(state.seq, pos)
+  src = _gather(ex.src, pos)
+  logq = log_probs(jnp.take_along_axis(logits, src[None, :, :, None], axis=0)[0], req.sampling)
+  logr = req.ensemble.target(logits, req.sampling)
+  state, key = state.next_key()
+  rule = cfg.option("acceptance_rule") or acceptance.verify
+  v = rule(key, tokens, logq, logr, num_valid)
+  a, rej = v.num_accepted, v.rejected & act
+  j = jnp.arange(width)[None, :]
+  new = jnp.where(j < a[:, None], tokens, v.token[:, None])
+  state = _count(state, cfg, c, m, a, rej, num_valid, counted, n)
+  state = emit(state, req, cfg, new, a + rej)
+  # a rejection drops every pending proposal and rolls every model back to the new last token
+  for kk in range(n):
+    state = advance(state, kk, jnp.where(rej, jnp.minimum(state.caches[kk].pos, c + a),
+                                         state.caches[kk].pos))
+  pending = jnp.where(rej, 0, jnp.where(act, m - a, m))
+  return state.replace(extra=state.extra.replace(pending=pending))
+
+
+def _count(state, cfg, c, m, a, rej, num_valid, counted, n) -> LoopState:
+  """Proposals resolved this verification, by proposer: accepted ones, and on a rejection every
+  pending proposal (the rejected one and those discarded after it)."""
+  ex: SpecState = state.extra
+  span = sum(cfg.gammas)
+  pos = c[:, None] + jnp.arange(span)[None, :]
+  src = _gather(ex.src, pos)
+  j = jnp.arange(span)[None, :]
+  resolved = j < jnp.where(rej, m, a)[:, None]
+  accepted = j < a[:, None]
+  weight = jnp.ones((n,), jnp.int32) if counted is None else (
+      jnp.zeros((n,), jnp.int32).at[jnp.asarray(counted)].set(1))
+  onehot = jax.nn.one_hot(src, n, dtype=jnp.int32) * weight
+  st = state.stats
+  st = st.replace(
+      proposed=st.proposed + jnp.sum(onehot * resolved[..., None], axis=(0, 1)),
+      accepted=st.accepted + jnp.sum(onehot * accepted[..., None], axis=(0, 1)),
+      rounds=st.rounds + jnp.sum((num_valid > 0) & jnp.any(weight[src] * (j < num_valid[:, None]),
+                                                           axis=1)))
+  return state.replace(stats=st)
+
+
+def _propose(req, cfg, state: LoopState, k: int) -> LoopState:
+  """Model k samples its proposal at the position after the pending tokens, when it has scored
+  that position (not on a row it just rejected in, nor a finished one)."""
+  ex: SpecState = state.extra
+  r = ring_size(cfg)
+  c = state.committed(req)
+  end = c + ex.pending
+  can = state.active & (state.caches[k].pos == end)
+  logits = _gather(ex.ring[k], (end % r)[:, None])[:, 0]
+  state, key = state.next_key()
+  tok = sample(key, log_probs(logits, req.sampling))
+  b, s = state.seq.shape
+  rows = jnp.arange(b)
+  at = jnp.where(can, end, s)
+  seq = state.seq.at[rows, at].set(tok, mode="drop")
+  src = ex.src.at[rows, at].set(k, mode="drop")
+  return state.replace(seq=seq, extra=ex.replace(src=src, pending=ex.pending + can))
+
+
+def prepare(models, options: dict):
+  """se accepts `acceptance_rule=` (a function with the signature of `acceptance.verify`): a
+  replacement rule for experiments and tests; the default is the lossless one."""
+  rule = options.pop("acceptance_rule", None)
+  if options:
+    raise ValueError(f"unknown options for method 'se': {sorted(options)}")
+  if rule is not None and not callable(rule):
+    raise ValueError("acceptance_rule must be a function like jax_specens.acceptance.verify")
+  return None, (("acceptance_rule", rule),) if rule is not None else ()
+
+
+METHOD = Method(init=init, step=step, num_models=(2, None), speculative=True,
+                lookahead=lookahead, prepare=prepare)
