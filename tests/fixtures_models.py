@@ -15,6 +15,7 @@ decoding then has no near-ties, and a random model does not collapse to one repe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -104,6 +105,18 @@ class Converted:
     return self.model.config
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+  """Tiny models run fastest on one thread (and the test machine's cores are shared)."""
+  import torch
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    yield
+  finally:
+    torch.set_num_threads(threads)
+
+
 def hf_config(model_type: str, overrides: dict):
   """A `transformers` config of `model_type` with the tiny common sizes plus `overrides`."""
   from transformers import AutoConfig
@@ -164,9 +177,10 @@ class Zoo:
     from checkpoints_conversion import convert
     import jax_specens
     model_type, overrides, save_kwargs = CASES[name]
-    torch_model = build_hf_model(model_type, overrides, seed=sorted(CASES).index(name))
     hf_dir, out_dir = self.root / "hf" / name, self.root / "converted" / name
-    torch_model.save_pretrained(str(hf_dir), **save_kwargs)
+    with one_torch_thread():
+      torch_model = build_hf_model(model_type, overrides, seed=sorted(CASES).index(name))
+      torch_model.save_pretrained(str(hf_dir), **save_kwargs)
     save_tokenizer(hf_dir)
     convert(hf_dir, out_dir, dtype="float32", progress=False)
     return Converted(name, model_type, torch_model, hf_dir, out_dir,
