@@ -1,0 +1,125 @@
+"""`jax-specens generate`: the CLI decodes exactly what `decode()` decodes, prints text or one JSON
+line, stops at the models' EOS ids, and rejects bad arguments with a message and exit code 2."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jax_specens import create_model, decode, load_model, load_tokenizer
+from jax_specens.checkpoint import save_model
+from jax_specens.cli.main import main
+from tests.decode_models import config, scaled
+
+WORDS = "the cat sat on a mat and dog ran far away to big red house".split()
+EOS = (35, 60)  # row 0 of the greedy output below meets 35, row 1 neither
+N = 8
+PROMPTS = ["the cat sat on", "a dog ran"]
+
+
+def save_tokenizer(directory):
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + WORDS)}
+  vocab.update({f"w{i}": i for i in range(len(vocab), 64)})
+  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>"
+                          ).save_pretrained(str(directory))
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("generate")
+  save_tokenizer(root / "tok")
+  cfg = dataclasses.replace(config(), eos_token_ids=EOS)
+  dirs = []
+  for seed in (0, 1):
+    d = save_model(scaled(create_model(cfg, seed=seed), 15.0), root / f"m{seed}",
+                   tokenizer_dir=root / "tok")
+    dirs.append(str(d))
+  return dirs
+
+
+def cli(capsys, *argv):
+  code = main(["generate", *argv])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def reference(dirs, method, **kw):
+  tok = load_tokenizer(dirs[0])
+  rows = [tok.encode(p) for p in PROMPTS]
+  lens = np.array([len(r) for r in rows], np.int32)
+  prompts = np.zeros((2, lens.max()), np.int32)
+  for i, r in enumerate(rows):
+    prompts[i, :len(r)] = r
+  models = [load_model(d) for d in dirs]
+  return decode(models if len(models) > 1 else models[0], prompts, lens, method=method,
+                max_new_tokens=N, stop_ids=list(EOS), key=jax.random.key(0), **kw)
+
+
+def test_ar_json_and_text_match_decode(model_dirs, capsys):
+  args = ["--model", model_dirs[0], "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+          "--max-new-tokens", str(N), "--temperature", "0"]
+  code, out, _ = cli(capsys, *args, "--json")
+  assert code == 0
+  got = json.loads(out)
+  ref = reference(model_dirs[:1], "ar", temperature=0.0)
+  assert got["tokens"] == ref.to_lists()
+  assert got["lengths"] == [len(t) for t in got["tokens"]]
+  assert set(got["finish_reasons"]) == {"stop", "length"}  # one row hit an EOS id, one did not
+  for toks, reason in zip(got["tokens"], got["finish_reasons"]):
+    assert (toks[-1] in EOS) == (reason == "stop")
+    assert not set(toks[:-1]) & set(EOS)
+  assert got["stats"]["model_calls"] == [max(got["lengths"])]
+  # without --json: one line of text per prompt, detokenized with the model's tokenizer
+  code, out, err = cli(capsys, *args)
+  tok = load_tokenizer(model_dirs[0])
+  assert out.splitlines() == [f"[{i}] {tok.decode(t)}" for i, t in enumerate(ref.to_lists())]
+  assert "ar:" in err and "tokens" in err
+
+
+def test_se_json_reports_stats(model_dirs, capsys):
+  code, out, _ = cli(capsys, "--model", model_dirs[0], "--model", model_dirs[1], "--method", "se",
+                     "--gamma", "2", "--weights", "0.6,0.4", "--prompt", PROMPTS[0], "--prompt",
+                     PROMPTS[1], "--max-new-tokens", str(N), "--temperature", "0.8",
+                     "--seed", "3", "--json")
+  assert code == 0
+  got = json.loads(out)
+  assert set(got) == {"tokens", "lengths", "finish_reasons", "stats"}
+  st = got["stats"]
+  assert len(st["model_calls"]) == 2 and min(st["model_calls"]) > 0
+  assert 0 <= st["accepted"] <= st["proposed"]
+  assert st["acceptance_rate"] == pytest.approx(st["accepted"] / st["proposed"])
+  assert all(0 < n <= N for n in got["lengths"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "sd"], "--draft"),
+    (["--weights", "0.5,0.2", "--method", "ensemble", "--model", "{m1}"], "sum to 1"),
+    (["--gamma", "0", "--method", "se", "--model", "{m1}"], "gamma"),
+    (["--temperature", "-1"], "temperature"),
+    (["--prompt-ids", "1,x"], "comma-separated"),
+])
+def test_bad_arguments_exit_2_with_message(model_dirs, capsys, argv, message):
+  argv = [a.format(m1=model_dirs[1]) for a in argv]
+  prompt = [] if "--prompt-ids" in argv else ["--prompt-ids", "1,2"]
+  code, out, err = cli(capsys, "--model", model_dirs[0], *prompt, "--max-new-tokens", "4", *argv)
+  assert code == 2 and out == ""
+  assert message in err
+
+
+def test_missing_model_dir(tmp_path, capsys):
+  code, _, err = cli(capsys, "--model", str(tmp_path / "nope"), "--prompt-ids", "1",
+                     "--max-new-tokens", "2")
+  assert code == 2 and "convert" in err
+
+
+def test_help_lists_generate(capsys):
+  with pytest.raises(SystemExit) as e:
+    main(["--help"])
+  assert e.value.code == 0
+  assert "generate" in capsys.readouterr().out
