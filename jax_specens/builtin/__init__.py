@@ -14,6 +14,8 @@ All three share one byte-level BPE tokenizer (4096 tokens) and are stored in our
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -22,36 +24,46 @@ BUILTIN_MODELS = ("code", "prose", "draft")
 MODELS_DIR = Path(__file__).parent / "models"
 
 
-def builtin_dir(name: str) -> Path:
-  """The checkpoint directory of built-in model `name` ("code", "prose" or "draft")."""
+def builtin_dir(name: str, models_dir: str | os.PathLike | None = None) -> Path:
+  """The checkpoint directory of built-in model `name` ("code", "prose" or "draft").
+
+  models_dir: where to look instead of the package (the --out of `jax-specens train-builtin`).
+  """
   if name not in BUILTIN_MODELS:
     raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
-  path = MODELS_DIR / name
+  root = MODELS_DIR if models_dir is None else Path(models_dir)
+  path = root / name
   if not (path / "jax_specens.json").is_file():
     raise FileNotFoundError(
-        f"the built-in model {name!r} is missing from {MODELS_DIR}; this installation was built "
-        "without its package data: reinstall jax_specens, or train the models again with "
-        "`jax-specens train-builtin`")
+        f"the built-in model {name!r} is missing from {root}; "
+        + ("this installation was built without its package data: reinstall jax_specens, or "
+           if models_dir is None else "") + "train the models with `jax-specens train-builtin`")
   return path
 
 
-def builtin_model(name: str, dtype=jnp.float32):
-  """Loads built-in model `name` as a `jax_specens.Model` cast to `dtype` (stored in bf16)."""
+@functools.lru_cache(maxsize=8)
+def builtin_model(name: str, dtype=jnp.float32, models_dir: str | os.PathLike | None = None):
+  """Loads built-in model `name` as a `jax_specens.Model` cast to `dtype` (stored in bf16).
+
+  Loaded once per process (a Model is an immutable pytree, so sharing it is safe).
+  """
   from jax_specens.checkpoint import load_model
-  return load_model(builtin_dir(name), dtype)
+  return load_model(builtin_dir(name, models_dir), dtype)
 
 
 TOKENIZER_DIR = MODELS_DIR / "tokenizer"
 
 
-def builtin_tokenizer():
+def builtin_tokenizer(models_dir: str | os.PathLike | None = None):
   """The tokenizer shared by the built-in models (a `transformers` fast tokenizer).
 
-  Loaded from the package's `models/tokenizer/` (every model directory holds a copy too).
+  Loaded from the package's `models/tokenizer/` (every model directory holds a copy too), or from
+  `models_dir/tokenizer/`.
   """
-  if not (TOKENIZER_DIR / "tokenizer.json").is_file():
+  path = TOKENIZER_DIR if models_dir is None else Path(models_dir) / "tokenizer"
+  if not (path / "tokenizer.json").is_file():
     raise FileNotFoundError(
-        f"the built-in tokenizer is missing from {TOKENIZER_DIR}; reinstall jax_specens with its "
-        "package data, or train it again with `python -m jax_specens.builtin.train`")
+        f"the built-in tokenizer is missing from {path}; reinstall jax_specens with its "
+        "package data, or train it again with `jax-specens train-builtin`")
   from jax_specens.checkpoint import load_tokenizer
-  return load_tokenizer(TOKENIZER_DIR)
+  return load_tokenizer(path)

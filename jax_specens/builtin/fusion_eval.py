@@ -52,11 +52,21 @@ class Settings:
   progress: bool = True
 
 
-def domain_tokens(tokenizer, split: str) -> dict[str, np.ndarray]:
-  """Each domain's documents of `split` as one token stream (each document followed by EOS)."""
+def domain_tokens(tokenizer, split: str, max_tokens: int | None = None
+                  ) -> dict[str, np.ndarray]:
+  """Each domain's documents of `split` (in key order) as one token stream, each document
+  followed by EOS; only as many documents as it takes to reach `max_tokens` are encoded."""
   backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-  return {d: tokenizer_lib.encode_documents(backend, [doc.text for doc in data.documents(d, split)])
-          for d in data.DOMAINS}
+  out = {}
+  for domain in data.DOMAINS:
+    parts, total = [], 0
+    for doc in data.documents(domain, split):
+      parts.append(tokenizer_lib.encode_documents(backend, [doc.text]))
+      total += len(parts[-1])
+      if max_tokens is not None and total >= max_tokens:
+        break
+    out[domain] = np.concatenate(parts)
+  return out
 
 
 def train_fusers(models: dict[str, Model], streams: dict[str, np.ndarray], settings: Settings
@@ -86,16 +96,22 @@ def train_fusers(models: dict[str, Model], streams: dict[str, np.ndarray], setti
   return verifiers, weights_head, metrics
 
 
-@jax.jit
 def score_batch(models: tuple[Model, Model, Model], verifiers: dict, weights_head,
                 tokens: Int[Array, "B T1"]) -> tuple[Float[Array, "B T M"], Bool[Array, "B T M"]]:
   """NLL of the reference and whether the argmax is the reference, per method (METHODS order).
 
-  models: (code, prose, draft). tokens: windows whose last T tokens are the references.
+  models: (code, prose, draft). tokens: windows whose last T tokens are the references. Each
+  model's forward pass is compiled once per shape, whatever the verifiers.
   """
-  inputs, ref = tokens[:, :-1], tokens[:, 1:]
-  b, t = inputs.shape
-  logits = jnp.stack([evaluate.teacher_forced_logits(m, inputs) for m in models])  # [3, B, T, V]
+  logits = [evaluate.teacher_forced_logits(m, tokens[:, :-1]) for m in models]
+  return fuse(jnp.stack(logits), tokens[:, 1:], verifiers, weights_head)
+
+
+@jax.jit
+def fuse(logits: Float[Array, "3 B T V"], ref: Int[Array, "B T"], verifiers: dict, weights_head
+         ) -> tuple[Float[Array, "B T M"], Bool[Array, "B T M"]]:
+  """Every method's NLL of `ref` and hit, from the (code, prose, draft) logits."""
+  b = ref.shape[0]
   logp = jax.nn.log_softmax(logits, axis=-1)
   dists = [logp[0], logp[1], logp[2]]
   pair = logits[:2]
