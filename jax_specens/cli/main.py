@@ -16,10 +16,7 @@ SUBCOMMANDS = {
     "convert": "convert",
     "demo": "demo",
     "eval-fusion": "eval_fusion",
-    "demo": "demo",
-    "eval-fusion": "eval_fusion",
     "generate": "generate",
-    "train-builtin": "train_builtin",
     "train-builtin": "train_builtin",
     "train-fusion": "train_fusion",
 }
