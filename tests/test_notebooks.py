@@ -1,0 +1,30 @@
+"""Every notebook in notebooks/ executes top to bottom on CPU (a real Jupyter kernel, via nbclient).
+
+The kernel inherits this process's environment (conftest: CPU, 8 simulated devices, offline), and
+runs in notebooks/ like Jupyter would. A failing cell fails the test with the cell's traceback.
+"""
+
+from pathlib import Path
+
+import nbclient
+import nbformat
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+CELL_TIMEOUT_S = 600
+
+
+def test_there_are_notebooks():
+  names = {p.stem for p in NOTEBOOKS}
+  assert {"quickstart", "speculative_ensemble", "sharding"} <= names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_executes(path: Path):
+  nb = nbformat.read(path, as_version=4)
+  client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                                   resources={"metadata": {"path": str(path.parent)}})
+  client.execute()
+  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if o.get("output_type") == "error"]
+  assert not errors, errors
