@@ -26,6 +26,7 @@ from checkpoints_conversion import convert, load_hf_model
 from checkpoints_conversion import tensors as tensors_module
 from jax_specens.cli.main import main
 from jax_specens.models import SUPPORTED_FAMILIES
+from tests.fixtures_models import one_torch_thread
 
 SINGLE = "qwen2-gqa-tied"  # one model.safetensors
 SHARDED = "llama-gqa-llama3-bias-untied"  # model.safetensors.index.json + shards
@@ -135,14 +136,15 @@ def test_bfloat16_conversion_loads_and_runs(hf_zoo, tmp_path):
       np.asarray(params_of(model)["['embed']['embedding']"], np.float32),
       case.torch_model.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy())
   assert model.config == case.config
-  # It runs, and its logits are those of the float32 model up to bfloat16 rounding.
-  tokens = jnp.asarray(np.arange(3, 3 + 2 * 8).reshape(2, 8), jnp.int32)
-  logits, _ = jax_specens.step(model, model.init_cache(2, 8), tokens, jnp.zeros(2, jnp.int32))
-  ref, _ = jax_specens.step(case.model, case.model.init_cache(2, 8), tokens,
-                            jnp.zeros(2, jnp.int32))
+  # It runs, and its logits are those of the float32 torch model up to bfloat16 rounding.
+  tokens = np.arange(3, 3 + 2 * 8).reshape(2, 8)
+  logits, _ = jax_specens.step(model, model.init_cache(2, 8), jnp.asarray(tokens, jnp.int32),
+                               jnp.zeros(2, jnp.int32))
+  with torch.no_grad(), one_torch_thread():
+    ref = case.torch_model(torch.tensor(tokens)).logits.numpy()
   assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
-  scale = float(jnp.abs(ref).max())
-  assert float(jnp.abs(logits - ref).max()) < 0.05 * scale
+  err, scale = float(np.abs(np.asarray(logits) - ref).max()), float(np.abs(ref).max())
+  assert err < 0.05 * scale, f"bfloat16 logits off by {err:.3f} (logits up to {scale:.1f})"
   # A float32 checkpoint converts to bfloat16 when asked: the parameters are rounded casts.
   out32 = convert(case.hf_dir, tmp_path / "out32", dtype="bfloat16", progress=False)
   assert stored_dtypes(out32) == {jnp.dtype(jnp.bfloat16)}
