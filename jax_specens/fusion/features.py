@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 # Indices into a two-model (draft, assistant) feature vector.
 P_D_XD, P_D_XA, P_A_XD, P_A_XA = 0, 1, 2, 3
@@ -57,16 +57,30 @@ def position_features(
   if n < 2 or len(candidates) != n:
     raise ValueError(f"position_features needs n >= 2 models with one candidate each; got "
                      f"{n} logits and {len(candidates)} candidates")
+  agree = jnp.all(jnp.stack([c == candidates[0] for c in candidates]), axis=0)
+  return translated_features(logits, [list(candidates)] * n, agree)
+
+
+def translated_features(
+    logits: Sequence[Float[Array, "*P V_k"]],
+    candidates: Sequence[Sequence[Int[Array, "*P"]]],
+    agree: Bool[Array, "*P"],
+) -> Float[Array, "*P F"]:
+  """`position_features` for models with different vocabularies (cross-tokenizer CoSD).
+
+  candidates[k][m]: candidate m (proposed by model m) written in model k's vocabulary, so that
+  `p_k(c_m)` can be read from model k's logits; agree: whether the candidates are the same text.
+  """
+  n = len(logits)
   logp = [jax.nn.log_softmax(l.astype(jnp.float32), axis=-1) for l in logits]
-  cands = [c.astype(jnp.int32)[..., None] for c in candidates]
-  probs = [jnp.exp(jnp.take_along_axis(lp, c, axis=-1))[..., 0] for lp in logp for c in cands]
+  probs = [jnp.exp(jnp.take_along_axis(logp[k], c.astype(jnp.int32)[..., None], axis=-1))[..., 0]
+           for k in range(n) for c in candidates[k]]
   entropy = [-jnp.sum(jnp.where(lp > -jnp.inf, jnp.exp(lp) * lp, 0.0), axis=-1) for lp in logp]
   margin = []
   for lp in logp:
     top2 = jax.lax.top_k(jnp.exp(lp), 2)[0]
     margin.append(top2[..., 0] - top2[..., 1])
-  agree = jnp.all(jnp.stack([c[..., 0] == cands[0][..., 0] for c in cands]), axis=0)
-  return jnp.stack(probs + entropy + margin + [agree.astype(jnp.float32)], axis=-1)
+  return jnp.stack(probs + entropy + margin + [jnp.asarray(agree).astype(jnp.float32)], axis=-1)
 
 
 def argmax_features(logits: Sequence[Float[Array, "*P V"]]) -> Float[Array, "*P F"]:
