@@ -4,11 +4,14 @@
     names.rules_for            which tensor becomes which parameter(s)
     plan                       every name and shape checked against the config, nothing read yet
     read_params                tensors read one by one, transposed / split, cast to the dtype
+    validated                  the three above, for `load_hf_model` (in memory) and `convert`
     convert                    the above, written atomically with the tokenizer files
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from pathlib import Path
 
@@ -127,14 +130,25 @@ def _abstract_shapes(config: ModelConfig) -> dict:
   return nnx.to_pure_dict(abstract_model(config).params)
 
 
-def load_hf_model(hf_dir: str | os.PathLike, dtype="auto", progress: bool = False) -> Model:
-  """Converts the Hugging Face model in `hf_dir` in memory (nothing written)."""
+@contextlib.contextmanager
+def validated(hf_dir: str | os.PathLike, dtype="auto"):
+  """Opens and validates `hf_dir`, reading no tensor: yields `(config, dtype, read)`.
+
+  `read(progress)` then reads the parameters (pure dict) while the files are open. Every error
+  about the input (config, files, tensor names and shapes) is raised on entry.
+  """
   config = load_hf_config(hf_dir)
   shapes = _abstract_shapes(config)
   with TensorFiles(hf_dir) as files:
     pairs = plan(files, config, shapes)
     dtype = resolve_dtype(dtype, files)
-    params = read_params(files, pairs, shapes, dtype, progress)
+    yield config, dtype, functools.partial(read_params, files, pairs, shapes, dtype)
+
+
+def load_hf_model(hf_dir: str | os.PathLike, dtype="auto", progress: bool = False) -> Model:
+  """Converts the Hugging Face model in `hf_dir` in memory (nothing written)."""
+  with validated(hf_dir, dtype) as (config, dtype, read):
+    params = read(progress=progress)
   abstract = abstract_model(config, dtype)
   state = abstract.params
   nnx.replace_by_pure_dict(state, params)
@@ -161,13 +175,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype="auto",
   if out_dir.exists() and not overwrite:
     raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite "
                           "(overwrite=True) to replace it")
-  config = load_hf_config(hf_dir)
-  shapes = _abstract_shapes(config)
-  with TensorFiles(hf_dir) as files:
-    pairs = plan(files, config, shapes)
-    dtype = resolve_dtype(dtype, files)
-    with atomic_dir(out_dir, overwrite) as tmp:
-      params = read_params(files, pairs, shapes, dtype, progress)
-      write_model_files(tmp, config, params)
-      copy_tokenizer_files(hf_dir, tmp)
+  with validated(hf_dir, dtype) as (config, _, read), atomic_dir(out_dir, overwrite) as tmp:
+    write_model_files(tmp, config, read(progress=progress))
+    copy_tokenizer_files(hf_dir, tmp)
   return out_dir
