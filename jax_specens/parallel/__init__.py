@@ -4,6 +4,7 @@ See `rules.py` for what is split where, `place.py` for putting models/caches/bat
 `multihost.py` for running one program over several hosts.
 """
 
+from jax_specens.parallel.decoding import decode, on_mesh, place_for_decode
 from jax_specens.parallel.mesh import (AXES, DATA, MODEL, device_ids, make_mesh, mesh_from_spec,
                                        parse_mesh, submeshes)
 from jax_specens.parallel.multihost import global_batch, initialize, to_host
