@@ -1,0 +1,125 @@
+"""Cross-tokenizer CoSD: two tiny models whose BPE tokenizers (trained here, offline) differ."""
+
+import json
+import string
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer
+
+from jax_specens.cache import init_cache
+from jax_specens.fusion import ConstantVerifier, RuleVerifier, cosd_text
+from jax_specens.step import create_model, forward
+from tests.fixtures_fusion import tiny_config
+
+K = 3
+NEW = 12
+WIDTH = 48  # reference forward width
+CORPUS_A = ["the cat sat on the mat and the dog ran to the park"] * 20 + ["a cat, a dog; a mat."]
+CORPUS_B = ["dogs and cats like to nap in the sun on a warm mat"] * 20 + ["sun, nap; cats ran!"]
+PROMPTS = ["the cat", "a dog ran", "sun"]
+ALPHABET = set(string.ascii_lowercase + " ,;.!")
+
+
+def bpe_tokenizer(directory, corpus, vocab_size):
+  """A byte-level BPE over the corpus's characters only (so every token is ASCII text)."""
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size,
+                                                      special_tokens=["<eos>"]))
+  directory.mkdir()
+  tok.save(str(directory / "tokenizer.json"))
+  (directory / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>"}))
+  return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cross")
+  tok_d = bpe_tokenizer(root / "d", CORPUS_A, 60)
+  tok_a = bpe_tokenizer(root / "a", CORPUS_B, 90)
+  draft = create_model(tiny_config(vocab=len(tok_d), tie_embeddings=False), seed=3)
+  assistant = create_model(tiny_config(vocab=len(tok_a), tie_embeddings=False), seed=4)
+  return draft, assistant, tok_d, tok_a
+
+
+@jax.jit
+def _last_logits(model, ids, length):
+  cache = init_cache(model.config, 1, WIDTH)
+  logits, _ = forward(model, cache, ids[None], jnp.zeros((1,), jnp.int32))
+  return logits[0, length - 1]
+
+
+def greedy_text(model, tok, prompt):
+  """The model's own greedy continuation (NEW tokens), decoded."""
+  ids = tok(prompt)["input_ids"]
+  base = tok.decode(ids, skip_special_tokens=True)
+  for _ in range(NEW):
+    padded = jnp.asarray(np.pad(ids, (0, WIDTH - len(ids))), jnp.int32)
+    ids = ids + [int(jnp.argmax(_last_logits(model, padded, len(ids))))]
+  return tok.decode(ids, skip_special_tokens=True)[len(base):]
+
+
+def test_the_tokenizers_differ(pair):
+  _, _, tok_d, tok_a = pair
+  assert len(tok_d) != len(tok_a)
+  assert tok_d.convert_ids_to_tokens(tok_d("the cat sat")["input_ids"]) != \
+      tok_a.convert_ids_to_tokens(tok_a("the cat sat")["input_ids"])
+
+
+def test_cross_tokenizer_cosd_produces_valid_text(pair):
+  draft, assistant, tok_d, tok_a = pair
+  out = cosd_text(draft, assistant, tok_d, tok_a, PROMPTS, max_new_tokens=NEW, window=K,
+                  temperature=0.0, verifier=RuleVerifier(jnp.float32(0.9), jnp.float32(0.5)))
+  assert len(out.texts) == len(PROMPTS)
+  for text, reason, st in zip(out.texts, out.finish, out.stats):
+    assert isinstance(text, str) and text and set(text) <= ALPHABET, text
+    # the text survives both tokenizers
+    for tok in (tok_d, tok_a):
+      assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    if reason == "length":
+      assert st.draft_tokens + st.assistant_tokens == NEW
+    assert st.assistant_calls == st.windows and st.draft_calls == K * st.windows
+    assert st.replacements == st.assistant_tokens  # no bonus tokens
+  # these random models are unsure everywhere: the assistant's text gets in
+  assert sum(st.replacements for st in out.stats) > 0
+
+
+def test_never_replacing_gives_the_drafts_own_text(pair):
+  draft, assistant, tok_d, tok_a = pair
+  out = cosd_text(draft, assistant, tok_d, tok_a, PROMPTS, max_new_tokens=NEW, window=K,
+                  temperature=0.0, verifier=RuleVerifier(jnp.float32(0.0), jnp.float32(0.5)))
+  assert out.texts == [greedy_text(draft, tok_d, p) for p in PROMPTS]
+  assert all(st.replacements == 0 and st.draft_tokens == NEW for st in out.stats)
+
+
+def test_sampled_and_bonus_cross_cosd(pair):
+  draft, assistant, tok_d, tok_a = pair
+  kw = dict(max_new_tokens=NEW, window=K, temperature=1.0, verifier=ConstantVerifier(True))
+  a = cosd_text(draft, assistant, tok_d, tok_a, PROMPTS[:1], key=jax.random.key(1), **kw)
+  b = cosd_text(draft, assistant, tok_d, tok_a, PROMPTS[:1], key=jax.random.key(1), **kw)
+  assert a.texts == b.texts and set(a.texts[0]) <= ALPHABET
+  never = cosd_text(draft, assistant, tok_d, tok_a, PROMPTS[:1], bonus=True, max_new_tokens=NEW,
+                    window=K, temperature=0.0, verifier=ConstantVerifier(False))
+  st = never.stats[0]
+  assert st.replacements == 0 and st.assistant_tokens == st.windows - (NEW % (K + 1) != 0)
+
+
+def test_cross_bad_inputs(pair):
+  draft, assistant, tok_d, tok_a = pair
+  with pytest.raises(ValueError, match="needs the assistant's Hugging Face tokenizer"):
+    cosd_text(draft, assistant, tok_d, None, "the", max_new_tokens=4)
+  with pytest.raises(ValueError, match=f"assistant's tokenizer has {len(tok_a)} tokens but its "
+                     f"model only {len(tok_d)}"):
+    cosd_text(draft, draft, tok_d, tok_a, "the", max_new_tokens=4)
+  with pytest.raises(ValueError, match="non-empty strings"):
+    cosd_text(draft, assistant, tok_d, tok_a, [""], max_new_tokens=4)
+  with pytest.raises(ValueError, match="unknown verifier 'oracle'"):
+    cosd_text(draft, assistant, tok_d, tok_a, "the", max_new_tokens=4, verifier="oracle")
+  with pytest.raises(ValueError, match="window must be >= 1"):
+    cosd_text(draft, assistant, tok_d, tok_a, "the", max_new_tokens=4, window=0)
