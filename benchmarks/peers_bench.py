@@ -105,11 +105,17 @@ def main(argv=None) -> int:
   p.add_argument("--weight", type=float, default=0.5, help="ensemble weight of the draft")
   p.add_argument("--depth-scale", type=float, default=0.1,
                  help="scale of the target's layers beyond the draft's (smaller: more agreement)")
+  p.add_argument("--torch-threads", type=int, default=1,
+                 help="torch.set_num_threads for the PyTorch side (on a busy CPU one thread is "
+                 "its fastest setting; 0 keeps torch's default)")
   p.add_argument("--models-dir", type=Path, default=None,
                  help="where to build the HF and converted models (default: a temporary dir)")
   args = p.parse_args(argv)
-  import jax_specens
+  import torch
 
+  import jax_specens
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
   size = "small" if args.small else "base"
   if args.max_new_tokens is None:
     args.max_new_tokens = 8 if args.small else 64
@@ -128,7 +134,6 @@ def main(argv=None) -> int:
   config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
   config["size"] = dict(zip(["vocab", "hidden", "intermediate", "layers", "heads", "kv_heads",
                              "draft_layers"], hf_models.SIZES[size]))
-  import torch
   config["torch_threads"] = torch.get_num_threads()
   path = common.write_results(args.out, "peers", config, rows)
   groups = [f"{r['method']} b{r['batch']}" for r in rows]
