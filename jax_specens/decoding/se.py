@@ -72,8 +72,9 @@ def step(models, req: Request, cfg: Config, state: LoopState, counted=None) -> L
   for k, g in enumerate(cfg.gammas):
     state = _pass(models, req, cfg, state, k, width=1 + total - g, verify_width=total - g,
                   counted=counted)
-    for _ in range(g - 1):
-      state = _pass(models, req, cfg, state, k, width=1, verify_width=0, counted=counted)
+    if g > 1:  # drafting passes: one program, looped (keeps compile time flat in gamma)
+      state = jax.lax.fori_loop(0, g - 1, lambda _, s, k=k: _pass(
+          models, req, cfg, s, k, width=1, verify_width=0, counted=counted), state)
   return state
 
 
