@@ -127,7 +127,7 @@ def save_word_tokenizer(directory, words) -> None:
   directory.mkdir(parents=True, exist_ok=True)
   tok.save(str(directory / "tokenizer.json"))
   (directory / "tokenizer_config.json").write_text(json.dumps(
-      {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": words[0]}))
+      {"tokenizer_class": "PreTrainedTokenizerFast"}))  # no special tokens: decode keeps all
 
 
 def grammar_text(sequences: np.ndarray) -> str:

@@ -3,7 +3,7 @@
 Adding a method is one line here: `METHODS["name"] = module.METHOD`.
 """
 
-from jax_specens.decoding import ar, ensemble, sd, se
+from jax_specens.decoding import ar, cosd, ensemble, sd, se
 from jax_specens.decoding.loop import Config, LoopState, Method, Request, generate
 from jax_specens.decoding.outputs import FINISH_REASONS, DecodeOutput, DecodeStats
 
@@ -12,4 +12,5 @@ METHODS: dict[str, Method] = {
     "sd": sd.METHOD,
     "ensemble": ensemble.METHOD,
     "se": se.METHOD,
+    "cosd": cosd.METHOD,
 }

@@ -1,0 +1,150 @@
+"""Collaborative Speculative Decoding (SPEC §4): a draft writes, an assistant fixes. Not lossless.
+
+Models in method order: (draft, assistant). One loop step is one window per row:
+  1. the draft drafts K tokens x~_1..x~_K, one pass each (sampled from its sampling distribution;
+     argmax when greedy), written as pending tokens into `seq` after the committed ones;
+  2. the assistant scores the last committed token and the K drafts in one pass of width K + 1,
+     giving its candidates x^_1..x^_{K+1} (sampled from its own sampling distribution, or argmax);
+  3. the verifier (rule, tree, learned head: any `jax_specens.fusion` verifier, a pytree in
+     `Request.extra`) reads the features of both models at the K positions; the first position it
+     marks, where the candidates differ, is replaced: emit x~_1..x~_{j-1}, x^_j and drop the rest.
+     With no replacement all K are emitted, plus x^_{K+1} when the `bonus` option is on.
+Each row has its own replacement point; the draft resumes from each row's new end next step.
+
+Cache positions follow `loop.py` (fed = committed - 1), except that after a bonus token the draft
+lags one more token (it never fed x~_K): with `bonus` on its first pass of a window has width 2 and
+starts at its own position, which re-feeds nothing twice (a row that does not lag feeds one stale
+slot that is overwritten before it is ever read).
+
+Stats: model_calls = (draft passes, assistant passes); proposed[0]/accepted[0] = drafted / emitted
+draft tokens; proposed[1] = accepted[1] = tokens emitted from the assistant (replacements and
+bonus tokens); rounds = windows (row-events). `CosdState.replacements` counts replaced windows.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Int
+
+from jax_specens.decoding.loop import (Config, LoopState, Method, Request, advance, emit, feed,
+                                       prefill)
+from jax_specens.fusion.features import position_features
+from jax_specens.fusion.verifier import as_verifier
+from jax_specens.sampling import log_probs, sample
+
+DRAFT, ASSISTANT = 0, 1
+
+
+@flax.struct.dataclass
+class CosdState:
+  """replacements: windows in which a token was replaced, per row `[B]`."""
+
+  replacements: Int[Array, "B"]
+
+
+def window(cfg: Config) -> int:
+  return cfg.gammas[DRAFT]
+
+
+def lookahead(cfg: Config) -> int:
+  return window(cfg) + 1
+
+
+def init(models, req: Request, cfg: Config) -> LoopState:
+  state = prefill(models, req, cfg)
+  return state.replace(extra=CosdState(replacements=jnp.zeros(req.prompts.shape[:1], jnp.int32)))
+
+
+def _set_pending(state: LoopState, at: Int[Array, "B"], tok: Int[Array, "B"]) -> LoopState:
+  rows = jnp.arange(tok.shape[0])
+  at = jnp.where(state.active, at, state.seq.shape[1])
+  return state.replace(seq=state.seq.at[rows, at].set(tok, mode="drop"))
+
+
+def _draft(models, req: Request, cfg: Config, state: LoopState):
+  """K draft passes; returns the state, drafts `[B, K]` and the draft's logits `[B, K, V]`."""
+  k = window(cfg)
+  bonus = bool(cfg.option("bonus", False))
+  c = state.committed(req)
+  # first pass: the token(s) the draft has not fed yet (1, or 2 after a bonus token)
+  lag = c - 1 - state.caches[DRAFT].pos
+  state, logits, start = feed(state, models, DRAFT, 1 + bonus, lag + 1)
+  first = jnp.take_along_axis(logits, (c - 1 - start)[:, None, None], axis=1)[:, 0]
+  state, key = state.next_key()
+  tok = sample(key, log_probs(first, req.sampling))
+  state = _set_pending(state, c, tok)
+  b, v = first.shape
+  d_logits = jnp.zeros((b, k, v), jnp.float32).at[:, 0].set(first)
+  drafts = jnp.zeros((b, k), jnp.int32).at[:, 0].set(tok)
+
+  def body(j, carry):
+    state, d_logits, drafts = carry
+    state, logits, _ = feed(state, models, DRAFT, 1, jnp.ones_like(c))
+    state, key = state.next_key()
+    tok = sample(key, log_probs(logits[:, 0], req.sampling))
+    state = _set_pending(state, c + j, tok)
+    return state, d_logits.at[:, j].set(logits[:, 0]), drafts.at[:, j].set(tok)
+
+  return jax.lax.fori_loop(1, k, body, (state, d_logits, drafts))
+
+
+def step(models, req: Request, cfg: Config, state: LoopState) -> LoopState:
+  k = window(cfg)
+  bonus = bool(cfg.option("bonus", False))
+  act = state.active
+  c = state.committed(req)
+  length0 = state.length
+  state, d_logits, drafts = _draft(models, req, cfg, state)
+  # the assistant scores [last committed, x~_1 .. x~_K]
+  state, a_logits, _ = feed(state, models, ASSISTANT, k + 1, jnp.full_like(c, k + 1))
+  state, key = state.next_key()
+  cands = sample(key, log_probs(a_logits, req.sampling))  # [B, K + 1]
+  feats = position_features([d_logits, a_logits[:, :k]], [drafts, cands[:, :k]])
+  verifier = req.extra
+  replace = verifier(feats) & (drafts != cands[:, :k])
+  replaced = jnp.any(replace, axis=1)
+  first = jnp.where(replaced, jnp.argmax(replace, axis=1), k)
+  i = jnp.arange(k + 1)[None, :]
+  drafts_ext = jnp.concatenate([drafts, cands[:, k:]], axis=1)
+  new = jnp.where(i < first[:, None], drafts_ext, cands)
+  count = jnp.where(replaced, first + 1, k + int(bonus))
+  state = emit(state, req, cfg, new, count)
+  # positions: both models have fed the committed prefix minus its last token
+  emitted = jnp.where(act, state.length - length0, 0)
+  c_new = c + emitted
+  state = advance(state, ASSISTANT, c_new - 1)
+  state = advance(state, DRAFT, jnp.minimum(c_new - 1, c + k - 1))
+  # stats
+  from_draft = jnp.minimum(emitted, first)
+  from_assistant = emitted - from_draft
+  st = state.stats
+  st = st.replace(
+      proposed=st.proposed + jnp.stack([jnp.sum(jnp.where(act, k, 0)), jnp.sum(from_assistant)]),
+      accepted=st.accepted + jnp.stack([jnp.sum(from_draft), jnp.sum(from_assistant)]),
+      rounds=st.rounds + jnp.sum(act))
+  ex = state.extra
+  return state.replace(stats=st, extra=ex.replace(
+      replacements=ex.replacements + (act & replaced & (emitted > first)).astype(jnp.int32)))
+
+
+def prepare(models, options: dict):
+  """cosd options: verifier ("rule" | "tree" | "learned" | a verifier object), verifier_path,
+  alpha, beta (rule), bonus (emit the assistant's next token after a window with no replacement)."""
+  options = dict(options)
+  verifier = options.pop("verifier", "rule")
+  path = options.pop("verifier_path", None)
+  alpha = options.pop("alpha", 0.5)
+  beta = options.pop("beta", 0.5)
+  bonus = options.pop("bonus", False)
+  if options:
+    raise ValueError(f"unknown options for method 'cosd': {sorted(options)}; it takes verifier, "
+                     "verifier_path, alpha, beta, bonus")
+  if not isinstance(bonus, bool):
+    raise ValueError(f"bonus must be True or False; got {bonus!r}")
+  return as_verifier(verifier, path=path, alpha=alpha, beta=beta), (("bonus", bonus),)
+
+
+METHOD = Method(init=init, step=step, uses_draft=True, num_models=(2, 2), speculative=True,
+                target=None, lookahead=lookahead, prepare=prepare)
