@@ -3,10 +3,11 @@
     python tests/multihost_worker.py RANK PORT MODEL_DIR OUT_JSON
 
 Each process has 2 CPU devices; together they form a data=2 x model=2 mesh. The process restores
-only its shards of the checkpoint, feeds its half of the batch, and checks the gathered results
-against the same computation on its own single device.
+only its shards of the checkpoint, feeds its half of the batch, runs a prefill and a greedy decode
+of the whole batch, and checks the gathered results against the same on its own single device.
 """
 
+import functools
 import json
 import os
 import sys
@@ -20,11 +21,19 @@ import numpy as np  # noqa: E402
 
 from jax_specens import checkpoint, forward_prompt, init_cache  # noqa: E402
 from jax_specens import parallel as par  # noqa: E402
+from jax_specens.decode import decode  # noqa: E402
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def last_logits(model, tokens, lengths):
   cache = par.constrain_cache(init_cache(model.config, tokens.shape[0], 16), model.config)
   return forward_prompt(model, cache, tokens, lengths)[0]
+
+
+@functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+def greedy(model, tokens, lengths):
+  return decode(model, tokens, lengths, method="ar", max_new_tokens=5, temperature=0.0).tokens
 
 
 def main(rank: int, port: int, model_dir: str, out: str) -> None:
@@ -41,9 +50,14 @@ def main(rank: int, port: int, model_dir: str, out: str) -> None:
   g_lengths = par.global_batch(lengths[rows], mesh)
   with jax.set_mesh(mesh):
     got = par.to_host(jax.jit(last_logits)(model, g_tokens, g_lengths))
+  # greedy decoding of the whole batch (par.decode's steps, in a fast-compiled jit)
+  placed, p, n, _ = par.place_for_decode(model, g_tokens, g_lengths, mesh)
+  with jax.set_mesh(mesh):
+    decoded = par.to_host(greedy(placed, p, n))
 
   local = checkpoint.load_model(model_dir)  # whole model on this process's first device
   want = np.asarray(jax.jit(last_logits)(local, jnp.asarray(tokens), jnp.asarray(lengths)))
+  want_decoded = greedy(local, jnp.asarray(tokens), jnp.asarray(lengths))
   json.dump({
       "process_index": jax.process_index(), "process_count": jax.process_count(),
       "global_devices": jax.device_count(), "local_devices": jax.local_device_count(),
@@ -52,6 +66,7 @@ def main(rank: int, port: int, model_dir: str, out: str) -> None:
       "tokens_local_shards": [list(s.data.shape) for s in g_tokens.addressable_shards],
       "max_abs_diff": float(np.abs(got - want).max()),
       "argmax_equal": bool((got.argmax(-1) == want.argmax(-1)).all()),
+      "decoded": decoded.tolist(), "want_decoded": np.asarray(want_decoded).tolist(),
   }, open(out, "w"))
   jax.distributed.shutdown()
 

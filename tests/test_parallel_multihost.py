@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+
 from jax_specens import ModelConfig, checkpoint, create_model
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
@@ -22,7 +24,8 @@ def free_port() -> int:
 
 
 def test_two_processes_share_one_mesh_and_match_a_single_device(tmp_path):
-  checkpoint.save_model(create_model(CFG, seed=3), tmp_path / "m")
+  model = create_model(CFG, seed=3)  # weights scaled up: varied greedy tokens
+  checkpoint.save_model(jax.tree_util.tree_map(lambda x: 3 * x, model), tmp_path / "m")
   port = free_port()
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   logs = [open(tmp_path / f"log{rank}", "w") for rank in range(2)]
@@ -57,3 +60,6 @@ def test_two_processes_share_one_mesh_and_match_a_single_device(tmp_path):
     assert r["q_local_shards"] == [[32, 16], [32, 16]]
     assert r["tokens_local_shards"] == [[2, 6], [2, 6]]
     assert r["max_abs_diff"] < 2e-5 and r["argmax_equal"]
+    # the whole batch decoded across both processes == decoded on one device
+    assert r["decoded"] == r["want_decoded"]
+    assert len({tuple(row) for row in r["decoded"]}) == 4 and len(r["decoded"][0]) == 5
