@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from jax_specens.checkpoint import load_tokenizer
+from jax_specens.cli import fusion_args
 from jax_specens.cli.main import main
+from jax_specens.decode import decode
+from jax_specens import fusion
 from jax_specens.fusion import FusionHeadFn, TreeVerifier, load_verifier
 from jax_specens.fusion.learned import LearnedEnsemble, learned_ensemble
 from jax_specens.sampling import SamplingParams
@@ -57,3 +60,40 @@ def test_train_fusion_bad_input(grammar_model_dirs, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
   with pytest.raises(SystemExit):
     main(base + ["--data", str(empty), "--out", str(tmp_path / "o"), "--head", "forest"])
+
+
+def test_generate_cosd_flags(grammar_model_dirs, tmp_path, capsys):
+  """`generate --method cosd` with a trained tree verifier == decode(method="cosd") with it."""
+  draft, assistant, corpus = grammar_model_dirs
+  out = tmp_path / "fusion"
+  assert main(["train-fusion", "--draft", str(draft), "--model", str(assistant), "--data",
+               str(corpus), "--out", str(out), "--head", "verifier", "--steps", "20",
+               "--seq-len", "33", "--quiet"]) == 0
+  capsys.readouterr()
+  base = ["generate", "--draft", str(draft), "--model", str(assistant), "--method", "cosd",
+          "--prompt", "t3 t8", "--prompt", "t40", "--max-new-tokens", "10", "--temperature", "0"]
+  assert main(base + ["--verifier", "tree", "--verifier-path", str(out), "--window", "3",
+                      "--json"]) == 0
+  got = json.loads(capsys.readouterr().out)
+  tok = load_tokenizer(draft)
+  from jax_specens.checkpoint import load_model
+  want = decode(load_model(assistant), np.array([[3, 8], [40, 0]]), np.array([2, 1]),
+                method="cosd", draft=load_model(draft), gamma=3, max_new_tokens=10,
+                temperature=0.0, verifier=load_verifier("tree", out))
+  assert got["tokens"] == want.to_lists()
+  assert tok.decode(got["tokens"][1]).split()[0].startswith("t")
+  assert got["stats"]["model_calls"][1] == got["stats"]["steps"]
+  # misplaced or missing fusion options
+  for extra, message in (
+      (["--verifier", "learned"], "needs a trained checkpoint"),
+      (["--verifier", "learned", "--verifier-path", str(tmp_path / "no")], "does not exist"),
+      (["--method", "ar", "--alpha", "0.3"], "--alpha apply to --method cosd, not ar"),
+      (["--method", "cosd", "--fusion-head", str(out)], "applies to --method ensemble/se")):
+    args = [a for a in base if a not in ("--method", "cosd")] + extra
+    if "--method" not in extra:
+      args += ["--method", "cosd"]
+    if extra[:2] == ["--method", "ar"]:
+      args = [a for a in args if a not in ("--draft", str(draft))]
+    assert main(args) == 2, extra
+    assert message in capsys.readouterr().err, extra
+  assert fusion_args.VERIFIERS == fusion.VERIFIERS

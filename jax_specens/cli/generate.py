@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from jax_specens.cli import fusion_args
+
 DESCRIPTION = """\
 Generate text from jax_specens model directories (made by `jax-specens convert`).
 
@@ -16,6 +18,8 @@ methods:
   ensemble  every --model is called once per token; tokens drawn from the ensemble (--ensemble)
   se        speculative ensemble: same output distribution as `ensemble`, fewer model calls
             (--gamma N for every model, or N1,N2,... one per model)
+  cosd      CoSD knowledge fusion: --draft DIR drafts, the --model DIR assistant replaces tokens
+            its --verifier picks (rule / tree / learned); tokenizers may differ (not lossless)
 Temperature 0 is greedy decoding (for an ensemble: argmax of the combined distribution). Rows stop
 at the models' EOS ids, at --max-new-tokens, or when the KV cache is full.
 
@@ -42,7 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="prompt as comma-separated token ids, e.g. 1,15,27; repeat for a batch")
   p.add_argument("--max-new-tokens", type=int, required=True, metavar="N",
                  help="tokens to generate per prompt at most")
-  p.add_argument("--method", choices=("ar", "sd", "ensemble", "se"), default=None,
+  p.add_argument("--method", choices=("ar", "sd", "ensemble", "se", "cosd"), default=None,
                  help="decoding method (default: ar for one model, sd with --draft, else se)")
   p.add_argument("--draft", metavar="DIR", help="draft model directory (method sd)")
   p.add_argument("--ensemble", choices=("wprob", "wlogit", "contrastive"), default="wprob",
@@ -65,6 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="compute dtype the parameters are loaded in (default float32)")
   p.add_argument("--json", action="store_true",
                  help="print one JSON line: tokens, lengths, finish_reasons, stats")
+  fusion_args.add_arguments(p)
   p.set_defaults(run=run)
   return p
 
@@ -99,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError("--method sd needs --draft DIR (the draft model) besides --model DIR")
   if args.max_new_tokens < 1:
     raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+  if fusion_args.cross_tokenizer(args, method):
+    return fusion_args.run_cross(args)
   dirs = ([args.draft] if args.draft else []) + args.model
   configs = [read_config(d) for d in dirs]  # fails fast on a wrong directory
 
@@ -128,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
                   plausibility=args.plausibility)
   elif args.weights or args.ensemble != "wprob":
     raise ValueError(f"--ensemble/--weights apply to methods ensemble and se, not {method}")
+  kwargs.update(fusion_args.decode_kwargs(args, method))
   out = decode(models if len(models) > 1 else models[0], prompts, lengths, method=method,
                max_new_tokens=args.max_new_tokens, draft=draft, gamma=gamma,
                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
