@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from jax_specens.cli import fusion_args
+from jax_specens.cli import fusion_args, mesh_args
 
 DESCRIPTION = """\
 Generate text from jax_specens model directories (made by `jax-specens convert`).
@@ -70,6 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true",
                  help="print one JSON line: tokens, lengths, finish_reasons, stats")
   fusion_args.add_arguments(p)
+  mesh_args.add_arguments(p)
   p.set_defaults(run=run)
   return p
 
@@ -125,10 +126,11 @@ def run(args: argparse.Namespace) -> int:
   for i, r in enumerate(rows):
     prompts[i, :len(r)] = r
   stop_ids = [] if args.no_stop else sorted({e for c in configs for e in c.eos_token_ids})
+  mesh = mesh_args.mesh_from_args(args, zip(dirs, configs), len(rows))  # None: one device
 
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  models = [load_model(d, dtype) for d in args.model]
-  draft = load_model(args.draft, dtype) if args.draft else None
+  models = [load_model(d, dtype, mesh=mesh) for d in args.model]
+  draft = load_model(args.draft, dtype, mesh=mesh) if args.draft else None
   kwargs = {}
   if method in ("ensemble", "se"):
     kwargs = dict(ensemble=args.ensemble, weights=weights, mu=args.mu,
@@ -136,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
   elif args.weights or args.ensemble != "wprob":
     raise ValueError(f"--ensemble/--weights apply to methods ensemble and se, not {method}")
   kwargs.update(fusion_args.decode_kwargs(args, method))
+  decode = mesh_args.decode_fn(mesh, decode)  # jax_specens.parallel.decode on --mesh
   out = decode(models if len(models) > 1 else models[0], prompts, lengths, method=method,
                max_new_tokens=args.max_new_tokens, draft=draft, gamma=gamma,
                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
