@@ -217,8 +217,8 @@ def prepare(models, prompts, prompt_lengths, *, method: str = "ar", max_new_toke
                options=tuple(static_opts))
   slack = m.lookahead(cfg)
   longest = int(np.max(lens)) if lens is not None else t
-  if cache_len is None:
-    cache_len = max(t, longest + max_new_tokens + slack)
+  if cache_len is None:  # from the padded width only: new prompt lengths never recompile
+    cache_len = t + max_new_tokens + slack
   else:
     check_fits(longest, max_new_tokens, int(cache_len), slack)
     if cache_len < t:
