@@ -9,8 +9,8 @@ Next to each measured speed-up: the theoretical one of SPEC §3,
 `(1 - a^g)(1 + c) / ((1 - a)(1 + c g - a^g c))`, from the measured acceptance rate `a` and the
 measured cost ratio `c` = step time of M_q / step time of M_p.
 
-Models: the built-in "draft" and "code" models (jax_specens.builtin) on code prompts; when the
-built-in models are not installed, a converted random Llama pair (`hf_models.build_pair`: the
+Models: the built-in "draft" (or, if absent, "prose") and "code" models (jax_specens.builtin) on
+code prompts; when the built-in models are not installed, a converted random Llama pair (`hf_models.build_pair`: the
 draft is the target's first layers) on random prompts — the JSON says which. Sampling at
 --temperature (default 1.0; SE is exact for any temperature). Writes se_sweep.json and se_sweep.png.
 """
@@ -32,13 +32,21 @@ CODE_PROMPTS = ["def read_lines(path):\n", "import os\n\nclass Cache:\n", "for i
 
 
 def builtin_models(batch: int):
-  """(M_q, M_p), prompts, lengths and a description, from the built-in models (or None)."""
-  try:
-    from jax_specens import builtin
-    q, p = builtin.builtin_model("draft"), builtin.builtin_model("code")
-    tok = builtin.builtin_tokenizer()
-  except (FileNotFoundError, ImportError, AttributeError) as e:
-    print(f"built-in models not available ({e.__class__.__name__}): using a converted random pair")
+  """(M_q, M_p), prompts, lengths and a description, from the built-in models (or None).
+
+  M_q is the small "draft" model when installed, else the "prose" specialist (same size as "code":
+  an ensemble of two experts); M_p is the "code" specialist; the prompts are code.
+  """
+  from jax_specens import builtin
+  for q_name in ("draft", "prose"):
+    try:
+      q, p = builtin.builtin_model(q_name), builtin.builtin_model("code")
+      tok = builtin.builtin_tokenizer()
+      break
+    except FileNotFoundError as e:
+      print(f"built-in model not available: {e}")
+  else:
+    print("using a converted random pair instead")
     return None
   ids = [tok.encode(CODE_PROMPTS[i % len(CODE_PROMPTS)]) for i in range(batch)]
   t = max(len(x) for x in ids)
@@ -46,7 +54,7 @@ def builtin_models(batch: int):
   for i, x in enumerate(ids):
     prompts[i, :len(x)] = x
   lengths = np.array([len(x) for x in ids], np.int32)
-  return (q, p), prompts, lengths, "builtin draft (M_q) + code (M_p)"
+  return (q, p), prompts, lengths, f"builtin {q_name} (M_q) + code (M_p), code prompts"
 
 
 def random_models(root: Path, small: bool, batch: int, prompt_len: int):
