@@ -1,0 +1,83 @@
+"""Sampling distributions (log space, per-row traced parameters), checked against numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_specens import sampling
+from jax_specens.sampling import SamplingParams, log_probs, sample
+
+LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
+
+
+def probs(logits, **kw):
+  params = SamplingParams.make(1, **kw)
+  return np.exp(np.asarray(log_probs(jnp.asarray(logits)[None], params))[0])
+
+
+def softmax(x):
+  e = np.exp(x - x.max())
+  return e / e.sum()
+
+
+def test_temperature():
+  np.testing.assert_allclose(probs(LOGITS, temperature=0.5), softmax(LOGITS / 0.5), rtol=1e-5)
+
+
+def test_greedy_is_one_hot_at_argmax():
+  np.testing.assert_array_equal(probs(LOGITS, temperature=0.0, top_k=3), np.eye(6)[0])
+
+
+def test_top_k_top_p_min_p():
+  p = softmax(LOGITS)
+  np.testing.assert_allclose(probs(LOGITS, top_k=2), np.r_[p[:2] / p[:2].sum(), [0] * 4],
+                             rtol=1e-5)
+  # smallest prefix whose mass reaches top_p (p[0] < 0.6 <= p[0] + p[1])
+  assert p[0] < 0.6 <= p[0] + p[1]
+  np.testing.assert_allclose(probs(LOGITS, top_p=0.6), np.r_[p[:2] / p[:2].sum(), [0] * 4],
+                             rtol=1e-5)
+  keep = p >= 0.2 * p.max()
+  np.testing.assert_allclose(probs(LOGITS, min_p=0.2), np.where(keep, p, 0) / p[keep].sum(),
+                             rtol=1e-5)
+
+
+def test_per_row_parameters_in_one_call():
+  logits = jnp.tile(jnp.asarray(LOGITS), (3, 1))
+  params = SamplingParams.make(3, temperature=[0.0, 1.0, 2.0], top_k=[0, 2, 0])
+  got = np.exp(np.asarray(log_probs(logits, params)))
+  np.testing.assert_allclose(got[0], np.eye(6)[0])
+  p = softmax(LOGITS)
+  np.testing.assert_allclose(got[1], np.r_[p[:2] / p[:2].sum(), [0] * 4], rtol=1e-5)
+  np.testing.assert_allclose(got[2], softmax(LOGITS / 2), rtol=1e-5)
+
+
+def test_no_nan_when_all_mass_removed():
+  dead = jnp.full((2, 6), -jnp.inf)
+  lp = log_probs(dead, SamplingParams.make(2, temperature=[1.0, 0.0], top_p=0.5))
+  assert not np.any(np.isnan(np.asarray(lp)))
+  np.testing.assert_array_equal(sample(jax.random.key(0), lp), [0, 0])
+  assert not np.any(np.isnan(np.asarray(sampling.normalize(dead))))
+
+
+def test_sampling_frequencies():
+  lp = log_probs(jnp.tile(jnp.asarray(LOGITS), (20000, 1)), SamplingParams.make(20000))
+  counts = np.bincount(np.asarray(sample(jax.random.key(1), lp)), minlength=6) / 20000
+  np.testing.assert_allclose(counts, softmax(LOGITS), atol=0.015)
+
+
+def test_new_parameter_values_do_not_recompile():
+  f = jax.jit(log_probs)
+  x = jnp.asarray(LOGITS)[None]
+  f(x, SamplingParams.make(1))
+  for kw in (dict(temperature=0.3), dict(top_k=2, top_p=0.5), dict(temperature=0.0, min_p=0.1)):
+    f(x, SamplingParams.make(1, **kw))
+  assert f._cache_size() == 1
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_k=-2), "top_k"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"), (dict(min_p=1.5), "min_p")])
+def test_check_params(kw, message):
+  with pytest.raises(ValueError, match=message):
+    sampling.check_params(**kw)
