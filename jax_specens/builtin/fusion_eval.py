@@ -11,14 +11,16 @@ token; we report accuracy (prediction == reference) and perplexity (exp mean NLL
   specialist as assistant (SPEC §4): where the verifier replaces (and the candidates differ) the
   assistant's argmax and distribution are used, else the draft's.
 
-The tree, the learned verifier head and the weights head are trained with `jax_specens.fusion` on
-the separate `fusion` split of both domains; everything is scored on the `test` split.
+The tree, the learned verifier head and the weights head are trained with
+`jax_specens.fusion.pipeline.train_fusion` (what `jax-specens train-fusion` runs) on the separate
+`fusion` split of both domains; everything is scored on the `test` split.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +31,9 @@ from jax_specens import fusion
 from jax_specens.builtin import data, evaluate
 from jax_specens.builtin import tokenizer as tokenizer_lib
 from jax_specens.ensemble import make_ensemble
-from jax_specens.fusion.train import TrainConfig, train_head, verifier_metrics, weights_metrics
+from jax_specens.fusion.learned import LearnedEnsemble, learned_ensemble
+from jax_specens.fusion.pipeline import FusionRecipe, train_fusion
+from jax_specens.fusion.train import TrainConfig
 from jax_specens.sampling import SamplingParams
 from jax_specens.step import Model
 
@@ -69,34 +73,26 @@ def domain_tokens(tokenizer, split: str, max_tokens: int | None = None
   return out
 
 
-def train_fusers(models: dict[str, Model], streams: dict[str, np.ndarray], settings: Settings
-                 ) -> tuple[dict, fusion.FusionHeadFn, dict]:
-  """Verifiers (rule, tree, learned) and a weights head for (code, prose), on `streams`.
+def train_fusers(models: dict[str, Model], streams: dict[str, np.ndarray], settings: Settings,
+                 out_dir) -> tuple[dict, LearnedEnsemble, dict]:
+  """Trains the tree, the verifier head and the weights head for (draft code, assistant prose)
+  on `streams` with `jax_specens.fusion.pipeline.train_fusion`, written to `out_dir`.
 
-  Returns (verifiers by name, weights head, training metrics).
+  Returns (verifiers by name, the learned ensemble function, the training metrics).
   """
-  pair = (models["code"], models["prose"])
   sequences = [w for d in data.DOMAINS
                for w in evaluate.windows(streams[d], settings.seq_len, settings.fusion_windows)]
-  harvest = fusion.harvest_tokens(pair, sequences, seq_len=settings.seq_len + 1,
-                                  batch_size=settings.batch_size, progress=settings.progress)
-  train, held = harvest.split(0.2, seed=0)
-  labelled = train.labelled()
-  tree = fusion.fit_tree(labelled.features, labelled.labels, max_depth=4)
-  head_cfg = dict(max_steps=settings.head_steps, eval_every=25)
-  verifier_head, vh = train_head(train, held, TrainConfig(kind="verifier", **head_cfg),
-                                 progress=settings.progress)
-  weights_head, wh = train_head(train, held, TrainConfig(kind="weights", **head_cfg),
-                                progress=settings.progress)
-  verifiers = {"rule": fusion.load_verifier("rule"), "tree": tree, "learned": verifier_head}
-  metrics = {"positions": len(harvest), "labelled": len(harvest.labelled()),
-             "verifiers_on_fusion_held_out": verifier_metrics(verifiers, held),
-             "weights_head_nll": weights_metrics(weights_head, held),
-             "verifier_head_steps": vh["steps"], "weights_head_steps": wh["steps"]}
-  return verifiers, weights_head, metrics
+  recipe = FusionRecipe(seq_len=settings.seq_len + 1, batch_size=settings.batch_size,
+                        train=TrainConfig(max_steps=settings.head_steps))
+  metrics = train_fusion((models["code"], models["prose"]), sequences, out_dir, recipe,
+                         overwrite=True, progress=settings.progress)
+  verifiers = {"rule": fusion.load_verifier("rule"),
+               "tree": fusion.load_verifier("tree", Path(out_dir) / "tree.json"),
+               "learned": fusion.load_verifier("learned", out_dir)}
+  return verifiers, learned_ensemble(out_dir), metrics
 
 
-def score_batch(models: tuple[Model, Model, Model], verifiers: dict, weights_head,
+def score_batch(models: tuple[Model, Model, Model], verifiers: dict, learned: LearnedEnsemble,
                 tokens: Int[Array, "B T1"]) -> tuple[Float[Array, "B T M"], Bool[Array, "B T M"]]:
   """NLL of the reference and whether the argmax is the reference, per method (METHODS order).
 
@@ -104,22 +100,20 @@ def score_batch(models: tuple[Model, Model, Model], verifiers: dict, weights_hea
   model's forward pass is compiled once per shape, whatever the verifiers.
   """
   logits = [evaluate.teacher_forced_logits(m, tokens[:, :-1]) for m in models]
-  return fuse(jnp.stack(logits), tokens[:, 1:], verifiers, weights_head)
+  return fuse(jnp.stack(logits), tokens[:, 1:], verifiers, learned)
 
 
 @jax.jit
-def fuse(logits: Float[Array, "3 B T V"], ref: Int[Array, "B T"], verifiers: dict, weights_head
-         ) -> tuple[Float[Array, "B T M"], Bool[Array, "B T M"]]:
+def fuse(logits: Float[Array, "3 B T V"], ref: Int[Array, "B T"], verifiers: dict,
+         learned: LearnedEnsemble) -> tuple[Float[Array, "B T M"], Bool[Array, "B T M"]]:
   """Every method's NLL of `ref` and hit, from the (code, prose, draft) logits."""
   b = ref.shape[0]
   logp = jax.nn.log_softmax(logits, axis=-1)
   dists = [logp[0], logp[1], logp[2]]
   pair = logits[:2]
   params = SamplingParams.make(b, 1.0)
-  for kind in ("wprob", "wlogit"):
+  for kind in ("wprob", "wlogit", learned):
     dists.append(make_ensemble(kind, 2).combine(pair, params))
-  lam = weights_head.weights(fusion.argmax_features([pair[0], pair[1]]))  # [B, T, 2]
-  dists.append(jax.nn.logsumexp(logp[:2] + jnp.log(jnp.moveaxis(lam, -1, 0))[..., None], axis=0))
   cands = [jnp.argmax(pair[0], -1), jnp.argmax(pair[1], -1)]
   feats = fusion.position_features([pair[0], pair[1]], cands)
   preds = [jnp.argmax(d, -1) for d in dists]
@@ -132,7 +126,7 @@ def fuse(logits: Float[Array, "3 B T V"], ref: Int[Array, "B T"], verifiers: dic
   return nll, correct
 
 
-def evaluate_methods(models: dict[str, Model], verifiers: dict, weights_head,
+def evaluate_methods(models: dict[str, Model], verifiers: dict, learned: LearnedEnsemble,
                      streams: dict[str, np.ndarray], settings: Settings) -> dict:
   """{group: {method: {"accuracy", "perplexity", "nll"}}, "positions": {group: n}}."""
   ordered = tuple(models[n] for n in SINGLE)
@@ -141,7 +135,7 @@ def evaluate_methods(models: dict[str, Model], verifiers: dict, weights_head,
     wins = evaluate.windows(streams[domain], settings.seq_len, settings.test_windows)
     nll_sum, hit_sum, count = np.zeros(len(METHODS)), np.zeros(len(METHODS)), 0
     for chunk, real in evaluate.padded_chunks(wins, settings.batch_size):
-      nll, hit = jax.device_get(score_batch(ordered, verifiers, weights_head, jnp.asarray(chunk)))
+      nll, hit = jax.device_get(score_batch(ordered, verifiers, learned, jnp.asarray(chunk)))
       nll_sum += nll[:real].reshape(-1, len(METHODS)).sum(0)
       hit_sum += hit[:real].reshape(-1, len(METHODS)).sum(0)
       count += real * settings.seq_len

@@ -13,7 +13,8 @@ next-token accuracy and perplexity of
 The tree and the two fusion heads are first trained on the separate `fusion` split. Writes
 OUT/eval_fusion.json, OUT/eval_fusion.md (the table), OUT/eval_fusion.png (needs matplotlib:
 `pip install 'jax_specens[plot]'`) and the trained verifiers (OUT/verifiers/: tree.json, head/,
-weights_head/ — usable with `decode(..., method="cosd", verifier="tree", verifier_path=...)`).
+weights_head/, metrics.json, as `jax-specens train-fusion` writes them — usable with
+`decode(..., method="cosd", verifier="tree", verifier_path=OUT/verifiers)`).
 """
 
 from __future__ import annotations
@@ -63,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
                        "--no-plot") from e
   from jax_specens.builtin import builtin_model, builtin_tokenizer
   from jax_specens.builtin import fusion_eval as fe
-  from jax_specens.fusion import save_head
 
   t0 = time.perf_counter()
   settings = fe.Settings(seq_len=args.seq_len, test_windows=args.test_windows,
@@ -75,14 +75,10 @@ def run(args: argparse.Namespace) -> int:
   need = lambda windows: windows * args.seq_len + 1
   fusion_streams = fe.domain_tokens(tok, "fusion", need(args.fusion_windows))
   test_streams = fe.domain_tokens(tok, "test", need(args.test_windows))
-  verifiers, weights_head, fusion_metrics = fe.train_fusers(models, fusion_streams, settings)
-  table = fe.evaluate_methods(models, verifiers, weights_head, test_streams, settings)
-
   out = Path(args.out)
-  (out / "verifiers").mkdir(parents=True, exist_ok=True)
-  verifiers["tree"].save(out / "verifiers" / "tree.json")
-  save_head(verifiers["learned"], out / "verifiers" / "head")
-  save_head(weights_head, out / "verifiers" / "weights_head")
+  verifiers, learned, fusion_metrics = fe.train_fusers(models, fusion_streams, settings,
+                                                       out / "verifiers")
+  table = fe.evaluate_methods(models, verifiers, learned, test_streams, settings)
   md = fe.markdown_table(table)
   best_single = min(table["mixed"][m]["perplexity"] for m in ("code", "prose"))
   best_fused = min(fe.ENSEMBLES + fe.COSD, key=lambda m: table["mixed"][m]["perplexity"])
