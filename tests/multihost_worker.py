@@ -50,10 +50,10 @@ def main(rank: int, port: int, model_dir: str, out: str) -> None:
   g_lengths = par.global_batch(lengths[rows], mesh)
   with jax.set_mesh(mesh):
     got = par.to_host(jax.jit(last_logits)(model, g_tokens, g_lengths))
-  # greedy decoding of the whole batch (par.decode's steps, in a fast-compiled jit)
-  placed, p, n, _ = par.place_for_decode(model, g_tokens, g_lengths, mesh)
-  with jax.set_mesh(mesh):
-    decoded = par.to_host(greedy(placed, p, n))
+  # greedy decoding of the whole batch; par.decode gathers the output onto every process
+  result = par.decode(model, g_tokens, g_lengths, mesh=mesh, method="ar", max_new_tokens=5,
+                   temperature=0.0)
+  decoded = result.tokens
 
   local = checkpoint.load_model(model_dir)  # whole model on this process's first device
   want = np.asarray(jax.jit(last_logits)(local, jnp.asarray(tokens), jnp.asarray(lengths)))
@@ -66,7 +66,7 @@ def main(rank: int, port: int, model_dir: str, out: str) -> None:
       "tokens_local_shards": [list(s.data.shape) for s in g_tokens.addressable_shards],
       "max_abs_diff": float(np.abs(got - want).max()),
       "argmax_equal": bool((got.argmax(-1) == want.argmax(-1)).all()),
-      "decoded": decoded.tolist(), "want_decoded": np.asarray(want_decoded).tolist(),
+      "decoded_is_numpy": isinstance(decoded, np.ndarray), "decoded": decoded.tolist(), "want_decoded": np.asarray(want_decoded).tolist(),
   }, open(out, "w"))
   jax.distributed.shutdown()
 

@@ -2,6 +2,8 @@
 
 One program per mesh runs every method (decode() inside a user's jit), compiled fast; the
 parameters and the KV caches of the decode loop state are checked to be really split.
+`jax_specens.parallel.decode` end to end: test_parallel_cli.py (generate --mesh) and the
+multi-host test.
 """
 
 import dataclasses
@@ -131,12 +133,6 @@ def test_greedy_decode_on_a_mesh_equals_one_device(models, batch, reference, dat
   for name in METHOD_NAMES:
     np.testing.assert_array_equal(got[name][0], reference[name][0], err_msg=name)
     np.testing.assert_array_equal(got[name][1], reference[name][1], err_msg=name)
-
-
-def test_decode_entry_point_places_and_runs(models, batch, reference):
-  out = par.decode(models[0], *batch, mesh=par.make_mesh(2, 4), method="ar", max_new_tokens=NEW,
-                   temperature=0.0)
-  np.testing.assert_array_equal(np.asarray(out.tokens), reference["ar"][0])
 
 
 def test_a_mesh_that_does_not_fit_is_rejected_before_tracing(models, batch):

@@ -61,5 +61,5 @@ def test_two_processes_share_one_mesh_and_match_a_single_device(tmp_path):
     assert r["tokens_local_shards"] == [[2, 6], [2, 6]]
     assert r["max_abs_diff"] < 2e-5 and r["argmax_equal"]
     # the whole batch decoded across both processes == decoded on one device
-    assert r["decoded"] == r["want_decoded"]
+    assert r["decoded_is_numpy"] and r["decoded"] == r["want_decoded"]
     assert len({tuple(row) for row in r["decoded"]}) == 4 and len(r["decoded"][0]) == 5

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from jax_specens.parallel.multihost import to_host
 from jax_specens.parallel.place import shard_batch, shard_model
 from jax_specens.parallel.rules import check_batch, make_plan
 from jax_specens.step import Model
@@ -69,12 +70,13 @@ def decode(models: Model | Sequence[Model], prompts, prompt_lengths, *, mesh: Me
   """`jax_specens.decode.decode` with every input placed on `mesh` (see `place_for_decode`).
 
   kwargs: everything `jax_specens.decode.decode` takes (method, max_new_tokens, gamma, sampling
-  parameters, ...). Returns its `DecodeOutput`; on several processes gather the tokens with
-  `jax_specens.parallel.to_host`.
+  parameters, ...). Returns its `DecodeOutput`; on several processes (`initialize`) its arrays are
+  gathered whole onto every process, as numpy.
   """
   from jax_specens.decode import decode as decode_on_device
   models, prompts, prompt_lengths, draft = place_for_decode(
       models, prompts, prompt_lengths, mesh, draft=draft, tensor_parallel=tensor_parallel,
       replicate_kv=replicate_kv)
   with jax.set_mesh(mesh):
-    return decode_on_device(models, prompts, prompt_lengths, draft=draft, **kwargs)
+    out = decode_on_device(models, prompts, prompt_lengths, draft=draft, **kwargs)
+  return to_host(out) if jax.process_count() > 1 else out
