@@ -21,6 +21,8 @@ BENCHMARKS = {
                  "bandwidth roofline, and tokens/s of every method at batch 1 and 16 (--small on "
                  "CPU)"),
     "compile": ("compile_bench", "compile time and number of compilations of decode() per method"),
+    "decode": ("decode_bench", "ar / sd / ensemble / se side by side on the same models: tokens/s, "
+               "ratios sd/ar and se/ensemble, model calls, acceptance"),
     "sharding": ("sharding_bench", "parameter and KV cache bytes per device on data x model "
                  "meshes (1x1 .. 1x8, 2x4, 8x1), and sharded greedy decode == one device"),
 }
