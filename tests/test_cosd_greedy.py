@@ -154,3 +154,22 @@ def test_cross_tokenizer_mode_with_one_tokenizer_matches_the_loop(grammar_models
   assert text.texts == [" " + tok.decode(row) for row in loop.to_lists()]
   assert sum(s.assistant_tokens for s in text.stats) == int(loop.stats.accepted[1])
   assert sum(s.windows for s in text.stats) == int(loop.stats.rounds)
+
+
+def test_cosd_bad_arguments_fail_before_tracing(grammar_models, tmp_path):
+  draft, assistant = grammar_models
+  call = lambda **kw: decode(assistant, PROMPTS, LENGTHS, method="cosd", max_new_tokens=4, **kw)
+  with pytest.raises(ValueError, match="needs a draft model"):
+    call()
+  with pytest.raises(ValueError, match="unknown verifier 'oracle'.*rule, tree, learned"):
+    call(draft=draft, verifier="oracle")
+  with pytest.raises(ValueError, match="needs a trained checkpoint"):
+    call(draft=draft, verifier="learned")
+  with pytest.raises(FileNotFoundError, match="no fusion head checkpoint"):
+    call(draft=draft, verifier="learned", verifier_path=tmp_path)
+  with pytest.raises(ValueError, match="alpha"):
+    call(draft=draft, alpha=-1.0)
+  with pytest.raises(ValueError, match="bonus must be True or False"):
+    call(draft=draft, bonus="yes")
+  with pytest.raises(ValueError, match="unknown options for method 'cosd': \\['window'\\]"):
+    call(draft=draft, window=3)
