@@ -11,6 +11,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer
 
 from jax_specens.cache import init_cache
+from jax_specens.checkpoint import save_model
+from jax_specens.cli.main import main
 from jax_specens.fusion import ConstantVerifier, RuleVerifier, cosd_text
 from jax_specens.step import create_model, forward
 from tests.fixtures_fusion import tiny_config
@@ -45,7 +47,9 @@ def pair(tmp_path_factory):
   tok_a = bpe_tokenizer(root / "a", CORPUS_B, 90)
   draft = create_model(tiny_config(vocab=len(tok_d), tie_embeddings=False), seed=3)
   assistant = create_model(tiny_config(vocab=len(tok_a), tie_embeddings=False), seed=4)
-  return draft, assistant, tok_d, tok_a
+  save_model(draft, root / "draft", tokenizer_dir=root / "d")
+  save_model(assistant, root / "assistant", tokenizer_dir=root / "a")
+  return draft, assistant, tok_d, tok_a, root
 
 
 @jax.jit
@@ -66,14 +70,14 @@ def greedy_text(model, tok, prompt):
 
 
 def test_the_tokenizers_differ(pair):
-  _, _, tok_d, tok_a = pair
+  _, _, tok_d, tok_a, _ = pair
   assert len(tok_d) != len(tok_a)
   assert tok_d.convert_ids_to_tokens(tok_d("the cat sat")["input_ids"]) != \
       tok_a.convert_ids_to_tokens(tok_a("the cat sat")["input_ids"])
 
 
 def test_cross_tokenizer_cosd_produces_valid_text(pair):
-  draft, assistant, tok_d, tok_a = pair
+  draft, assistant, tok_d, tok_a, _ = pair
   out = cosd_text(draft, assistant, tok_d, tok_a, PROMPTS, max_new_tokens=NEW, window=K,
                   temperature=0.0, verifier=RuleVerifier(jnp.float32(0.9), jnp.float32(0.5)))
   assert len(out.texts) == len(PROMPTS)
@@ -91,7 +95,7 @@ def test_cross_tokenizer_cosd_produces_valid_text(pair):
 
 
 def test_never_replacing_gives_the_drafts_own_text(pair):
-  draft, assistant, tok_d, tok_a = pair
+  draft, assistant, tok_d, tok_a, _ = pair
   out = cosd_text(draft, assistant, tok_d, tok_a, PROMPTS, max_new_tokens=NEW, window=K,
                   temperature=0.0, verifier=RuleVerifier(jnp.float32(0.0), jnp.float32(0.5)))
   assert out.texts == [greedy_text(draft, tok_d, p) for p in PROMPTS]
@@ -99,7 +103,7 @@ def test_never_replacing_gives_the_drafts_own_text(pair):
 
 
 def test_sampled_and_bonus_cross_cosd(pair):
-  draft, assistant, tok_d, tok_a = pair
+  draft, assistant, tok_d, tok_a, _ = pair
   kw = dict(max_new_tokens=NEW, window=K, temperature=1.0, verifier=ConstantVerifier(True))
   a = cosd_text(draft, assistant, tok_d, tok_a, PROMPTS[:1], key=jax.random.key(1), **kw)
   b = cosd_text(draft, assistant, tok_d, tok_a, PROMPTS[:1], key=jax.random.key(1), **kw)
@@ -111,7 +115,7 @@ def test_sampled_and_bonus_cross_cosd(pair):
 
 
 def test_cross_bad_inputs(pair):
-  draft, assistant, tok_d, tok_a = pair
+  draft, assistant, tok_d, tok_a, _ = pair
   with pytest.raises(ValueError, match="needs the assistant's Hugging Face tokenizer"):
     cosd_text(draft, assistant, tok_d, None, "the", max_new_tokens=4)
   with pytest.raises(ValueError, match=f"assistant's tokenizer has {len(tok_a)} tokens but its "
@@ -123,3 +127,16 @@ def test_cross_bad_inputs(pair):
     cosd_text(draft, assistant, tok_d, tok_a, "the", max_new_tokens=4, verifier="oracle")
   with pytest.raises(ValueError, match="window must be >= 1"):
     cosd_text(draft, assistant, tok_d, tok_a, "the", max_new_tokens=4, window=0)
+
+
+def test_generate_cli_switches_to_cross_tokenizer_mode(pair, capsys):
+  draft, _, tok_d, _, root = pair
+  args = ["generate", "--method", "cosd", "--draft", str(root / "draft"), "--model",
+          str(root / "assistant"), "--max-new-tokens", str(NEW), "--window", str(K),
+          "--temperature", "0", "--alpha", "0"]
+  assert main(args + ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--json"]) == 0
+  got = json.loads(capsys.readouterr().out)
+  assert got["texts"] == [greedy_text(draft, tok_d, p) for p in PROMPTS[:2]]
+  assert [s["replacements"] for s in got["stats"]] == [0, 0]
+  assert main(args + ["--prompt-ids", "1,2"]) == 2
+  assert "different tokenizers: give text with --prompt" in capsys.readouterr().err
