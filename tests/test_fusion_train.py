@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_specens.fusion import (FusionHeadFn, HeadConfig, TreeVerifier, feature_names, fit_tree,
-                                harvest_texts, harvest_tokens, init_head, load_head, load_verifier,
-                                save_head)
+from jax_specens.fusion import (HeadConfig, feature_names, fit_tree, harvest_texts, harvest_tokens,
+                                init_head, load_verifier, save_head)
 from jax_specens.fusion import features as F
 from jax_specens.fusion.harvest import Harvest, windows
 from jax_specens.fusion.train import TrainConfig, train_head, verifier_metrics, weights_metrics

@@ -28,7 +28,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jax_specens.fusion import features as F
-from jax_specens.fusion.harvest import IGNORE, Harvest
+from jax_specens.fusion.harvest import Harvest
 from jax_specens.fusion.head import FusionHead, FusionHeadFn, HeadConfig, Stat
 
 
