@@ -1,15 +1,15 @@
 """Built-in models shipped inside the package, trained here on real text (see `train.py`).
 
-- "code":  a code specialist (Llama architecture, 4 layers, hidden 192), Python standard-library code;
+- "code":  a code specialist (Llama architecture, 4 layers, hidden 128), Python standard-library code;
 - "prose": a prose specialist of the same size, English text shipped with Python;
-- "draft": a small general model (2 layers, hidden 128) trained on both.
+- "draft": a small general model (2 layers, hidden 96) trained on both.
 
 All three share one byte-level BPE tokenizer (4096 tokens) and are stored in our checkpoint format
 (bf16), so everything that takes a converted Hugging Face model takes them too:
 
     model = builtin_model("code")                # a jax_specens.Model
     tok = builtin_tokenizer()                    # a transformers tokenizer
-    jax-specens generate --model $(python -c "import jax_specens.builtin as b; print(b.builtin_dir('code'))") ...
+    jax-specens generate --model "$(python -c 'import jax_specens.builtin as b; print(b.builtin_dir("code"))')" ...
 """
 
 from __future__ import annotations

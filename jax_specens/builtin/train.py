@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -116,6 +117,14 @@ def optimizer(recipe: Recipe) -> optax.GradientTransformation:
                   mask=decay_matrices)))(learning_rate=recipe.learning_rate)
 
 
+@functools.partial(jax.jit, static_argnames="recipe", donate_argnames=("model", "opt_state"))
+def update(model: Model, opt_state, batch: jax.Array, recipe: Recipe):
+  """One AdamW step on `batch` (compiled once per recipe; the learning rate is in `opt_state`)."""
+  loss, grads = jax.value_and_grad(loss_fn)(model, batch)
+  updates, opt_state = optimizer(recipe).update(grads, opt_state, model)
+  return optax.apply_updates(model, updates), opt_state, loss
+
+
 def train_model(recipe: Recipe, streams: dict[str, np.ndarray], vocab_size: int, eot: int,
                 desc: str = "train", progress: bool = True, seconds: float | None = None
                 ) -> tuple[Model, list[float], int]:
@@ -133,24 +142,19 @@ def train_model(recipe: Recipe, streams: dict[str, np.ndarray], vocab_size: int,
   opt = optimizer(recipe)
   opt_state = opt.init(model)
 
-  @jax.jit
-  def update(model, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(model, batch)
-    updates, opt_state = opt.update(grads, opt_state, model)
-    return optax.apply_updates(model, updates), opt_state, loss
-
   rng = np.random.default_rng(recipe.seed)
   losses = []
   bar = tqdm(range(recipe.steps), desc=desc, disable=not progress, mininterval=2.0)
   start = time.time()
   for i in bar:
     frac = i / recipe.steps
-    if seconds is not None:
+    if seconds is not None and i > 0:  # always at least one step
       frac = max(frac, (time.time() - start) / seconds)
       if frac >= 1.0:
         break
     opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate(recipe, i, frac))
-    model, opt_state, loss = update(model, opt_state, jnp.asarray(sample_batch(rng, streams, recipe)))
+    batch = jnp.asarray(sample_batch(rng, streams, recipe))
+    model, opt_state, loss = update(model, opt_state, batch, recipe)
     if i % 10 == 0 or i == recipe.steps - 1:
       losses.append(float(loss))
       bar.set_postfix(loss=f"{losses[-1]:.3f}")
