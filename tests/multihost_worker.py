@@ -66,7 +66,8 @@ def main(rank: int, port: int, model_dir: str, out: str) -> None:
       "tokens_local_shards": [list(s.data.shape) for s in g_tokens.addressable_shards],
       "max_abs_diff": float(np.abs(got - want).max()),
       "argmax_equal": bool((got.argmax(-1) == want.argmax(-1)).all()),
-      "decoded_is_numpy": isinstance(decoded, np.ndarray), "decoded": decoded.tolist(), "want_decoded": np.asarray(want_decoded).tolist(),
+      "decoded_is_numpy": isinstance(decoded, np.ndarray), "decoded": decoded.tolist(),
+      "want_decoded": np.asarray(want_decoded).tolist(),
   }, open(out, "w"))
   jax.distributed.shutdown()
 

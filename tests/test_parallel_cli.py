@@ -1,5 +1,6 @@
-"""`jax-specens generate --mesh data=D,model=M`: the sharded CLI decodes the single-device tokens, and
-a mesh that does not fit the batch or the heads is refused (exit 2) before any weight is read."""
+"""`jax-specens generate --mesh data=D,model=M`: the sharded CLI decodes the single-device tokens,
+and a mesh that does not fit the batch or the heads is refused (exit 2) before any weight is
+read."""
 
 import json
 
@@ -52,3 +53,12 @@ def test_a_mesh_that_does_not_fit_exits_2_naming_the_axis(model_dir, capsys, mes
   code, out, err = generate(capsys, model_dir[0], "--mesh", mesh)
   assert code == 2 and out == ""
   assert message in err
+
+
+def test_single_device_modes_refuse_a_mesh():
+  import argparse
+
+  from jax_specens.cli import mesh_args
+  with pytest.raises(ValueError, match="--mesh is not supported for cosd across two tokenizers"):
+    mesh_args.refuse(argparse.Namespace(mesh="data=2"), "cosd across two tokenizers")
+  mesh_args.refuse(argparse.Namespace(mesh=None), "cosd across two tokenizers")

@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
   if args.max_new_tokens < 1:
     raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
   if fusion_args.cross_tokenizer(args, method):
+    mesh_args.refuse(args, "cosd across two tokenizers (it runs window by window from Python)")
     return fusion_args.run_cross(args)
   dirs = ([args.draft] if args.draft else []) + args.model
   configs = [read_config(d) for d in dirs]  # fails fast on a wrong directory

@@ -39,6 +39,12 @@ def mesh_from_args(args: argparse.Namespace, named_configs, batch_size: int):
   return mesh
 
 
+def refuse(args: argparse.Namespace, what: str) -> None:
+  """ValueError when `--mesh` was given to a mode that runs on one device only."""
+  if getattr(args, "mesh", None) is not None:
+    raise ValueError(f"--mesh is not supported for {what}; drop --mesh")
+
+
 def decode_fn(mesh, decode):
   """`decode` (`jax_specens.decode.decode`) without a mesh, else `jax_specens.parallel.decode`
   bound to `mesh`."""

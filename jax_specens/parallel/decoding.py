@@ -6,9 +6,9 @@
 
 The decoding code has no device-specific code: the models' parameters and the prompts carry
 `NamedSharding`s (the partition rules of `rules.py`) and the generation loop is traced with the mesh
-set (`jax.set_mesh`), so XLA's partitioner splits every model call (heads and MLP columns on `model`,
-batch rows on `data`) and keeps the KV caches split the same way through the loop. The greedy tokens
-are the single-device tokens.
+set (`jax.set_mesh`), so XLA's partitioner splits every model call (heads and MLP columns on
+`model`, batch rows on `data`) and keeps the KV caches split the same way through the loop. The
+greedy tokens are the single-device tokens.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Device meshes with two named axes: `data` (batch rows) and `model` (attention heads, MLP columns).
+"""Device meshes with two named axes: `data` (batch rows) and `model` (heads, MLP columns).
 
 Both axes are `AxisType.Auto`: the parameters, the cache and the prompts carry `NamedSharding`s and
 XLA's partitioner inserts the collectives, so the decoding code itself has no device-specific code.

@@ -23,8 +23,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                process_id: int | None = None, **kwargs) -> None:
   """`jax.distributed.initialize`, called once per process before any other JAX call.
 
-  Must come before anything touches a device. On CPU the cross-process collectives use gloo. Arguments may be omitted where JAX detects the
-  cluster (TPU pods, SLURM, Open MPI); kwargs are passed on (e.g. `local_device_ids`).
+  Must come before anything touches a device. On CPU the cross-process collectives use gloo.
+  Arguments may be omitted where JAX detects the cluster (TPU pods, SLURM, Open MPI); kwargs are
+  passed on (e.g. `local_device_ids`).
   """
   if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -11,8 +11,8 @@ Every parameter path gets *logical* axis names (`heads`, `kv_heads`, `mlp`, `voc
     KV cache [B, S, Hkv, Dh]     batch on `data`, kv heads on `model`
     per-row decode state [B..]   batch on `data`
 
-Query heads must divide the `model` axis and the batch the `data` axis (a clear error names the
-axis and the numbers). KV heads that do not divide it (e.g. MQA's single KV head) are replicated over
+Query heads must divide the `model` axis and the batch the `data` axis (a clear error names the axis
+and the numbers). KV heads that do not divide it (e.g. MQA's single KV head) are replicated over
 `model` (K/V projections and the cache), unless `replicate_kv=False` asks for an error; so are an
 MLP width or vocab that do not divide it.
 """
