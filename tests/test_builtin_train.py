@@ -1,4 +1,4 @@
-"""Training of the built-in models: the schedule, the time budget, and that a model really learns."""
+"""Training the built-in models: the schedule, the time budget, and that a model really learns."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,8 @@ TINY = train.Recipe(("code",), hidden_size=32, num_layers=1, num_heads=2, interm
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
   lr = [train.learning_rate(TINY, i, i / TINY.steps) for i in range(TINY.steps)]
-  assert lr[0] == pytest.approx(TINY.learning_rate / 4) and lr[3] == pytest.approx(TINY.learning_rate)
+  assert lr[0] == pytest.approx(TINY.learning_rate / 4)
+  assert lr[3] == pytest.approx(TINY.learning_rate)
   assert all(a >= b for a, b in zip(lr[4:], lr[5:]))
   assert train.learning_rate(TINY, 100, 1.0) == pytest.approx(TINY.learning_rate * 0.1)
   # progress (elapsed time) drives the decay, whatever the step
@@ -24,7 +25,8 @@ def test_a_tiny_model_learns_a_repeating_stream_and_the_time_budget_stops_it():
   streams = {"code": np.tile(pattern, 200).astype(np.int32)}
   model, losses, steps = train.train_model(TINY, streams, vocab_size=64, eot=0, progress=False)
   assert steps == TINY.steps and model.config.vocab_size == 64
-  assert losses[0] > 3.5 and losses[-1] < 1.0, losses  # ln 64 = 4.16 at init; the pattern is learned
+  # ln 64 = 4.16 at init; the repeating pattern is learned
+  assert losses[0] > 3.5 and losses[-1] < 1.0, losses
   _, losses, steps = train.train_model(TINY, streams, vocab_size=64, eot=0, progress=False,
                                        seconds=1e-6)
   assert steps == 1 and len(losses) == 1

@@ -163,7 +163,8 @@ def train_model(recipe: Recipe, streams: dict[str, np.ndarray], vocab_size: int,
 
 
 def to_bfloat16(model: Model) -> Model:
-  return model.replace(params=jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), model.params))
+  cast = lambda x: x.astype(jnp.bfloat16)
+  return model.replace(params=jax.tree_util.tree_map(cast, model.params))
 
 
 def token_streams(tok, split: str) -> dict[str, np.ndarray]:
