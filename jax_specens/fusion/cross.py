@@ -132,6 +132,17 @@ class _Side:
     eos = getattr(tokenizer, "eos_token_id", None)
     self.stop = set(model.config.eos_token_ids) | ({eos} if eos is not None else set())
 
+  def padded(self, ids: Sequence[int], extra: int = 0):
+    """`ids` right-padded to its length bucket `[1, L]`; ValueError when the model cannot
+    address L + extra positions (learned position embeddings)."""
+    width = _bucket(len(ids))
+    cfg = self.model.config
+    if cfg.positions == "learned" and width + extra > cfg.max_position_embeddings:
+      raise ValueError(f"the {self.name} has learned positions for {cfg.max_position_embeddings}"
+                       f" tokens but the text needs {width + extra}; shorten the prompt or "
+                       "max_new_tokens")
+    return _pad(ids, width)
+
   def encode(self, text: str) -> list[int]:
     return list(self.tok(text, add_special_tokens=True)["input_ids"])
 
@@ -194,7 +205,7 @@ def _one_prompt(d: _Side, a: _Side, verify, prompt: str, key, params, max_new: i
   while emitted < max_new:
     st.windows += 1
     key, k_draft, k_assist = jax.random.split(key, 3)
-    toks, d_logits = _draft_window(d.model, _pad(ids, _bucket(len(ids))), jnp.asarray([len(ids)]),
+    toks, d_logits = _draft_window(d.model, d.padded(ids, k), jnp.asarray([len(ids)]),
                                    k_draft, params, k)
     st.draft_calls += k
     drafts = np.asarray(toks).tolist()
@@ -202,7 +213,7 @@ def _one_prompt(d: _Side, a: _Side, verify, prompt: str, key, params, max_new: i
     # text before each draft token j (t[0] = the committed text) and after the window
     t = [d.decode(ids + drafts[:j]) for j in range(k + 1)]
     a_ids = a.encode(t[k])
-    a_logits = np.asarray(_score(a.model, _pad(a_ids, _bucket(len(a_ids)))))[:len(a_ids)]
+    a_logits = np.asarray(_score(a.model, a.padded(a_ids)))[:len(a_ids)]
     st.assistant_calls += 1
     a_bound = a.boundaries(a_ids, min_len=len(t[0]))
     # verifiable positions j: the assistant token i starting at the boundary before draft token j
