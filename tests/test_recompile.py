@@ -20,7 +20,7 @@ def compiled_programs() -> int:
 def test_new_prompts_and_sampling_params_do_not_recompile():
   ms = models()[:2]
   static = dict(method="se", gamma=1, max_new_tokens=N)  # as in test_decode_greedy
-  decode(ms, PROMPTS, LENGTHS, temperature=0.0, stop_ids=[[-1]] * 3, **static)
+  decode(ms, PROMPTS, LENGTHS, temperature=0.0, **static)
   before = compiled_programs()
   rng = np.random.default_rng(0)
   outs = []
@@ -28,14 +28,23 @@ def test_new_prompts_and_sampling_params_do_not_recompile():
     prompts = rng.integers(0, 64, PROMPTS.shape).astype(np.int32)
     lengths = rng.integers(1, PROMPTS.shape[1] + 1, (3,)).astype(np.int32)
     out = decode(ms, prompts, lengths, temperature=[0.0, 0.7, 1.3][i:] + [1.0] * i,
-                 top_k=5 * i, top_p=1.0 - 0.1 * i, min_p=0.05 * i, weights=(0.2 + 0.3 * i,
-                                                                          0.8 - 0.3 * i),
-                 stop_ids=[[i], [7], [-1]], key=jax.random.key(i), **static)
+                 top_k=5 * i, top_p=1.0 - 0.1 * i, min_p=0.05 * i,
+                 weights=(0.2 + 0.3 * i, 0.8 - 0.3 * i), key=jax.random.key(i), **static)
     outs.append(out.to_lists())
   assert compiled_programs() == before
   assert outs[0] != outs[1] != outs[2]  # the new values did take effect
-  # a new static value does compile a new program (the counter sees it)
-  decode(ms, PROMPTS, LENGTHS, temperature=0.0, stop_ids=[[-1]] * 3, **dict(static, gamma=2))
+
+
+def test_new_stop_ids_do_not_recompile_but_new_shapes_do():
+  a = models()[0]
+  kw = dict(method="ar", max_new_tokens=N, temperature=0.0)
+  before = compiled_programs()
+  free = decode(a, PROMPTS, LENGTHS, stop_ids=[[-1]] * 3, **kw)  # a new [B, 1] shape: compiles
+  assert compiled_programs() == before + 1
+  for i in range(3):
+    stops = [[free.to_lists()[0][i]], [-1], [i]]
+    out = decode(a, PROMPTS, LENGTHS, stop_ids=stops, **kw)
+    assert out.finish_reasons()[0] == "stop"
   assert compiled_programs() == before + 1
 
 
