@@ -4,8 +4,9 @@
 
 Random weights give meaningless acceptance, so the models are built to agree the way real ones do:
 - target: a random Llama-shaped model (weights scaled by --scale so its distributions are peaked);
-- draft (sd): the target's first --draft-layers layers with the same embeddings and head (a cheap
-  model that agrees with the target on most tokens);
+- draft (sd): the target's first --draft-layers layers with the same embeddings and head; the
+  target's deeper layers have their output projections scaled by --refine, so they refine the
+  shallow model's predictions instead of replacing them (the draft agrees on most tokens);
 - ensemble members (ensemble, se): the target and a "fine-tune" of it, the target with Gaussian
   noise of relative size --noise added to every weight.
 Every method decodes the same prompts with the same settings; the first call (compile) is timed
@@ -36,9 +37,15 @@ def build_models(args):
   target = create_model(cfg, seed=0)
   target = target.replace(params=jax.tree_util.tree_map(
       lambda x: x * args.scale if x.ndim >= 2 else x, target.params))
+  # the target's deeper layers refine its first ones: their output projections are scaled down
+  full = nnx.to_pure_dict(target.params)
+  for i in range(args.draft_layers, args.layers):
+    for block, name in (("attn", "o"), ("mlp", "down")):
+      w = full["layers"][i][block][name]
+      w["kernel"] = w["kernel"] * args.refine
+  nnx.replace_by_pure_dict(target.params, full)
   # draft: the first layers of the target
   draft = create_model(dataclasses.replace(cfg, num_layers=args.draft_layers), seed=1)
-  full = nnx.to_pure_dict(target.params)
   small = nnx.to_pure_dict(draft.params)
   small = dict(full, layers={i: full["layers"][i] for i in range(args.draft_layers)})
   nnx.replace_by_pure_dict(draft.params, small)
@@ -63,7 +70,9 @@ def main(argv=None) -> int:
   p.add_argument("--layers", type=int, default=8, help="target layers")
   p.add_argument("--draft-layers", type=int, default=1, help="layers kept in the draft")
   p.add_argument("--scale", type=float, default=4.0, help="target weight scale (peakedness)")
-  p.add_argument("--noise", type=float, default=0.3,
+  p.add_argument("--refine", type=float, default=0.05,
+                 help="scale of the deeper target layers' output projections")
+  p.add_argument("--noise", type=float, default=0.02,
                  help="relative noise of the second ensemble member")
   args = p.parse_args(argv)
   if args.small:
