@@ -145,14 +145,17 @@ def bar_plot(path: str | os.PathLike, groups: Sequence[str], series: dict[str, S
 
 
 def line_plot(path: str | os.PathLike, x: Sequence[float], series: dict[str, Sequence[float]],
-              xlabel: str, ylabel: str, title: str) -> Path | None:
-  """One line per series over `x`. Returns the PNG path (None without matplotlib)."""
+              xlabel: str, ylabel: str, title: str, styles: dict[str, dict] | None = None
+              ) -> Path | None:
+  """One line per series over `x` (`styles[name]`: extra `plot` kwargs, e.g. color, linestyle).
+  Returns the PNG path (None without matplotlib)."""
   plt = _pyplot()
   if plt is None:
     return None
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, ys in series.items():
-    ax.plot(x, ys, marker="o", label=name)
+    ax.plot(x, ys, marker="o", label=name, **(styles or {}).get(name, {}))
+  ax.set_xticks(list(x))
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title)

@@ -119,13 +119,16 @@ def main(argv=None) -> int:
                 temperature=args.temperature, gammas=gammas, lambdas=lambdas,
                 step_s={"M_q": cost_q, "M_p": cost_p}, repeats=args.repeats)
   path = common.write_results(args.out, "se_sweep", config, rows)
-  series = {}
-  for lam in lambdas:
+  series, styles = {}, {}
+  for i, lam in enumerate(lambdas):
     sel = [r for r in rows if r["lambda"] == lam]
     series[f"measured, lambda={lam}"] = [r["speedup"] for r in sel]
     series[f"theory, lambda={lam}"] = [r["theory"] for r in sel]
+    styles[f"measured, lambda={lam}"] = dict(color=f"C{i}")
+    styles[f"theory, lambda={lam}"] = dict(color=f"C{i}", linestyle="--", alpha=0.6)
   common.line_plot(args.out / "se_sweep.png", gammas, series, "gamma",
-                   "speed-up over the plain ensemble", "Speculative Ensemble vs ensemble")
+                   "speed-up over the plain ensemble", f"Speculative Ensemble vs ensemble\n{what}",
+                   styles)
   cols = ["lambda", "gamma", "alpha", "mean_accepted", "c", "speedup", "theory"]
   print(f"\n{common.table(rows, cols)}\n\nwrote {path} and se_sweep.png")
   return 0
