@@ -16,7 +16,7 @@ CELL_TIMEOUT_S = 600
 
 def test_there_are_notebooks():
   names = {p.stem for p in NOTEBOOKS}
-  assert {"quickstart", "speculative_ensemble", "sharding"} <= names
+  assert {"quickstart", "speculative_ensemble", "sharding", "fusion_finetune"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
