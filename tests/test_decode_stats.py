@@ -64,3 +64,24 @@ def test_stop_ids_per_row_and_finish_reasons():
   np.testing.assert_array_equal(np.asarray(out.tokens)[1, 1:], 0)  # past the length: zeros
   d = out.to_dict()
   assert d["lengths"] == [first0, 1, N] and d["stats"]["wall_time_s"] > 0
+
+
+def test_stop_inside_a_speculated_window():
+  """A stop id among several accepted tokens ends the row there: sd == ar and se == ensemble with
+  the same stop ids (the tokens accepted after it are dropped)."""
+  ms = models()[:2]
+  greedy = dict(max_new_tokens=N, temperature=0.0)
+  free = decode(ms[0], PROMPTS, LENGTHS, method="ar", **greedy).to_lists()
+  stops = [[free[0][4]], [free[1][1]], [-1]]
+  ar = decode(ms[0], PROMPTS, LENGTHS, method="ar", stop_ids=stops, **greedy)
+  sd = decode(ms[0], PROMPTS, LENGTHS, method="sd", draft=ms[1], gamma=3, stop_ids=stops,
+              **greedy)
+  assert sd.to_lists() == ar.to_lists()
+  assert sd.finish_reasons() == ar.finish_reasons() == ["stop", "stop", "length"]
+  free = decode(ms, PROMPTS, LENGTHS, method="ensemble", **greedy).to_lists()
+  stops = [[free[0][2]], [free[1][5]], [-1]]
+  ens = decode(ms, PROMPTS, LENGTHS, method="ensemble", stop_ids=stops, **greedy)
+  se = decode(ms, PROMPTS, LENGTHS, method="se", gamma=1, stop_ids=stops, **greedy)
+  assert se.to_lists() == ens.to_lists()
+  assert se.finish_reasons() == ens.finish_reasons()
+  assert ens.finish_reasons()[0] == "stop"
