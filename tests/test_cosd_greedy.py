@@ -118,6 +118,7 @@ def test_greedy_cosd_matches_the_reference_row_by_row(grammar_models, bonus):
   assert 0 < sum(r > 0 for r in replaced) < len(PROMPTS)
   st = out.stats
   assert int(st.accepted.sum()) == int(out.lengths.sum()) == NEW * len(PROMPTS)
+  assert int(st.rejections) == sum(replaced)  # windows with a replacement
   if not bonus:  # then every assistant token is a replacement
     assert int(st.accepted[1]) == sum(replaced)
   assert int(st.model_calls[0]) == K * int(st.steps)  # K draft passes per window

@@ -18,7 +18,8 @@ slot that is overwritten before it is ever read).
 
 Stats: model_calls = (draft passes, assistant passes); proposed[0]/accepted[0] = drafted / emitted
 draft tokens; proposed[1] = accepted[1] = tokens emitted from the assistant (replacements and
-bonus tokens); rounds = windows (row-events). `CosdState.replacements` counts replaced windows.
+bonus tokens); rounds = windows and rejections = windows with a replacement (row-events; per row
+in `CosdState.replacements`).
 """
 
 from __future__ import annotations
@@ -124,9 +125,10 @@ def step(models, req: Request, cfg: Config, state: LoopState) -> LoopState:
       proposed=st.proposed + jnp.stack([jnp.sum(jnp.where(act, k, 0)), jnp.sum(from_assistant)]),
       accepted=st.accepted + jnp.stack([jnp.sum(from_draft), jnp.sum(from_assistant)]),
       rounds=st.rounds + jnp.sum(act))
+  did_replace = (act & replaced & (emitted > first)).astype(jnp.int32)
+  st = st.replace(rejections=st.rejections + jnp.sum(did_replace))
   ex = state.extra
-  return state.replace(stats=st, extra=ex.replace(
-      replacements=ex.replacements + (act & replaced & (emitted > first)).astype(jnp.int32)))
+  return state.replace(stats=st, extra=ex.replace(replacements=ex.replacements + did_replace))
 
 
 def prepare(models, options: dict):

@@ -21,6 +21,8 @@ class DecodeStats:
   accepted: `[N]` of those, the accepted ones.
   rounds: verifications that checked at least one token (row-events): mean accepted length is
     `accepted / rounds`.
+  rejections: rounds that ended by replacing a proposal (row-events): sd / se, a rejected token
+    replaced by a residual draw; cosd, a window in which the assistant replaced a draft token.
   steps: iterations of the decode loop.
   """
 
@@ -29,11 +31,13 @@ class DecodeStats:
   accepted: Int[Array, "N"]
   rounds: Int[Array, ""]
   steps: Int[Array, ""]
+  rejections: Int[Array, ""]
 
   @classmethod
   def zeros(cls, num_models: int) -> "DecodeStats":
     z = jnp.zeros((num_models,), jnp.int32)
-    return cls(model_calls=z, proposed=z, accepted=z, rounds=jnp.int32(0), steps=jnp.int32(0))
+    return cls(model_calls=z, proposed=z, accepted=z, rounds=jnp.int32(0), steps=jnp.int32(0),
+               rejections=jnp.int32(0))
 
   @property
   def acceptance_rate(self) -> float:
@@ -54,6 +58,8 @@ class DecodeStats:
         "acceptance_rate": None if np.isnan(rate) else rate,
         "mean_accepted_length": (None if np.isnan(self.mean_accepted_length)
                                  else self.mean_accepted_length),
+        "rounds": int(self.rounds),
+        "rejections": int(self.rejections),
         "steps": int(self.steps),
     }
 
