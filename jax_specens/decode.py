@@ -158,8 +158,10 @@ def prepare(models, prompts, prompt_lengths, *, method: str = "ar", max_new_toke
   vocabs = [x.config.vocab_size for x in ordered]
   if len(set(vocabs)) > 1:
     raise ValueError(f"the models have different vocabulary sizes {vocabs}; ensembles and "
-                     "speculation need one shared vocabulary (same tokenizer); for models with "
-                     "different tokenizers use method='cosd'")
+                     "speculation need one shared vocabulary (same tokenizer); for two models with "
+                     "different tokenizers use cross-tokenizer CoSD: "
+                     "jax_specens.fusion.cosd_text(draft, assistant, draft_tokenizer, "
+                     "assistant_tokenizer, prompts, ...) or `jax-specens generate --method cosd`")
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or (
       max_new_tokens < 1):
     raise ValueError(f"max_new_tokens must be a positive int (it is static), got "

@@ -27,7 +27,7 @@ def b():
 
 CASES = {
     "vocab": (lambda: decode([a(), models(vocab=8)[0]], PROMPTS % 8, LENGTHS, method="se",
-                             max_new_tokens=4), "different vocabulary sizes"),
+                             max_new_tokens=4), "use cross-tokenizer CoSD: jax_specens.fusion.cosd_text"),
     "gamma0": (lambda: decode([a(), b()], PROMPTS, LENGTHS, method="se", gamma=0,
                               max_new_tokens=4), "gamma must be >= 1"),
     "gamma_count": (lambda: decode([a(), b()], PROMPTS, LENGTHS, method="se", gamma=(1, 2, 3),
