@@ -59,20 +59,3 @@ def _first_rejection(key, ok: Bool[Array, "B G"], logq, logr, num_valid) -> Verd
   q_at = jnp.take_along_axis(logq, at, axis=1)[:, 0]
   return Verdict(num_accepted=num_accepted, rejected=rejected,
                  token=sample(key, residual(r_at, q_at)))
-
-
-def verify_accept_all(key, tokens, logq, logr, num_valid) -> Verdict:
-  """A deliberately WRONG rule (accepts every proposal): the output then follows q, not r.
-  Exists so tests can show that the distribution tests detect a broken acceptance rule."""
-  ok = jnp.ones(tokens.shape, bool)
-  return _first_rejection(key, ok, logq, logr, num_valid)
-
-
-def verify_resample_from_target(key, tokens, logq, logr, num_valid) -> Verdict:
-  """A deliberately WRONG rule: correct acceptance test, but the replacement is drawn from r
-  instead of the residual, which over-weights tokens q already favours."""
-  v = verify(key, tokens, logq, logr, num_valid)
-  g = tokens.shape[1]
-  at = jnp.minimum(v.num_accepted, g - 1)[:, None, None]
-  r_at = jnp.take_along_axis(logr, at, axis=1)[:, 0]
-  return v.replace(token=sample(jax.random.fold_in(key, 7), r_at))

@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 from jax_specens import acceptance
+from tests import wrong_rules
 
 Q = np.array([0.4, 0.3, 0.1, 0.1, 0.05, 0.05])
 R = np.array([0.1, 0.2, 0.3, 0.1, 0.25, 0.05])
@@ -43,8 +44,8 @@ def test_lossless_rule_emits_r_with_rate_one_minus_tv():
   assert rate == pytest.approx(1 - 0.5 * np.abs(Q - R).sum(), abs=0.01)
 
 
-@pytest.mark.parametrize("rule", [acceptance.verify_accept_all,
-                                  acceptance.verify_resample_from_target])
+@pytest.mark.parametrize("rule", [wrong_rules.verify_accept_all,
+                                  wrong_rules.verify_resample_from_target])
 def test_wrong_rules_fail(rule):
   tokens, _ = emitted(rule)
   assert pvalue(tokens, R) < 1e-6

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jax_specens import acceptance
 from jax_specens.decode import decode
+from tests import wrong_rules
 from tests.decode_models import _combine, _last_logits, models
 
 V = 8
@@ -104,8 +104,8 @@ def test_se_follows_ensemble(kind, n, gamma, kw):
   assert chi2_pvalue(samples, exact_joint(ms, kind, kw.get("weights"), kw.get("mu", 0.1))) > 1e-3
 
 
-@pytest.mark.parametrize("rule", [acceptance.verify_accept_all,
-                                  acceptance.verify_resample_from_target])
+@pytest.mark.parametrize("rule", [wrong_rules.verify_accept_all,
+                                  wrong_rules.verify_resample_from_target])
 def test_wrong_acceptance_rule_fails_the_same_test(rule):
   ms = vocab8()[:2]
   kw = dict(weights=(0.3, 0.7))
