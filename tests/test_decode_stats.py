@@ -21,6 +21,7 @@ def test_identical_models_accept_every_proposal():
   assert int(np.sum(st.proposed)) > 0
   np.testing.assert_array_equal(st.accepted, st.proposed)
   assert out.stats.acceptance_rate == 1.0
+  assert int(st.rejections) == 0
   # every pass verifies the other model's proposal and proposes one: ~N/2 calls per model
   assert max(np.asarray(st.model_calls)) <= N // 2 + 1
   np.testing.assert_array_equal(out.lengths, N)
@@ -48,6 +49,10 @@ def test_se_gamma1_never_more_calls_than_ensemble(n, kind, temperature):
   np.testing.assert_array_equal(se.lengths, N)
   # every scoring pass emits a token per row: at worst (all rejected) one call per model per token
   assert np.all(np.asarray(se.stats.model_calls) <= np.asarray(ens.stats.model_calls))
+  # proposals are lost only through rejections, and each rejection loses at least the rejected one
+  lost = int(np.sum(se.stats.proposed) - np.sum(se.stats.accepted))
+  assert (int(se.stats.rejections) > 0) == (lost > 0)
+  assert int(se.stats.rejections) <= min(lost, int(se.stats.rounds))
 
 
 def test_stop_ids_per_row_and_finish_reasons():

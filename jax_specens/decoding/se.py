@@ -151,6 +151,8 @@ def _count(state, cfg, c, m, a, rej, num_valid, counted, n) -> LoopState:
       accepted=st.accepted + jnp.sum(onehot * accepted[..., None], axis=(0, 1)),
       rounds=st.rounds + jnp.sum((num_valid > 0) & jnp.any(weight[src] * (j < num_valid[:, None]),
                                                            axis=1)))
+  rejected_src = jnp.take_along_axis(src, jnp.minimum(a, span - 1)[:, None], axis=1)[:, 0]
+  st = st.replace(rejections=st.rejections + jnp.sum(rej & (weight[rejected_src] > 0)))
   return state.replace(stats=st)
 
 
