@@ -39,10 +39,11 @@ def test_new_stop_ids_do_not_recompile_but_new_shapes_do():
   a = models()[0]
   kw = dict(method="ar", max_new_tokens=N, temperature=0.0)
   before = compiled_programs()
-  free = decode(a, PROMPTS, LENGTHS, stop_ids=[[-1]] * 3, **kw)  # a new [B, 1] shape: compiles
+  # a [B, 3] stop-id shape no other test uses: this first call must compile
+  free = decode(a, PROMPTS, LENGTHS, stop_ids=[[-1, -1, -1]] * 3, **kw)
   assert compiled_programs() == before + 1
   for i in range(3):
-    stops = [[free.to_lists()[0][i]], [-1], [i]]
+    stops = [[free.to_lists()[0][i], -1, -1], [-1, -1, -1], [i, -1, i + 1]]
     out = decode(a, PROMPTS, LENGTHS, stop_ids=stops, **kw)
     assert out.finish_reasons()[0] == "stop"
   assert compiled_programs() == before + 1
