@@ -28,6 +28,14 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 MESHES = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 4), (8, 1)]  # (data, model)
+
+
+def available_meshes():
+  """(data, model, Mesh) for each of MESHES that fits the devices present (larger are skipped)."""
+  from jax_specens import parallel as par
+  for data, model in MESHES:
+    if data * model <= jax.device_count():
+      yield data, model, par.make_mesh(data, model)
 GIB = 2 ** 30
 
 
@@ -69,10 +77,7 @@ def plan_rows(cfg, dtype, batch: int, context: int) -> list[dict]:
   abstract = abstract_model(cfg, dtype)
   cache = jax.eval_shape(lambda: init_cache(cfg, batch, context, dtype))
   rows = []
-  for data, model in MESHES:
-    if data * model > jax.device_count():
-      continue
-    mesh = par.make_mesh(data, model)
+  for data, model, mesh in available_meshes():
     plan = par.make_plan(cfg, mesh)
     p_sh = par.model_shardings(abstract, mesh)
     kv = NamedSharding(mesh, par.cache_spec(plan))
@@ -99,10 +104,7 @@ def measured_rows(cfg, batch: int, new_tokens: int, repeats: int) -> list[dict]:
   want = np.asarray(decode(model, prompts, lengths, max_new_tokens=new_tokens,
                            temperature=0.0).tokens)
   rows = []
-  for data, mp in MESHES:
-    if data * mp > jax.device_count():
-      continue
-    mesh = par.make_mesh(data, mp)
+  for data, mp, mesh in available_meshes():
     sharded = par.shard_model(model, mesh)
     cache = par.shard_cache(sharded.init_cache(batch, 16 + new_tokens), cfg, mesh)
     run = lambda: par.decode(sharded, prompts, lengths, mesh=mesh, max_new_tokens=new_tokens,
