@@ -18,13 +18,11 @@ slot that is overwritten before it is ever read).
 
 Stats: model_calls = (draft passes, assistant passes); proposed[0]/accepted[0] = drafted / emitted
 draft tokens; proposed[1] = accepted[1] = tokens emitted from the assistant (replacements and
-bonus tokens); rounds = windows and rejections = windows with a replacement (row-events; per row
-in `CosdState.replacements`).
+bonus tokens); rounds = windows and rejections = windows with a replacement (row-events).
 """
 
 from __future__ import annotations
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
@@ -38,13 +36,6 @@ from jax_specens.sampling import log_probs, sample
 DRAFT, ASSISTANT = 0, 1
 
 
-@flax.struct.dataclass
-class CosdState:
-  """replacements: windows in which a token was replaced, per row `[B]`."""
-
-  replacements: Int[Array, "B"]
-
-
 def window(cfg: Config) -> int:
   return cfg.gammas[DRAFT]
 
@@ -54,8 +45,7 @@ def lookahead(cfg: Config) -> int:
 
 
 def init(models, req: Request, cfg: Config) -> LoopState:
-  state = prefill(models, req, cfg)
-  return state.replace(extra=CosdState(replacements=jnp.zeros(req.prompts.shape[:1], jnp.int32)))
+  return prefill(models, req, cfg)
 
 
 def _set_pending(state: LoopState, at: Int[Array, "B"], tok: Int[Array, "B"]) -> LoopState:
@@ -125,10 +115,8 @@ def step(models, req: Request, cfg: Config, state: LoopState) -> LoopState:
       proposed=st.proposed + jnp.stack([jnp.sum(jnp.where(act, k, 0)), jnp.sum(from_assistant)]),
       accepted=st.accepted + jnp.stack([jnp.sum(from_draft), jnp.sum(from_assistant)]),
       rounds=st.rounds + jnp.sum(act))
-  did_replace = (act & replaced & (emitted > first)).astype(jnp.int32)
-  st = st.replace(rejections=st.rejections + jnp.sum(did_replace))
-  ex = state.extra
-  return state.replace(stats=st, extra=ex.replace(replacements=ex.replacements + did_replace))
+  st = st.replace(rejections=st.rejections + jnp.sum(act & replaced & (emitted > first)))
+  return state.replace(stats=st)
 
 
 def prepare(models, options: dict):
