@@ -27,12 +27,15 @@ ALPHABET = set(string.ascii_lowercase + " ,;.!")
 
 
 def bpe_tokenizer(directory, corpus, vocab_size):
-  """A byte-level BPE over the corpus's characters only (so every token is ASCII text)."""
+  """A byte-level BPE over ALPHABET only (so every token is ASCII text and both tokenizers can
+  spell every text the other writes)."""
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
+  alphabet = sorted(ALPHABET - {" "}) + ["\u0120"]  # byte-level BPE writes a space as "Ġ"
   tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size,
-                                                      special_tokens=["<eos>"]))
+                                                      special_tokens=["<eos>"],
+                                                      initial_alphabet=alphabet))
   directory.mkdir()
   tok.save(str(directory / "tokenizer.json"))
   (directory / "tokenizer_config.json").write_text(json.dumps(
