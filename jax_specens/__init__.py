@@ -8,5 +8,6 @@ from jax_specens.decode import decode, decode_stream
 from jax_specens.decoding import DecodeOutput, DecodeStats
 from jax_specens.ensemble import Ensemble, make_ensemble
 from jax_specens.sampling import SamplingParams
+from jax_specens.text import TextOutput, generate_text
 
 __version__ = "0.1.0"

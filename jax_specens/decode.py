@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_specens import sampling
+from jax_specens import sampling, vocab
 from jax_specens.cache import check_fits
 from jax_specens.decoding import METHODS
 from jax_specens.decoding.loop import Config, LoopState, Method, Request, finalize, generate
@@ -155,13 +155,7 @@ def prepare(models, prompts, prompt_lengths, *, method: str = "ar", max_new_toke
     what = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo}-{hi}")
     raise ValueError(f"method {method!r} needs {what} models (draft included), got "
                      f"{len(ordered)}; e.g. se / ensemble take the ensemble members, ar one model")
-  vocabs = [x.config.vocab_size for x in ordered]
-  if len(set(vocabs)) > 1:
-    raise ValueError(f"the models have different vocabulary sizes {vocabs}; ensembles and "
-                     "speculation need one shared vocabulary (same tokenizer); for two models with "
-                     "different tokenizers use cross-tokenizer CoSD: "
-                     "jax_specens.fusion.cosd_text(draft, assistant, draft_tokenizer, "
-                     "assistant_tokenizer, prompts, ...) or `jax-specens generate --method cosd`")
+  vocabs = [vocab.check_shared(ordered)]  # one tokenizer (tables may be padded differently)
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or (
       max_new_tokens < 1):
     raise ValueError(f"max_new_tokens must be a positive int (it is static), got "

@@ -8,6 +8,7 @@ donated. Inside a decoding loop call `forward` directly (the loop is jitted as a
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.struct
 import jax
@@ -25,11 +26,14 @@ class Model:
   """A ready-to-decode model: static structure plus a pytree of parameters.
 
   A pytree itself (params are its only leaves), so it can be passed through `jax.jit`.
+  vocab: the tokenizer it speaks (`jax_specens.vocab.Vocab`, set by `load_model`); None for a
+  model built in memory (its whole table is its vocabulary).
   """
 
   config: ModelConfig = flax.struct.field(pytree_node=False)
   graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
   params: nnx.State
+  vocab: Any = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def dtype(self):

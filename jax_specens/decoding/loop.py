@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jax_specens import vocab
 from jax_specens.cache import KVCache
 from jax_specens.decoding.outputs import (CACHE_FULL, LENGTH, RUNNING, STOP, DecodeOutput,
                                           DecodeStats)
@@ -120,8 +121,10 @@ def feed(state: LoopState, models: tuple[Model, ...], k: int, width: int, count:
   """Model k feeds `seq` positions `pos .. pos + width - 1` (pos = its cache position) in one pass
   and keeps the first `count[b]` of them (its cache position advances by `count`).
 
-  Returns the state (call counted), logits `[B, W, V]` — `logits[:, i]` is the distribution for
-  position `pos + i + 1` — and `pos` per row. Finished rows run at position 0 and do not move.
+  Returns the state (call counted), logits `[B, W, V]` over the models' shared real vocabulary
+  (`vocab.shared_size`: the padding rows of a larger embedding table are cut off) —
+  `logits[:, i]` is the distribution for position `pos + i + 1` — and `pos` per row. Finished
+  rows run at position 0 and do not move.
   """
   cache = state.caches[k]
   start = cache.pos
@@ -130,6 +133,7 @@ def feed(state: LoopState, models: tuple[Model, ...], k: int, width: int, count:
   tokens = jnp.take_along_axis(state.seq, jnp.clip(pos, 0, s - 1), axis=1)
   run_at = jnp.where(state.active, start, 0)
   logits, cache = forward(models[k], cache, tokens, run_at)
+  logits = vocab.restrict(logits, vocab.shared_size(models))  # padded table rows never decoded
   cache = cache.rollback(jnp.where(state.active, start + count, start))
   caches = state.caches[:k] + (cache,) + state.caches[k + 1:]
   return state.replace(caches=caches).count_call(k), logits, start
