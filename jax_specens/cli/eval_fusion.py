@@ -10,6 +10,10 @@ next-token accuracy and perplexity of
     cosd rule / tree / learned          CoSD, code specialist drafting and prose specialist
                                         assisting, with each verifier (SPEC §4)
 
+Then greedy text: each model and the wprob ensemble continue the demo's prompts by
+--greedy-tokens tokens, and the share of distinct 3-grams of each continuation is reported
+(1.0: no 3-gram repeats; a loop like "the the the" tends to 0; `builtin/repetition.py`).
+
 The tree and the two fusion heads are first trained on the separate `fusion` split. Writes
 OUT/eval_fusion.json, OUT/eval_fusion.md (the table), OUT/eval_fusion.png (needs matplotlib:
 `pip install 'jax_specens[plot]'`) and the trained verifiers (OUT/verifiers/: tree.json, head/,
@@ -44,6 +48,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--head-steps", type=int, default=300,
                  help="maximum training steps of each fusion head (default 300)")
   p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+  p.add_argument("--greedy-tokens", type=int, default=32,
+                 help="tokens of greedy text per demo prompt for the distinct 3-gram share "
+                 "(default 32)")
   p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   p.set_defaults(run=run)
@@ -51,7 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-  for name in ("seq_len", "test_windows", "fusion_windows", "head_steps", "batch_size"):
+  for name in ("seq_len", "test_windows", "fusion_windows", "head_steps", "batch_size",
+               "greedy_tokens"):
     if getattr(args, name) < 1:
       raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   if args.seq_len < 2:
@@ -64,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
                        "--no-plot") from e
   from jax_specens.builtin import builtin_model, builtin_tokenizer
   from jax_specens.builtin import fusion_eval as fe
+  from jax_specens.builtin.repetition import greedy_repetition
+  from jax_specens.cli.demo import PROMPTS as DEMO_PROMPTS
 
   t0 = time.perf_counter()
   settings = fe.Settings(seq_len=args.seq_len, test_windows=args.test_windows,
@@ -84,15 +94,29 @@ def run(args: argparse.Namespace) -> int:
   best_fused = min(fe.ENSEMBLES + fe.COSD, key=lambda m: table["mixed"][m]["perplexity"])
   summary = (f"mixed held-out perplexity: best fused method {best_fused} "
              f"{table['mixed'][best_fused]['perplexity']:.2f} vs best specialist {best_single:.2f}")
+  repetition = greedy_repetition(
+      {**models, "ensemble wprob": [models["code"], models["prose"]]}, tok,
+      [p for _, p in DEMO_PROMPTS], args.greedy_tokens)
+  rep_md = repetition_table(repetition, args.greedy_tokens)
   record = {"settings": vars(args) | {"out": str(out)}, "table": table,
             "fusion_training": fusion_metrics, "summary": summary,
+            "greedy_distinct_3grams": repetition,
             "seconds": round(time.perf_counter() - t0, 1)}
   (out / "eval_fusion.json").write_text(json.dumps(record, indent=2, default=str))
-  (out / "eval_fusion.md").write_text(md + "\n")
+  (out / "eval_fusion.md").write_text(md + "\n\n" + rep_md + "\n")
   if not args.no_plot:
     fe.plot(table, out / "eval_fusion.png")
   print(md)
   print(summary)
+  print(rep_md)
   print(f"wrote {out}/eval_fusion.json, eval_fusion.md" + ("" if args.no_plot else
                                                           ", eval_fusion.png"))
   return 0
+
+
+def repetition_table(repetition: dict, tokens: int) -> str:
+  """Markdown: per model, the mean and lowest share of distinct 3-grams over the demo prompts."""
+  lines = [f"greedy text, {tokens} tokens per demo prompt: share of distinct 3-grams "
+           "(1.0 = no repeated 3-gram)", "", "| model | mean | lowest |", "|---|---|---|"]
+  lines += [f"| {name} | {r['mean']:.2f} | {r['min']:.2f} |" for name, r in repetition.items()]
+  return "\n".join(lines)

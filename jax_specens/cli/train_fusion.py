@@ -17,7 +17,7 @@ Both models must share one tokenizer (the draft's tokenizer reads the corpus).
 
 example:  jax-specens train-fusion --draft ./small --model ./big --data a.txt b.txt --out ./fusion
 use it:   jax-specens generate --method cosd --draft ./small --model ./big \\
-              --verifier learned --verifier-path ./fusion --prompt "..."
+              --verifier learned --verifier-path ./fusion --prompt "..." --max-new-tokens 64
 """
 
 

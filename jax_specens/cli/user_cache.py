@@ -1,0 +1,44 @@
+"""The user's cache directory and the persistent XLA compilation cache of the CLI.
+
+    ~/.cache/jax_specens/          ($XDG_CACHE_HOME/jax_specens, or $JAX_SPECENS_CACHE)
+      xla/                         compiled XLA programs (jax's persistent compilation cache)
+      models/                      real models the demo converted on its first run
+
+Every `jax-specens` command turns the compilation cache on, so a second identical call reuses the
+programs the first one compiled instead of compiling them again (the decode loops take 4-30 s
+each to compile on a CPU). `--no-compile-cache` or `JAX_SPECENS_NO_COMPILE_CACHE=1` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+NO_CACHE_ENV = "JAX_SPECENS_NO_COMPILE_CACHE"
+
+
+def user_cache_dir() -> Path:
+  """$JAX_SPECENS_CACHE, else $XDG_CACHE_HOME/jax_specens, else ~/.cache/jax_specens."""
+  if os.environ.get("JAX_SPECENS_CACHE"):
+    return Path(os.environ["JAX_SPECENS_CACHE"]).expanduser()
+  base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+  return Path(base).expanduser() / "jax_specens"
+
+
+def compile_cache_disabled(flag: bool = False) -> bool:
+  return flag or os.environ.get(NO_CACHE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def enable_compile_cache(directory: str | os.PathLike | None = None) -> Path:
+  """Points jax's persistent compilation cache at `directory` (default: user_cache_dir()/xla).
+
+  Every program is cached, however short its compile time or small its executable (jax's defaults
+  skip programs compiled in under 1 s), so a repeated command compiles nothing at all.
+  """
+  import jax
+  path = Path(directory) if directory is not None else user_cache_dir() / "xla"
+  path.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  return path
