@@ -10,6 +10,7 @@ import pytest
 
 from jax_specens import create_model, decode, load_model, load_tokenizer
 from jax_specens.checkpoint import save_model
+from jax_specens.cli.generate import as_flags
 from jax_specens.cli.main import main
 from tests.decode_models import config, scaled
 
@@ -75,10 +76,14 @@ def test_ar_json_and_text_match_decode(model_dirs, capsys):
     assert (toks[-1] in EOS) == (reason == "stop")
     assert not set(toks[:-1]) & set(EOS)
   assert got["stats"]["model_calls"] == [max(got["lengths"])]
-  # without --json: one line of text per prompt, detokenized with the model's tokenizer
-  code, out, err = cli(capsys, *args)
+  # texts: one string per prompt, detokenized with the model's tokenizer, without the stop id
   tok = load_tokenizer(model_dirs[0])
-  assert out.splitlines() == [f"[{i}] {tok.decode(t)}" for i, t in enumerate(ref.to_lists())]
+  texts = [tok.decode(t[:-1] if r == "stop" else t, skip_special_tokens=True)
+           for t, r in zip(ref.to_lists(), got["finish_reasons"])]
+  assert got["texts"] == texts and all(texts)
+  # without --json: one line of text per prompt, the same texts
+  code, out, err = cli(capsys, *args)
+  assert out.splitlines() == [f"[{i}] {t}" for i, t in enumerate(texts)]
   assert "ar:" in err and "tokens" in err
 
 
@@ -89,7 +94,8 @@ def test_se_json_reports_stats(model_dirs, capsys):
                      "--seed", "3", "--json")
   assert code == 0
   got = json.loads(out)
-  assert set(got) == {"tokens", "lengths", "finish_reasons", "stats"}
+  assert set(got) == {"texts", "tokens", "lengths", "finish_reasons", "stats"}
+  assert len(got["texts"]) == 2 and all(isinstance(t, str) for t in got["texts"])
   st = got["stats"]
   assert len(st["model_calls"]) == 2 and min(st["model_calls"]) > 0
   assert 0 <= st["accepted"] <= st["proposed"]
@@ -100,16 +106,54 @@ def test_se_json_reports_stats(model_dirs, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--method", "sd"], "--draft"),
     (["--weights", "0.5,0.2", "--method", "ensemble", "--model", "{m1}"], "sum to 1"),
-    (["--gamma", "0", "--method", "se", "--model", "{m1}"], "gamma"),
-    (["--temperature", "-1"], "temperature"),
+    (["--gamma", "0", "--method", "se", "--model", "{m1}"], "use e.g. --gamma 4"),
+    (["--gamma", "1,2,3", "--method", "se", "--model", "{m1}"], "--gamma has 3 entries"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--prompt-ids", "1,x"], "comma-separated"),
+    (["--gamma", "2"], "not --method ar; drop --gamma 2"),
+    (["--gamma", "2", "--method", "ensemble", "--model", "{m1}"], "not --method ensemble"),
+    (["--chat"], "give --prompt TEXT"),
+    (["--prompt", "the cat", "--chat"], "no chat template"),
+    (["--prompt", "the cat", "--system", "be brief"], "--system needs --chat"),
 ])
 def test_bad_arguments_exit_2_with_message(model_dirs, capsys, argv, message):
   argv = [a.format(m1=model_dirs[1]) for a in argv]
-  prompt = [] if "--prompt-ids" in argv else ["--prompt-ids", "1,2"]
+  prompt = [] if "--prompt-ids" in argv or "--prompt" in argv else ["--prompt-ids", "1,2"]
   code, out, err = cli(capsys, "--model", model_dirs[0], *prompt, "--max-new-tokens", "4", *argv)
   assert code == 2 and out == ""
   assert message in err
+  assert "Traceback" not in err
+  # errors name the command's flags, never decode()'s Python keywords
+  assert not any(f"{k}=" in err for k in ("gamma", "temperature", "top_p", "weights", "draft"))
+
+
+@pytest.mark.parametrize("message,flags", [
+    ("gamma must be >= 1 tokens per model, got 0; use e.g. gamma=4",
+     "--gamma must be >= 1 tokens per model, got 0; use e.g. --gamma 4"),
+    ("method 'ar' takes no draft model; use method='sd' for draft + target",
+     "method 'ar' takes no draft model; use --method sd for draft + target"),
+    ("top_p must be in (0, 1]; pass temperature=0 for greedy",
+     "--top-p must be in (0, 1]; pass --temperature 0 for greedy"),
+    ("needs a draft model: pass draft=... (the --draft DIR option)",
+     "needs a draft model: pass --draft ... (the --draft DIR option)"),
+    ("max_new_tokens must be a positive int", "--max-new-tokens must be a positive int"),
+    ("the models have different tokenizers", "the models have different tokenizers"),
+])
+def test_library_errors_are_rewritten_as_flags(message, flags):
+  assert as_flags(message) == flags
+
+
+def test_prompt_ids_json_has_texts(model_dirs, capsys):
+  code, out, _ = cli(capsys, "--model", model_dirs[0], "--prompt-ids", "4,5,6", "--temperature",
+                     "0", "--max-new-tokens", str(N), "--json")
+  assert code == 0
+  got = json.loads(out)
+  tok = load_tokenizer(model_dirs[0])
+  toks = got["tokens"][0]
+  body = toks[:-1] if got["finish_reasons"][0] == "stop" else toks
+  assert got["texts"] == [tok.decode(body, skip_special_tokens=True)]
+  assert got["finish_reasons"][0] in ("stop", "length", "cache_full")
 
 
 def test_missing_model_dir(tmp_path, capsys):

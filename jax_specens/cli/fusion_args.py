@@ -69,11 +69,14 @@ def cross_tokenizer(args, method: str) -> bool:
   """Whether cosd must run in cross-tokenizer mode (the two tokenizers differ)."""
   if method != "cosd" or not args.draft or len(args.model) != 1:
     return False
-  from jax_specens.checkpoint import load_tokenizer, read_config
-  if read_config(args.draft).vocab_size != read_config(args.model[0]).vocab_size:
-    return True
-  tok_d, tok_a = load_tokenizer(args.draft), load_tokenizer(args.model[0])
-  return tok_d is not None and tok_a is not None and tok_d.get_vocab() != tok_a.get_vocab()
+  from jax_specens import vocab
+  from jax_specens.builtin import resolve
+  from jax_specens.checkpoint import read_config
+  tables = [read_config(d).vocab_size for d in (args.draft, args.model[0])]
+  d, a = (vocab.identify(resolve(x), n) for x, n in zip((args.draft, args.model[0]), tables))
+  if d.fingerprint is not None and a.fingerprint is not None:
+    return d.fingerprint != a.fingerprint  # one tokenizer: same-tokenizer cosd, even if padded
+  return tables[0] != tables[1]
 
 
 def run_cross(args) -> int:
