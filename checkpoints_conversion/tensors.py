@@ -30,19 +30,33 @@ def safetensors_files(hf_dir: str | os.PathLike) -> list[Path]:
       weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
       raise ValueError(f"{index} is not a valid safetensors index (no 'weight_map': {e})") from e
-    files = [hf_dir / name for name in dict.fromkeys(weight_map.values())]
+    files = [_inside(hf_dir, name, index) for name in dict.fromkeys(weight_map.values())]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
       raise FileNotFoundError(f"{index} lists shard(s) {', '.join(missing)} that are missing "
                               f"from {hf_dir}; download or save the model again")
     return files
   if (hf_dir / SINGLE).is_file():
-    return [hf_dir / SINGLE]
+    return [_inside(hf_dir, SINGLE, hf_dir / SINGLE)]
   pickled = [p for p in PICKLED if (hf_dir / p).exists()]
   hint = (f" It has {', '.join(pickled)}, which are pickled and are never loaded here; re-save "
           "the model with model.save_pretrained(dir) (safetensors is the default)."
           if pickled else "")
   raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {hf_dir}.{hint}")
+
+
+def _inside(hf_dir: Path, name, where: Path) -> Path:
+  """`hf_dir / name`, refused (ValueError) unless it resolves inside `hf_dir`: no absolute paths,
+  no `..`, no symlink (of the file or of a folder on its way) that leads out of the directory."""
+  if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+    raise ValueError(f"{where} names shard {name!r}, which is not a file name inside {hf_dir}; "
+                     "shards must sit in the model directory: fix the index or save the model "
+                     "again")
+  path = hf_dir / name
+  if path.exists() and not path.resolve().is_relative_to(hf_dir.resolve()):
+    raise ValueError(f"{path} is a symlink to {path.resolve()}, outside the model directory "
+                     f"{hf_dir}; refused: copy the file into the directory")
+  return path
 
 
 class TensorFiles(contextlib.AbstractContextManager):
@@ -56,6 +70,8 @@ class TensorFiles(contextlib.AbstractContextManager):
     self._stack = contextlib.ExitStack()
     self._where: dict[str, object] = {}
     self.file_of: dict[str, str] = {}
+    self.where = f"the safetensors files of {self.hf_dir}"
+    self.config_source = "config.json"
     try:
       for path in safetensors_files(hf_dir):
         handle = self._open(path)

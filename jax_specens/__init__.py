@@ -1,7 +1,7 @@
 """jax_specens: several LLMs decoding together — Speculative Ensemble, CoSD, speculative decoding."""
 
 from jax_specens.cache import KVCache, check_fits, init_cache
-from jax_specens.checkpoint import load_model, load_tokenizer
+from jax_specens.checkpoint import CheckpointError, load_model, load_tokenizer
 from jax_specens.models import SUPPORTED_FAMILIES, ModelConfig, RopeConfig, Transformer
 from jax_specens.step import Model, create_model, forward, forward_prompt, prefill, step
 from jax_specens.decode import decode, decode_stream

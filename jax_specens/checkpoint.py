@@ -11,9 +11,12 @@ Both converted Hugging Face models and models trained here use it. Nothing is un
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -37,15 +40,79 @@ TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer.model",
     "generation_config.json",
+    "chat_template.jinja",
 )
+
+
+class CheckpointError(ValueError):
+  """A converted checkpoint is corrupt, truncated or incomplete. The message names the file and
+  says to convert again (`jax-specens convert HF_DIR OUT_DIR --overwrite`)."""
+
+  def __init__(self, path, problem: str):
+    self.path = Path(path)
+    super().__init__(f"{self.path}: {problem}; the checkpoint is corrupt or incomplete: convert "
+                     "again (jax-specens convert HF_DIR OUT_DIR --overwrite)")
+
+
+def _fsync_tree(root: Path) -> None:
+  """fsyncs every file under `root`, then every directory (children before parents)."""
+  for dirpath, _, filenames in os.walk(root, topdown=False):
+    for name in filenames:
+      _fsync_path(Path(dirpath) / name)
+    _fsync_path(Path(dirpath))
+
+
+def _fsync_path(path: Path) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+  """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+  try:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = libc.renameat2
+  except (OSError, AttributeError):
+    return False
+  at_fdcwd, rename_exchange = -100, 2
+  if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+    return False
+  raise OSError(err, os.strerror(err), str(a))
+
+
+def _swap(tmp: Path, out: Path) -> None:
+  """Puts the complete `tmp` at `out`, replacing the complete old `out`: one atomic exchange where
+  the file system has it, else two renames with the old output put back if the second fails."""
+  if _exchange(tmp, out):
+    _fsync_path(out.parent)
+    shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old output
+    return
+  trash = out.parent / f".{out.name}.old-{os.getpid()}"
+  os.rename(out, trash)
+  try:
+    os.rename(tmp, out)
+  except BaseException:
+    os.rename(trash, out)  # the old output, complete, back in place
+    raise
+  _fsync_path(out.parent)
+  shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
-  """Yields a temporary directory beside `out_dir`, renamed onto it only on success.
+  """Yields a temporary directory beside `out_dir`, moved onto it only once complete.
 
-  Raises FileExistsError before any work when `out_dir` exists and `overwrite` is False. On any
-  error the temporary directory is removed, so nothing half-written is ever left.
+  Raises FileExistsError before any work when `out_dir` exists and `overwrite` is False. On
+  success every file and directory written is fsync'd before the swap, so `out_dir` is always
+  either the old complete output or the new complete output; on any error the temporary directory
+  is removed and the old output (if any) is left as it was.
   """
   out = Path(out_dir).absolute()
   if out.exists() and not overwrite:
@@ -55,13 +122,12 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
   try:
     yield tmp
+    _fsync_tree(tmp)
     if out.exists():
-      trash = out.parent / f".{out.name}.old-{os.getpid()}"
-      out.rename(trash)
-      tmp.rename(out)
-      shutil.rmtree(trash, ignore_errors=True)
+      _swap(tmp, out)
     else:
-      tmp.rename(out)
+      os.rename(tmp, out)
+      _fsync_path(out.parent)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -74,11 +140,19 @@ def _string_keys(tree):
 
 
 def write_model_files(directory: Path, config: ModelConfig, params: dict) -> None:
-  """Writes config and params (a pure dict of arrays) into an existing, empty `directory`."""
-  (directory / CONFIG_FILE).write_text(json.dumps(
-      {"format_version": FORMAT_VERSION, "config": config.to_dict()}, indent=2))
+  """Writes config and params (a pure dict of arrays) into an existing, empty `directory`.
+
+  The config records the size of every file under params/, so that `load_model` names a
+  truncated or missing one before orbax reads anything.
+  """
+  params_dir = (directory / PARAMS_DIR).absolute()
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save((directory / PARAMS_DIR).absolute(), _string_keys(params))
+    ckptr.save(params_dir, _string_keys(params))
+  files = {str(f.relative_to(params_dir)): f.stat().st_size
+           for f in sorted(params_dir.rglob("*")) if f.is_file()}
+  (directory / CONFIG_FILE).write_text(json.dumps(
+      {"format_version": FORMAT_VERSION, "config": config.to_dict(), "params_files": files},
+      indent=2))
 
 
 def save_model(model: Model, out_dir: str | os.PathLike, *, tokenizer_dir=None,
@@ -97,17 +171,57 @@ def copy_tokenizer_files(src, dst) -> list[str]:
     if (Path(src) / name).is_file():
       shutil.copy2(Path(src) / name, Path(dst) / name)
       copied.append(name)
+  from jax_specens import vocab
+  vocab.record(dst)  # the tokenizer's fingerprint, for pairing models by tokenizer
   return copied
 
 
+def _resolve(model_dir):
+  """`builtin:NAME` names a built-in model (jax_specens.builtin.resolve); paths pass through."""
+  from jax_specens.builtin import resolve
+  return resolve(model_dir)
+
+
 def read_config(model_dir: str | os.PathLike) -> ModelConfig:
+  path = Path(_resolve(model_dir)) / CONFIG_FILE
+  try:
+    return ModelConfig.from_dict(_read_meta(model_dir)["config"])
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    if isinstance(e, CheckpointError):
+      raise
+    raise CheckpointError(path, f"not a jax_specens model config ({type(e).__name__}: {e})"
+                          ) from None
+
+
+def _read_meta(model_dir) -> dict:
+  model_dir = _resolve(model_dir)
   path = Path(model_dir) / CONFIG_FILE
   if not path.is_file():
+    if (Path(model_dir) / PARAMS_DIR).is_dir():
+      raise CheckpointError(path, "missing (params/ is there)")
     raise FileNotFoundError(
         f"{model_dir} is not a jax_specens model directory (no {CONFIG_FILE}); convert a Hugging "
         f"Face checkpoint first: jax-specens convert HF_DIR {model_dir}")
-  meta = json.loads(path.read_text())
-  return ModelConfig.from_dict(meta["config"])
+  try:
+    meta = json.loads(path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(path, f"not valid JSON ({e})") from None
+  if not isinstance(meta, dict):
+    raise CheckpointError(path, "not a jax_specens model config (not a JSON object)")
+  return meta
+
+
+def _check_params_files(params_path: Path, files) -> None:
+  """Every file recorded at save time is there with its size (checkpoints that predate the
+  record are checked by orbax alone)."""
+  if not isinstance(files, dict):
+    return
+  for rel, size in files.items():
+    f = params_path / rel
+    if not f.is_file():
+      raise CheckpointError(f, "missing")
+    if f.stat().st_size != size:
+      raise CheckpointError(f, f"{f.stat().st_size} bytes where {size} were written (truncated)")
 
 
 def abstract_model(config: ModelConfig, dtype=jnp.float32) -> Model:
@@ -124,6 +238,7 @@ def load_model(model_dir: str | os.PathLike, dtype=jnp.float32, shardings=None,
   mesh: a `jax.sharding.Mesh` with axes `data`/`model` (`jax_specens.parallel.make_mesh`): the
   same, with the partition rules of `jax_specens.parallel`.
   """
+  model_dir = _resolve(model_dir)
   if mesh is not None:
     if shardings is not None:
       raise ValueError("load_model: pass either shardings= or mesh=, not both")
@@ -144,13 +259,45 @@ def load_model(model_dir: str | os.PathLike, dtype=jnp.float32, shardings=None,
   target = (jax.tree_util.tree_map(leaf, target, sh) if sh is not None
             else jax.tree_util.tree_map(leaf, target))
   params_path = (Path(model_dir) / PARAMS_DIR).absolute()
-  if not params_path.exists():
-    raise FileNotFoundError(f"{params_path} is missing: the checkpoint is incomplete; convert again")
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(params_path, _string_keys(target))
+  if not params_path.is_dir():
+    raise CheckpointError(params_path, "the parameter directory is missing")
+  _check_params_files(params_path, _read_meta(model_dir).get("params_files"))
+  _check_tokenizer_files(model_dir)
+  restored = _restore(params_path, _string_keys(target))
   params = abstract.params
   nnx.replace_by_pure_dict(params, _int_keys(restored, nnx.to_pure_dict(params)))
-  return Model(config=config, graphdef=abstract.graphdef, params=params)
+  from jax_specens import vocab
+  return Model(config=config, graphdef=abstract.graphdef, params=params,
+               vocab=vocab.identify(model_dir, config.vocab_size))
+
+
+def _restore(params_path: Path, target):
+  """orbax restore of `target`; any failure (a file of params/ truncated, corrupt or missing, a
+  tree that does not match the config) becomes one CheckpointError naming the file."""
+  previous = sys.unraisablehook
+  sys.unraisablehook = functools.partial(_drop_closed_loop, previous)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      restored = ckptr.restore(params_path, target)
+  except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types; all mean "corrupt"
+    text = " ".join(str(e).split())
+    where = params_path
+    for f in sorted(params_path.rglob("*"), key=lambda f: -len(str(f))):
+      if f.is_file() and (str(f.relative_to(params_path)) in text or f.name in text):
+        where = f
+        break
+    raise CheckpointError(where, f"cannot be read ({type(e).__name__}: {text[:200]})") from None
+  sys.unraisablehook = previous
+  return restored
+
+
+def _drop_closed_loop(previous, unraisable) -> None:
+  """After a failed restore, tensorstore reads still in flight complete into orbax's closed event
+  loop, each printing a 'RuntimeError: Event loop is closed' traceback at any later time; those,
+  and only those, are dropped."""
+  if not (isinstance(unraisable.exc_value, RuntimeError)
+          and "Event loop is closed" in str(unraisable.exc_value)):
+    previous(unraisable)
 
 
 def _int_keys(tree, like):
@@ -162,9 +309,34 @@ def _int_keys(tree, like):
 
 def load_tokenizer(model_dir: str | os.PathLike):
   """The Hugging Face tokenizer saved beside the model, or None when there is none."""
+  model_dir = _resolve(model_dir)
   if not (Path(model_dir) / "tokenizer.json").is_file() and not (
       Path(model_dir) / "tokenizer_config.json").is_file():
     return None
+  _check_tokenizer_files(model_dir)
   from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True,
-                                       trust_remote_code=False)
+  try:
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True,
+                                         trust_remote_code=False)
+  except Exception as e:  # noqa: BLE001 - tokenizers raise many types; all mean "corrupt"
+    raise CheckpointError(Path(model_dir) / "tokenizer.json",
+                          f"the tokenizer cannot be loaded ({type(e).__name__}: {e})") from None
+
+
+def _check_tokenizer_files(model_dir) -> None:
+  """CheckpointError when tokenizer.json / tokenizer_config.json is not valid JSON, or one of them
+  is missing while the other is there (a directory without either has no tokenizer)."""
+  d = Path(model_dir)
+  if not (d / "tokenizer.json").is_file() and not (d / "tokenizer_config.json").is_file():
+    return
+  slow_vocab = any((d / f).is_file() for f in ("vocab.json", "tokenizer.model"))
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    path = d / name
+    if not path.is_file():
+      if name == "tokenizer.json" and slow_vocab:
+        continue  # a slow tokenizer's files (vocab.json + merges.txt, or tokenizer.model)
+      raise CheckpointError(path, "missing (the other tokenizer file is there)")
+    try:
+      json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CheckpointError(path, f"not valid JSON ({e})") from None

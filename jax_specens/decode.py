@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_specens import sampling, vocab
-from jax_specens.cache import check_fits
+from jax_specens.cache import check_fits, check_memory, check_positions
 from jax_specens.decoding import METHODS
 from jax_specens.decoding.loop import Config, LoopState, Method, Request, finalize, generate
 from jax_specens.decoding.outputs import RUNNING, DecodeOutput
@@ -52,6 +52,8 @@ def decode(models, prompts, prompt_lengths, *, method: str = "ar", max_new_token
     stop_ids: ids that end a row (kept in its output): a sequence, or `[B, S]` padded with -1.
     key: PRNG key for sampling (default `jax.random.key(0)`).
     cache_len: KV slots per row (default: longest prompt + max_new_tokens + the method's slack).
+    allow_past_max_positions (in **options): decode past a model's max_position_embeddings
+      (refused by default). A request whose KV caches do not fit the device's memory is refused.
     **options: method-specific options (see the method's `prepare`).
   Returns:
     DecodeOutput(tokens `[B, max_new_tokens]`, lengths `[B]`, finish_reason `[B]`, stats).
@@ -134,6 +136,7 @@ def prepare(models, prompts, prompt_lengths, *, method: str = "ar", max_new_toke
             ) -> tuple[tuple[Model, ...], Request, Config, Method]:
   """Validates every argument of `decode` (ValueError) and builds (models, Request, Config)."""
   options = dict(options or {}, **more_options)
+  allow_long = options.pop("allow_past_max_positions", False)
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
   m = METHODS[method]
@@ -226,11 +229,23 @@ def prepare(models, prompts, prompt_lengths, *, method: str = "ar", max_new_toke
           f"a {x.config.family} model has learned positions for {x.config.max_position_embeddings}"
           f" tokens but decoding needs {cache_len} (prompt + max_new_tokens + {slack} slack); "
           "shorten the prompt or max_new_tokens")
+  configs = [x.config for x in ordered]
+  check_positions(configs, longest, max_new_tokens, allow_long)
+  check_memory(configs, [jnp.dtype(x.dtype).itemsize for x in ordered], b, t, max_new_tokens,
+               slack, cache_len=int(cache_len), devices=_num_devices(ordered))
   cfg = dataclasses.replace(cfg, cache_len=int(cache_len), lookahead=slack)
   req = Request(prompts=jnp.asarray(prompts, jnp.int32),
                 prompt_lengths=jnp.asarray(prompt_lengths, jnp.int32), sampling=sp,
                 stop_ids=stops, key=key, ensemble=ens, extra=extra)
   return ordered, req, cfg, m
+
+
+def _num_devices(models) -> int:
+  """Devices the first model's parameters are spread over (1 when traced or unknown)."""
+  try:
+    return len(jax.tree_util.tree_leaves(models[0].params)[0].sharding.device_set)
+  except Exception:  # a tracer inside a user's jit
+    return 1
 
 
 def _stop_ids(stop_ids, b: int):

@@ -16,7 +16,8 @@ lags one more token (it never fed x~_K): with `bonus` on its first pass of a win
 starts at its own position, which re-feeds nothing twice (a row that does not lag feeds one stale
 slot that is overwritten before it is ever read).
 
-Stats: model_calls = (draft passes, assistant passes); proposed[0]/accepted[0] = drafted / emitted
+Stats: model_calls = (draft passes, assistant passes); proposed[0]/accepted[0] = drafted (up to the
+cut of a window that a stop id or max_new_tokens ends) / emitted
 draft tokens; proposed[1] = accepted[1] = tokens emitted from the assistant (replacements and
 bonus tokens); rounds = windows and rejections = windows with a replacement (row-events).
 """
@@ -110,9 +111,12 @@ def step(models, req: Request, cfg: Config, state: LoopState) -> LoopState:
   # stats
   from_draft = jnp.minimum(emitted, first)
   from_assistant = emitted - from_draft
+  # a row cut short by a stop id or max_new_tokens resolved only the drafts it emitted
+  cut = emitted < count
+  drafted = jnp.where(act, jnp.where(cut, from_draft, k), 0)
   st = state.stats
   st = st.replace(
-      proposed=st.proposed + jnp.stack([jnp.sum(jnp.where(act, k, 0)), jnp.sum(from_assistant)]),
+      proposed=st.proposed + jnp.stack([jnp.sum(drafted), jnp.sum(from_assistant)]),
       accepted=st.accepted + jnp.stack([jnp.sum(from_draft), jnp.sum(from_assistant)]),
       rounds=st.rounds + jnp.sum(act))
   st = st.replace(rejections=st.rejections + jnp.sum(act & replaced & (emitted > first)))

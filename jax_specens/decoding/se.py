@@ -122,8 +122,12 @@ def _verify(req, cfg, state: LoopState, width: int, counted) -> LoopState:
   a, rej = v.num_accepted, v.rejected & act
   j = jnp.arange(width)[None, :]
   new = jnp.where(j < a[:, None], tokens, v.token[:, None])
-  state = _count(state, cfg, c, m, a, rej, num_valid, counted, n)
+  length0 = state.length
   state = emit(state, req, cfg, new, a + rej)
+  # stats count what was emitted: a stop id or max_new_tokens may cut the accepted run (and the
+  # residual draw after it) short
+  e = state.length - length0
+  state = _count(state, cfg, c, m, jnp.minimum(a, e), rej & (e > a), num_valid, counted, n)
   # a rejection drops every pending proposal and rolls every model back to the new last token
   for kk in range(n):
     state = advance(state, kk, jnp.where(rej, jnp.minimum(state.caches[kk].pos, c + a),
@@ -134,7 +138,8 @@ def _verify(req, cfg, state: LoopState, width: int, counted) -> LoopState:
 
 def _count(state, cfg, c, m, a, rej, num_valid, counted, n) -> LoopState:
   """Proposals resolved this verification, by proposer: accepted ones, and on a rejection every
-  pending proposal (the rejected one and those discarded after it)."""
+  pending proposal (the rejected one and those discarded after it). a: accepted tokens that were
+  emitted; rej: rows whose residual draw was emitted (the caller cuts both at the output's end)."""
   ex: SpecState = state.extra
   span = sum(cfg.gammas)
   pos = c[:, None] + jnp.arange(span)[None, :]
