@@ -1,11 +1,17 @@
-"""Hugging Face directory -> our parameters -> our checkpoint directory.
+"""Hugging Face directory or GGUF file -> our parameters -> our checkpoint directory.
 
     hf_config.load_hf_config   config.json (+ generation_config.json EOS ids) -> ModelConfig
+    gguf_config                the same from GGUF metadata; `gguf_file.GGUFTensors` presents the
+                               GGUF tensors under Hugging Face names, so all below serves both
     names.rules_for            which tensor becomes which parameter(s)
     plan                       every name and shape checked against the config, nothing read yet
     read_params                tensors read one by one, transposed / split, cast to the dtype
     validated                  the three above, for `load_hf_model` (in memory) and `convert`
     convert                    the above, written atomically with the tokenizer files
+
+Dtype policy ("auto"): bfloat16 when the checkpoint stores its floats in bfloat16 (and float32),
+float32 otherwise: float16 and quantized GGUF types become float32 (float16 -> bfloat16 loses
+mantissa bits), unless bfloat16 is asked for.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from checkpoints_conversion.gguf_config import load_gguf_config
+from checkpoints_conversion.gguf_file import GGUFTensors
 from checkpoints_conversion.hf_config import load_hf_config
 from checkpoints_conversion.names import IGNORED, Rule, model_prefix, rules_for
 from checkpoints_conversion.tensors import TensorFiles
@@ -29,7 +37,7 @@ from jax_specens.models.config import ModelConfig
 from jax_specens.step import Model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-SIXTEEN_BIT = ("BF16", "F16")
+KEEPS_BFLOAT16 = {"BF16", "F32"}  # stored types "auto" keeps as bfloat16 (with at least one BF16)
 
 
 def _get(tree, path):
@@ -76,7 +84,7 @@ def plan(files: TensorFiles, config: ModelConfig, shapes) -> list[tuple[Rule, st
     more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
     raise ValueError(
         f"tensor {missing[0]!r}{''.join(', ' + repr(m) for m in missing[1:3])}{more} missing from "
-        f"the safetensors files of {files.hf_dir}, but config.json ({_config_summary(config)}) "
+        f"{files.where}, but {files.config_source} ({_config_summary(config)}) "
         "needs it: the config and the weights disagree")
   used = {name for _, name in pairs}
   if config.tie_embeddings:
@@ -85,22 +93,23 @@ def plan(files: TensorFiles, config: ModelConfig, shapes) -> list[tuple[Rule, st
   if extra:
     raise ValueError(
         f"tensor {extra[0]!r} in {files.file_of[extra[0]]} is not part of a model with this "
-        f"config.json ({_config_summary(config)}); {len(extra)} such tensor(s): the config and "
-        "the weights disagree")
+        f"{files.config_source} ({_config_summary(config)}); {len(extra)} such tensor(s): the "
+        "config and the weights disagree")
   for rule, name in pairs:
     want, got = expected_shape(rule, shapes), files.shape(name)
     if got != want:
       raise ValueError(f"tensor {name!r} in {files.file_of[name]} has shape {got}, but "
-                       f"config.json implies {want} ({_config_summary(config)}): the config and "
-                       "the weights disagree")
+                       f"{files.config_source} implies {want} ({_config_summary(config)}): the "
+                       "config and the weights disagree")
   return pairs
 
 
-def resolve_dtype(dtype, files: TensorFiles):
-  """"auto": bfloat16 when the checkpoint stores 16-bit floats, else float32."""
+def resolve_dtype(dtype, files, names=None):
+  """"auto": bfloat16 when the tensors `names` (default: all) are stored in bfloat16 (and
+  float32), else float32 (float16 and quantized types included); or the dtype asked for."""
   if dtype == "auto":
-    sixteen = any(files.dtype(n) in SIXTEEN_BIT for n in files.names)
-    return jnp.bfloat16 if sixteen else jnp.float32
+    stored = {files.dtype(n) for n in (files.names if names is None else names)}
+    return jnp.bfloat16 if "BF16" in stored and stored <= KEEPS_BFLOAT16 else jnp.float32
   if isinstance(dtype, str):
     if dtype not in DTYPES:
       raise ValueError(f"unsupported dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
@@ -130,24 +139,52 @@ def _abstract_shapes(config: ModelConfig) -> dict:
   return nnx.to_pure_dict(abstract_model(config).params)
 
 
+def is_gguf_source(source: str | os.PathLike) -> bool:
+  """True for a file (GGUF, or rejected as not GGUF when opened), False for a directory."""
+  source = Path(source)
+  if not source.exists():
+    raise FileNotFoundError(f"{source} does not exist; pass a Hugging Face model directory or a "
+                            ".gguf file")
+  return source.is_file()
+
+
 @contextlib.contextmanager
-def validated(hf_dir: str | os.PathLike, dtype="auto"):
-  """Opens and validates `hf_dir`, reading no tensor: yields `(config, dtype, read)`.
+def opened(source: str | os.PathLike):
+  """Yields `(config, files, write_tokenizer)` for a Hugging Face directory or a GGUF file.
+
+  `write_tokenizer(dir)` copies the tokenizer files, or rebuilds them from the GGUF metadata.
+  """
+  if is_gguf_source(source):
+    from checkpoints_conversion.gguf_tokenizer import write_tokenizer
+    with GGUFTensors(source) as files:
+      config = load_gguf_config(files)
+      yield config, files, lambda dst: write_tokenizer(files.reader, dst,
+                                                       list(config.eos_token_ids))
+  else:
+    config = load_hf_config(source)
+    with TensorFiles(source) as files:
+      yield config, files, lambda dst: copy_tokenizer_files(source, dst)
+
+
+@contextlib.contextmanager
+def validated(source: str | os.PathLike, dtype="auto"):
+  """Opens and validates `source` (HF directory or GGUF file), reading no tensor: yields
+  `(config, dtype, read, write_tokenizer)`.
 
   `read(progress)` then reads the parameters (pure dict) while the files are open. Every error
   about the input (config, files, tensor names and shapes) is raised on entry.
   """
-  config = load_hf_config(hf_dir)
-  shapes = _abstract_shapes(config)
-  with TensorFiles(hf_dir) as files:
+  with opened(source) as (config, files, write_tokenizer):
+    shapes = _abstract_shapes(config)
     pairs = plan(files, config, shapes)
-    dtype = resolve_dtype(dtype, files)
-    yield config, dtype, functools.partial(read_params, files, pairs, shapes, dtype)
+    dtype = resolve_dtype(dtype, files, [name for _, name in pairs])
+    yield (config, dtype, functools.partial(read_params, files, pairs, shapes, dtype),
+           write_tokenizer)
 
 
 def load_hf_model(hf_dir: str | os.PathLike, dtype="auto", progress: bool = False) -> Model:
-  """Converts the Hugging Face model in `hf_dir` in memory (nothing written)."""
-  with validated(hf_dir, dtype) as (config, dtype, read):
+  """Converts the Hugging Face model in `hf_dir` (or a GGUF file) in memory (nothing written)."""
+  with validated(hf_dir, dtype) as (config, dtype, read, _):
     params = read(progress=progress)
   abstract = abstract_model(config, dtype)
   state = abstract.params
@@ -164,18 +201,20 @@ def _check_paths(hf_dir: Path, out_dir: Path) -> None:
 
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype="auto",
             overwrite: bool = False, progress: bool = True) -> Path:
-  """Converts a Hugging Face checkpoint directory into our checkpoint format at `out_dir`.
+  """Converts a Hugging Face checkpoint directory or a GGUF file into our format at `out_dir`.
 
-  dtype: "auto" (bfloat16 for 16-bit checkpoints, else float32), "float32" or "bfloat16".
-  Everything is validated before writing; the output appears only when complete (a failed
-  conversion leaves neither `out_dir` nor a temporary directory behind).
+  dtype: "auto" (bfloat16 for bfloat16 checkpoints, else float32: float16 and quantized GGUF
+  types become float32), "float32" or "bfloat16". Everything is validated before writing; the
+  output appears only when complete (a failed conversion leaves neither `out_dir` nor a temporary
+  directory behind). A GGUF's tokenizer is rebuilt from its metadata (`gguf_tokenizer`).
   """
   hf_dir, out_dir = Path(hf_dir), Path(out_dir)
   _check_paths(hf_dir, out_dir)
   if out_dir.exists() and not overwrite:
     raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite "
                           "(overwrite=True) to replace it")
-  with validated(hf_dir, dtype) as (config, _, read), atomic_dir(out_dir, overwrite) as tmp:
+  with validated(hf_dir, dtype) as (config, _, read, write_tokenizer), \
+       atomic_dir(out_dir, overwrite) as tmp:
     write_model_files(tmp, config, read(progress=progress))
-    copy_tokenizer_files(hf_dir, tmp)
+    write_tokenizer(tmp)
   return out_dir

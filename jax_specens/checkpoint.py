@@ -229,9 +229,11 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32) -> Model:
   return from_module(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype)))
 
 
-def load_model(model_dir: str | os.PathLike, dtype=jnp.float32, shardings=None,
+def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
                mesh=None) -> Model:
   """Restores a model saved by `save_model` or `jax-specens convert`, cast to `dtype`.
+
+  dtype: None (default) loads the dtype the parameters are stored in (`precision.stored_dtype`).
 
   shardings: optional function `Model -> pytree of jax.sharding.Sharding` matching the params;
   orbax then restores every array directly into its shards.
@@ -245,6 +247,9 @@ def load_model(model_dir: str | os.PathLike, dtype=jnp.float32, shardings=None,
     from jax_specens.parallel.place import model_shardings
     shardings = lambda abstract: model_shardings(abstract, mesh)  # noqa: E731
   config = read_config(model_dir)
+  if dtype is None:  # unreadable metadata: the restore below raises the error
+    from jax_specens.precision import stored_dtype
+    dtype = stored_dtype(model_dir) or jnp.float32
   abstract = abstract_model(config, dtype)
   target = nnx.to_pure_dict(abstract.params)
   sh = nnx.to_pure_dict(shardings(abstract)) if shardings is not None else None
