@@ -86,6 +86,10 @@ class ModelConfig:
   # embeddings
   embed_scale: bool = False  # Gemma: multiply embeddings by sqrt(hidden_size)
   tie_embeddings: bool = True
+  # reduced output vocabulary (a distilled draft, EAGLE-3 style): the head scores only these K
+  # target ids (head row i <-> token id vocab_subset[i]); every other id gets logit -inf, so the
+  # logits stay `[..., vocab_size]` over the target's ids. Empty: the full vocabulary.
+  vocab_subset: tuple[int, ...] = ()
   # tokens
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
@@ -111,6 +115,12 @@ class ModelConfig:
       )
     if "sliding" in self.layer_types and not self.sliding_window:
       raise ValueError("sliding-window layers need sliding_window > 0")
+    if self.vocab_subset:
+      ids = self.vocab_subset
+      if len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= self.vocab_size:
+        raise ValueError(
+            f"vocab_subset must hold distinct token ids in [0, {self.vocab_size}); got "
+            f"{len(ids)} ids in [{min(ids)}, {max(ids)}] with {len(ids) - len(set(ids))} repeats")
 
   # ---- derived -------------------------------------------------------------------------------
   def layer_type(self, i: int) -> LayerType:
@@ -130,6 +140,11 @@ class ModelConfig:
     return int(self.head_dim * self.partial_rotary_factor) // 2 * 2
 
   @property
+  def head_size(self) -> int:
+    """Rows of the LM head: K for a reduced vocabulary, else vocab_size."""
+    return len(self.vocab_subset) or self.vocab_size
+
+  @property
   def scale(self) -> float:
     return self.query_scale if self.query_scale is not None else 1.0 / math.sqrt(self.head_dim)
 
@@ -147,7 +162,7 @@ class ModelConfig:
     d["rope"] = RopeConfig(**d["rope"]) if d.get("rope") is not None else RopeConfig()
     if d.get("rope_local") is not None:
       d["rope_local"] = RopeConfig(**d["rope_local"])
-    for k in ("layer_types", "eos_token_ids"):
+    for k in ("layer_types", "eos_token_ids", "vocab_subset"):
       if k in d:
         d[k] = tuple(d[k])
     return cls(**d)

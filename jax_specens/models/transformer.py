@@ -52,7 +52,7 @@ class Transformer(nnx.Module):
     )
     self.layers = nnx.List([Block(config, i, dtype, rngs) for i in range(config.num_layers)])
     self.final_norm = Norm(d, config, dtype)
-    self.lm_head = None if config.tie_embeddings else linear(d, config.vocab_size, False, dtype,
+    self.lm_head = None if config.tie_embeddings else linear(d, config.head_size, False, dtype,
                                                              rngs)
 
   def __call__(
@@ -63,6 +63,13 @@ class Transformer(nnx.Module):
     Returns float32 logits and the cache with its rows' K/V written; `cache.pos` is left to the
     caller (see `jax_specens.step`).
     """
+    x, cache = self.hidden(tokens, positions, cache)
+    return self.head(x), cache
+
+  def hidden(
+      self, tokens: Int[Array, "B W"], positions: Int[Array, "B W"], cache: KVCache
+  ) -> tuple[Float[Array, "B W D"], KVCache]:
+    """The final-normed hidden states (what `head` scores) and the cache with K/V written."""
     x = self.embed(tokens)
     if self.config.embed_scale:
       x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
@@ -74,12 +81,28 @@ class Transformer(nnx.Module):
       ks.append(k)
       vs.append(v)
     x = self.final_norm(x)
-    if self.lm_head is None:
-      logits = self.embed.attend(x)
-    else:
+    return x, cache.replace(k=tuple(ks), v=tuple(vs))
+
+  def head(self, x: Float[Array, "B W D"], full: bool = True) -> Float[Array, "B W V"]:
+    """float32 logits over the full vocabulary (`full=False`: the K head logits, unscattered).
+
+    With `config.vocab_subset` (K ids) only K rows are read (the tied embedding's rows of those
+    ids, or a `[D, K]` head) and scattered into a `-inf` array: a reduced-vocabulary draft puts
+    probability zero outside its subset and proposes target ids directly.
+    """
+    ids = self.config.vocab_subset
+    if self.lm_head is not None:
       logits = self.lm_head(x)
+    elif ids:
+      rows = jnp.take(self.embed.embedding[...], jnp.asarray(ids, jnp.int32), axis=0)  # K D
+      logits = jnp.einsum("bwd,kd->bwk", x, rows.astype(x.dtype))
+    else:
+      logits = self.embed.attend(x)
     logits = logits.astype(jnp.float32)
     if self.config.final_softcap is not None:
       c = self.config.final_softcap
       logits = jnp.tanh(logits / c) * c
-    return logits, cache.replace(k=tuple(ks), v=tuple(vs))
+    if ids and full:
+      out = jnp.full(logits.shape[:-1] + (self.config.vocab_size,), -jnp.inf, jnp.float32)
+      logits = out.at[..., jnp.asarray(ids, jnp.int32)].set(logits)
+    return logits

@@ -1,0 +1,107 @@
+"""`jax-specens train-draft`: distil a small draft with a reduced vocabulary from any target."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+DESCRIPTION = """\
+Distil a draft for speculative decoding (sd) and speculative ensembles (se) from TARGET:
+a few of the target's layers (--layers, copied from it), its embedding (frozen, shared), and a
+head over only the K target ids the target most often predicts (--vocab-k; EAGLE-3 style). The
+draft's logits cover the target's whole vocabulary with -inf outside those K ids, so it proposes
+target ids and sd / se stay exactly lossless.
+
+Training data, all offline: the target's own greedy answers to the chat prompts shipped in
+jax_specens/draft/prompts.py, and the Python standard library's prose and code labelled with the
+target's top-T next-token distribution (teacher-forced). Loss: KL to the target's distribution;
+AdamW (optax); held-out split by document (prompt or file); orbax checkpoints in
+--checkpoint-dir (default OUT.ckpt), rerun the same command to resume. The teacher labels are
+cached there too: on a CPU they are the slow part.
+
+OUT (created only when complete) is an ordinary model directory (usable as --draft, or as a
+--model of an se ensemble) with distill.json: held-out agreement (greedy acceptance per token),
+alpha (T=1 acceptance), loss, the draft's own bytes and its bytes read per token / the target's.
+
+example:  jax-specens train-draft --target models/smollm2 --out models/smollm2-draft \\
+              --time-budget 15
+use it:   jax-specens generate --model models/smollm2 --draft models/smollm2-draft \\
+              --method sd --gamma 4 --prompt "What is gravity?" --temperature 0
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+  p = subparsers.add_parser(
+      "train-draft", help="distil a small reduced-vocabulary draft model from a target",
+      description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--target", required=True, metavar="DIR", help="target model directory")
+  p.add_argument("--out", required=True, metavar="DIR", help="output draft directory")
+  p.add_argument("--layers", default="0,1",
+                 help="comma-separated target layers copied into the draft (default: 0,1)")
+  p.add_argument("--vocab-k", type=int, default=8192,
+                 help="K: ids in the draft's head (default 8192; the target's full vocabulary "
+                 "is used when K >= its size)")
+  p.add_argument("--chat-prompts", type=int, default=96,
+                 help="training prompts the target answers greedily (default 96)")
+  p.add_argument("--answer-tokens", type=int, default=96, help="tokens per answer (default 96)")
+  p.add_argument("--text-tokens", type=int, default=4000,
+                 help="stdlib prose/code tokens labelled by the teacher (default 4000)")
+  p.add_argument("--eval-chat-prompts", type=int, default=32,
+                 help="held-out prompts answered and labelled for evaluation (default 32)")
+  p.add_argument("--eval-text-tokens", type=int, default=3000)
+  p.add_argument("--seq-len", type=int, default=128, help="tokens per training row")
+  p.add_argument("--top", type=int, default=32, help="teacher labels: top-T ids (default 32)")
+  p.add_argument("--steps", type=int, default=1500, help="max training steps (default 1500)")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--learning-rate", type=float, default=1e-3)
+  p.add_argument("--eval-every", type=int, default=50)
+  p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                 help="stop training after this many minutes (the learning-rate schedule follows "
+                 "the elapsed time, so it completes; labels are not counted)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--checkpoint-dir", metavar="DIR",
+                 help="teacher labels and training state (default OUT.ckpt); rerun to resume")
+  p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  p.set_defaults(run=run)
+  return p
+
+
+def _layers(text: str) -> tuple[int, ...]:
+  try:
+    layers = tuple(int(x) for x in text.split(",") if x.strip())
+  except ValueError:
+    raise ValueError(f"--layers must be comma-separated integers such as 0,1; got {text!r}")
+  if not layers:
+    raise ValueError("--layers is empty; give target layer indices such as --layers 0,1")
+  return layers
+
+
+def run(args: argparse.Namespace) -> int:
+  from jax_specens.draft.pipeline import DraftRecipe, train_draft
+  from jax_specens.draft.train import TrainConfig
+
+  for flag, v in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                  ("--eval-every", args.eval_every)):
+    if v < 1:
+      raise ValueError(f"{flag} must be >= 1, got {v}")
+  if args.time_budget is not None and args.time_budget <= 0:
+    raise ValueError(f"--time-budget must be > 0 minutes, got {args.time_budget}")
+  if args.learning_rate <= 0:
+    raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}")
+  recipe = DraftRecipe(
+      layers=_layers(args.layers), vocab_k=args.vocab_k, seq_len=args.seq_len, top=args.top,
+      chat_prompts=args.chat_prompts, answer_tokens=args.answer_tokens,
+      text_tokens=args.text_tokens, eval_chat_prompts=args.eval_chat_prompts,
+      eval_text_tokens=args.eval_text_tokens)
+  config = TrainConfig(batch_size=args.batch_size, learning_rate=args.learning_rate,
+                       max_steps=args.steps, eval_every=args.eval_every, seed=args.seed,
+                       time_budget_s=None if args.time_budget is None else args.time_budget * 60)
+  m = train_draft(args.target, args.out, recipe, config, checkpoint_dir=args.checkpoint_dir,
+                  overwrite=args.overwrite, progress=not args.quiet)
+  summary = {k: m[k] for k in ("train_tokens", "eval_tokens", "subset_coverage_eval",
+                               "initial_eval", "final_eval", "steps", "train_seconds",
+                               "draft_own_bytes", "read_bytes_ratio")}
+  print(json.dumps(summary, indent=1))
+  print(f"draft written to {args.out}")
+  return 0

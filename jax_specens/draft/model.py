@@ -1,0 +1,79 @@
+"""The draft's shape: a few of the target's layers and a head over K of its token ids.
+
+A draft is an ordinary `ModelConfig` of the target's family with `num_layers` layers and
+`vocab_subset` = the K target ids it may propose (`tie_embeddings=False`: its head is its own
+`[D, K]` matrix). It is initialised from the target: the embedding (kept frozen, so it can be
+shared with the target at load time), the chosen layers, the final norm, and the head's K rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_specens.checkpoint import abstract_model
+from jax_specens.models.config import ModelConfig
+from jax_specens.step import Model
+
+# parameter groups shared with the target unchanged (not trained, not needed in a slim copy)
+SHARED = ("embed", "pos_embed")
+
+
+def draft_config(target: ModelConfig, layers: Sequence[int], vocab_subset: Sequence[int]
+                 ) -> ModelConfig:
+  """The target's config with only `layers` (target layer indices) and a K-id head."""
+  layers = [int(i) for i in layers]
+  bad = [i for i in layers if not 0 <= i < target.num_layers]
+  if not layers or bad:
+    raise ValueError(f"draft layers {layers} must be a non-empty list of target layer indices in "
+                     f"[0, {target.num_layers}) (e.g. --layers 0,1)")
+  if target.vocab_subset:
+    raise ValueError("the target already has a reduced vocabulary; distil from a full model")
+  types = tuple(target.layer_type(i) for i in layers) if target.layer_types else ()
+  return dataclasses.replace(target, num_layers=len(layers), layer_types=types,
+                             vocab_subset=tuple(int(i) for i in vocab_subset),
+                             tie_embeddings=False)
+
+
+def target_head_rows(target: Model, ids: np.ndarray) -> jax.Array:
+  """`[D, K]`: the target's LM head columns of `ids` (its tied embedding rows, or lm_head)."""
+  pure = nnx.to_pure_dict(target.params)
+  ids = jnp.asarray(ids, jnp.int32)
+  if target.config.tie_embeddings:
+    return jnp.take(pure["embed"]["embedding"], ids, axis=0).T
+  return jnp.take(pure["lm_head"]["kernel"], ids, axis=1)
+
+
+def init_from_target(target: Model, layers: Sequence[int], vocab_subset: Sequence[int]) -> Model:
+  """A draft whose every weight is copied from `target` (see the module docstring)."""
+  config = draft_config(target.config, layers, vocab_subset)
+  pure = nnx.to_pure_dict(target.params)
+  abstract = abstract_model(config, target.dtype)
+  new = {k: pure[k] for k in SHARED if k in pure}
+  new["final_norm"] = pure["final_norm"]
+  new["layers"] = {j: pure["layers"][i] for j, i in enumerate(layers)}
+  new["lm_head"] = {"kernel": target_head_rows(target, np.asarray(config.vocab_subset))}
+  params = abstract.params
+  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map(jnp.asarray, new))
+  return Model(config=config, graphdef=abstract.graphdef, params=params)
+
+
+
+def own_bytes(draft: Model) -> int:
+  """Bytes of the draft's own weights: everything but the embedding it shares with its target."""
+  pure = nnx.to_pure_dict(draft.params)
+  return sum(x.size * x.dtype.itemsize for k, v in pure.items() if k not in SHARED
+             for x in jax.tree_util.tree_leaves(v))
+
+
+def read_bytes_per_token(config: ModelConfig, dtype_bytes: int = 4) -> int:
+  """Weight bytes one decoding step reads (embedding: one row): the memory-bound cost model."""
+  d, f = config.hidden_size, config.intermediate_size
+  attn = d * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
+  mlp = d * f * (3 if config.gated_mlp else 2)
+  return dtype_bytes * (config.num_layers * (attn + mlp) + d * config.head_size + d)

@@ -1,0 +1,127 @@
+"""`train_draft`: target directory in, draft model directory out (what `jax-specens train-draft`
+runs). Harvest the teacher labels (cached in the checkpoint directory), pick the K ids, build the
+draft from the target, train it, save it as an ordinary model directory plus `distill.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from jax_specens.checkpoint import (atomic_dir, copy_tokenizer_files, load_model, load_tokenizer,
+                                    write_model_files)
+from jax_specens.draft import data as D
+from jax_specens.draft.model import init_from_target, own_bytes, read_bytes_per_token
+from jax_specens.draft.train import TrainConfig, evaluate, train
+
+DISTILL_FILE = "distill.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftRecipe:
+  """The draft's shape and its distillation data (see `data.py`)."""
+
+  layers: tuple[int, ...] = (0, 1)  # target layers copied into the draft, in order
+  vocab_k: int = 8192  # K: head over the K target ids most often the target's top-1
+  seq_len: int = 128
+  top: int = 32  # teacher labels: the target's top-T tokens per position
+  chat_prompts: int = 96  # training prompts the target answers (greedy; labels = its tokens)
+  answer_tokens: int = 96
+  text_tokens: int = 4000  # stdlib prose + code tokens labelled by the teacher
+  eval_chat_prompts: int = 32
+  eval_text_tokens: int = 3000
+  harvest_batch: int = 16  # rows per teacher pass
+  gen_batch: int = 32  # rows per generation call
+
+  def __post_init__(self):
+    if self.vocab_k < 2:
+      raise ValueError(f"vocab_k must be >= 2 (--vocab-k), got {self.vocab_k}")
+    if self.seq_len < 8 or self.top < 1:
+      raise ValueError("seq_len must be >= 8 (--seq-len) and top >= 1 (--top)")
+
+  def harvest_key(self) -> dict:
+    d = dataclasses.asdict(self)
+    return {k: d[k] for k in ("seq_len", "top", "chat_prompts", "answer_tokens", "text_tokens",
+                              "eval_chat_prompts", "eval_text_tokens")}
+
+
+def _harvests(target, tok, recipe: DraftRecipe, ckpt: Path, progress: bool):
+  """Train and held-out labels, read from `ckpt` when a previous run with the same recipe made
+  them (so a resumed run skips the slow part), else computed and saved there."""
+  key_file = ckpt / "harvest.json"
+  key = recipe.harvest_key()
+  if key_file.is_file() and json.loads(key_file.read_text()) != key:
+    raise ValueError(f"{ckpt} holds teacher labels of another recipe "
+                     f"({key_file.read_text()}); pass a new --checkpoint-dir")
+  out = {}
+  for split, n, text in (("test", recipe.eval_chat_prompts, recipe.eval_text_tokens),
+                         ("train", recipe.chat_prompts, recipe.text_tokens)):
+    path = ckpt / f"harvest_{split}.npz"
+    if path.is_file():
+      out[split] = D.Harvest.load(path)
+      continue
+    h = D.build_harvest(target, tok, split, chat_prompts_n=n, answer_tokens=recipe.answer_tokens,
+                        text_tokens=text, seq_len=recipe.seq_len, top=recipe.top,
+                        batch_size=recipe.harvest_batch, gen_batch_size=recipe.gen_batch,
+                        soft_answers=split == "test", progress=progress)
+    tmp = ckpt / f".harvest_{split}.tmp.npz"
+    h.save(tmp)
+    os.replace(tmp, path)
+    key_file.write_text(json.dumps(key))
+    out[split] = h
+  return out["train"], out["test"]
+
+
+def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                recipe: DraftRecipe = DraftRecipe(), config: TrainConfig = TrainConfig(), *,
+                checkpoint_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                progress: bool = True) -> dict:
+  """Distils a draft of the model in `target_dir` into `out_dir`; returns the metrics written
+  to `out_dir/distill.json`. checkpoint_dir (default `<out_dir>.ckpt`): teacher labels and
+  training state; an interrupted run resumes from it."""
+  out = Path(out_dir)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
+  t0 = time.time()
+  target = load_model(target_dir)
+  tok = load_tokenizer(target_dir)
+  if tok is None:
+    raise FileNotFoundError(f"{target_dir} has no tokenizer files; the draft is distilled on "
+                            "text tokenized by the target's tokenizer (convert the target with its "
+                            "tokenizer)")
+  bad = [i for i in recipe.layers if not 0 <= i < target.config.num_layers]
+  if bad:
+    raise ValueError(f"--layers {bad} not in [0, {target.config.num_layers}) (the target's layers)")
+  ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else out.parent / f"{out.name}.ckpt"
+  ckpt.mkdir(parents=True, exist_ok=True)
+  train_h, test_h = _harvests(target, tok, recipe, ckpt, progress)
+  t_harvest = time.time() - t0
+  subset = D.frequent_ids(train_h, recipe.vocab_k, target.config.vocab_size,
+                          always=target.config.eos_token_ids)
+  np.save(ckpt / "vocab_subset.npy", subset)
+  draft = init_from_target(target, recipe.layers, subset)
+  draft, history = train(draft, train_h, test_h, config, checkpoint_dir=ckpt / "train",
+                         progress=progress)
+  final = evaluate(draft, test_h, config.batch_size)
+  top1 = test_h.top_ids[..., 0][test_h.mask > 0]
+  metrics = {
+      "target": str(Path(target_dir).absolute()),
+      "recipe": dataclasses.asdict(recipe), "train_config": dataclasses.asdict(config),
+      "train_tokens": train_h.num_tokens, "eval_tokens": test_h.num_tokens,
+      "subset_coverage_eval": float(np.isin(top1, subset).mean()),
+      "initial_eval": history["initial_eval"], "final_eval": final,
+      "steps": history["steps"], "train_seconds": history["seconds"],
+      "harvest_seconds": round(t_harvest, 1), "evals": history["evals"],
+      "draft_own_bytes": own_bytes(draft),
+      "read_bytes_ratio": read_bytes_per_token(draft.config) / read_bytes_per_token(target.config),
+  }
+  with atomic_dir(out, overwrite) as tmp:
+    write_model_files(tmp, draft.config, nnx.to_pure_dict(draft.params))
+    copy_tokenizer_files(target_dir, tmp)
+    (tmp / DISTILL_FILE).write_text(json.dumps(metrics, indent=2))
+  return metrics

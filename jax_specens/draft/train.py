@@ -1,0 +1,217 @@
+"""Distilling the draft: KL to the target's teacher-forced distribution, with optax.
+
+The loss at every position is the cross-entropy `-sum_t p(t) log q(t)` over the target's top-T
+tokens t (= KL(p || q) up to the target's entropy); tokens outside the draft's K ids cannot be
+proposed and only cost their mass. Reported on the held-out split:
+- `agree`: the draft's argmax equals the target's (the greedy acceptance rate per token);
+- `alpha`: sum_t min(p(t), q(t)) over the top-T, a lower bound of 1 - TV(p, q), the T = 1
+  acceptance rate (SPEC §2).
+The embedding stays the target's (frozen); the layers, final norm and head are trained. Minibatches
+are a pure function of (seed, step), so a run resumed from its orbax checkpoint continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+from tqdm.auto import tqdm
+
+from jax_specens.cache import init_cache
+from jax_specens.draft.data import Harvest
+from jax_specens.draft.model import SHARED
+from jax_specens.step import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation of the draft (the data and the draft's shape are set in `pipeline`)."""
+
+  batch_size: int = 16
+  learning_rate: float = 1e-3
+  warmup_steps: int = 30
+  max_steps: int = 1500
+  eval_every: int = 100
+  weight_decay: float = 0.0
+  seed: int = 0
+  time_budget_s: float | None = None  # the cosine schedule follows the elapsed time when set
+
+  def __post_init__(self):
+    if self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1:
+      raise ValueError("batch_size, max_steps and eval_every must be >= 1")
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+def subset_index(top_ids: np.ndarray, vocab_subset, vocab_size: int) -> np.ndarray:
+  """Maps target ids to their row in the draft's head; -1 for ids outside the subset."""
+  lut = np.full((vocab_size,), -1, np.int32)
+  lut[np.asarray(vocab_subset)] = np.arange(len(vocab_subset), dtype=np.int32)
+  return lut[top_ids]
+
+
+def split_trainable(draft: Model):
+  """(graphdef, trainable State, frozen State): the shared embedding is frozen."""
+  module = draft.module()
+  frozen = lambda path, _: path[0] in SHARED  # noqa: E731
+  return nnx.split(module, nnx.All(nnx.Param, nnx.Not(frozen)), ...)
+
+
+def distill_metrics(
+    module, tokens: Int[Array, "B L"], mask: Float[Array, "B L"], idx: Int[Array, "B L T"],
+    logp: Float[Array, "B L T"],
+) -> dict[str, Array]:
+  """Mean loss, agreement and alpha (see the module docstring) over the masked positions."""
+  b, l = tokens.shape
+  cache = init_cache(module.config, b, l, module.embed.embedding[...].dtype)
+  positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+  x, _ = module.hidden(tokens, positions, cache)
+  logits = module.head(x, full=False)  # B L K
+  logq = jax.nn.log_softmax(logits, -1)
+  inside = idx >= 0
+  lq = jnp.take_along_axis(logq, jnp.maximum(idx, 0), -1)
+  p = jnp.exp(logp) * inside
+  ce = -(p * jnp.where(inside, lq, 0.0)).sum(-1)
+  n = jnp.maximum(mask.sum(), 1.0)
+  agree = (jnp.argmax(logits, -1) == idx[..., 0]) & inside[..., 0]
+  alpha = jnp.minimum(p, jnp.exp(lq)).sum(-1)
+  return {"loss": (ce * mask).sum() / n, "agree": (agree * mask).sum() / n,
+          "alpha": (alpha * mask).sum() / n}
+
+
+def evaluate(draft: Model, data: Harvest, batch_size: int = 16) -> dict[str, float]:
+  """Held-out loss / agree / alpha of `draft` on `data` (token-weighted means)."""
+  idx = subset_index(data.top_ids, draft.config.vocab_subset, draft.config.vocab_size)
+  fn = jax.jit(lambda m, *a: distill_metrics(m.module(), *a))
+  sums, total = {}, 0.0
+  for s in range(0, data.tokens.shape[0], batch_size):
+    sl = slice(s, s + batch_size)
+    n = float(data.mask[sl].sum())
+    out = fn(draft, data.tokens[sl], data.mask[sl], idx[sl], data.top_logp[sl])
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + float(v) * n
+    total += n
+  return {k: v / max(total, 1.0) for k, v in sums.items()}
+
+
+def _batch(seed: int, step: int, n: int, batch: int) -> np.ndarray:
+  return np.random.default_rng([seed, step]).integers(0, n, batch)
+
+
+def train(
+    draft: Model, train_data: Harvest, eval_data: Harvest, config: TrainConfig = TrainConfig(),
+    *, checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
+    callback: Callable[[int, dict], None] | None = None,
+) -> tuple[Model, dict]:
+  """Trains `draft` (initialised by `model.init_from_target`); returns the draft with the best
+  held-out loss and a history. checkpoint_dir: orbax CheckpointManager dir; resumes from it."""
+  graphdef, params, frozen = split_trainable(draft)
+  idx = subset_index(train_data.top_ids, draft.config.vocab_subset, draft.config.vocab_size)
+  steps = config.max_steps
+  warm = min(config.warmup_steps, steps // 2)
+
+  def lr_at(step: int, frac: float) -> float:
+    if step < warm:
+      return config.learning_rate * (step + 1) / max(warm, 1)
+    return config.learning_rate * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(frac, 1.0))))
+
+  tx = optax.inject_hyperparams(lambda learning_rate: optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax.adamw(learning_rate, b1=0.9, b2=0.98, weight_decay=config.weight_decay)))(
+          learning_rate=config.learning_rate)
+
+  def loss_of(p, *batch):
+    m = distill_metrics(nnx.merge(graphdef, p, frozen), *batch)
+    return m["loss"], m
+
+  @jax.jit
+  def train_step(p, opt_state, *batch):
+    (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(p, *batch)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state, metrics
+
+  def as_model(p) -> Model:
+    g, st = nnx.split(nnx.merge(graphdef, p, frozen))
+    return Model(config=draft.config, graphdef=g, params=st)
+
+  initial = evaluate(draft, eval_data, config.batch_size)
+  state = {"params": params, "opt_state": tx.init(params), "best_params": params, "step": 0,
+           "best_loss": initial["loss"], "elapsed": 0.0}
+  history = {"initial_eval": initial, "evals": []}
+  manager = None
+  if checkpoint_dir is not None:
+    manager = ocp.CheckpointManager(Path(checkpoint_dir).absolute(),
+                                    options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    if manager.latest_step() is not None:
+      state = _restore(manager, state)
+      history["resumed_from"] = state["step"]
+  p, opt_state, step = state["params"], state["opt_state"], state["step"]
+  bar = tqdm(total=steps, initial=step, desc="distil draft", disable=not progress,
+             mininterval=2.0)
+  t0 = time.time() - state["elapsed"]
+  n = train_data.tokens.shape[0]
+  while step < steps:
+    frac = step / steps
+    if config.time_budget_s is not None:
+      frac = max(frac, (time.time() - t0) / config.time_budget_s)
+      if frac >= 1.0 and step > state["step"]:
+        break
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(lr_at(step, frac))
+    b = _batch(config.seed, step, n, config.batch_size)
+    p, opt_state, metrics = train_step(p, opt_state, train_data.tokens[b], train_data.mask[b],
+                                       idx[b], train_data.top_logp[b])
+    step += 1
+    bar.update(1)
+    if step % config.eval_every == 0 or step == steps:
+      ev = evaluate(as_model(p), eval_data, config.batch_size)
+      better = ev["loss"] < state["best_loss"]
+      state = {"params": p, "opt_state": opt_state, "step": step,
+               "best_params": p if better else state["best_params"],
+               "best_loss": ev["loss"] if better else state["best_loss"],
+               "elapsed": time.time() - t0}
+      record = {"step": step, "train_loss": float(metrics["loss"]),
+                **{f"eval_{k}": v for k, v in ev.items()}}
+      history["evals"].append(record)
+      bar.set_postfix(eval_loss=f"{ev['loss']:.3f}", agree=f"{ev['agree']:.3f}")
+      if manager is not None:
+        manager.save(step, args=ocp.args.StandardSave(_savable(state)))
+        manager.wait_until_finished()
+      if callback is not None:
+        callback(step, record)
+  bar.close()
+  if not history["evals"] or history["evals"][-1]["step"] != step:  # stopped by the budget
+    ev = evaluate(as_model(p), eval_data, config.batch_size)
+    if ev["loss"] < state["best_loss"]:
+      state = {**state, "best_params": p, "best_loss": ev["loss"]}
+    history["evals"].append({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
+  if manager is not None:
+    manager.close()
+  history.update(steps=step, seconds=round(time.time() - t0, 1), best_eval_loss=state["best_loss"])
+  return as_model(state["best_params"]), history
+
+
+def _savable(state: dict) -> dict:
+  return {**state, "step": np.int64(state["step"]), "best_loss": np.float64(state["best_loss"]),
+          "elapsed": np.float64(state["elapsed"])}
+
+
+def _restore(manager: ocp.CheckpointManager, like: dict) -> dict:
+  def spec(x):
+    x = x if isinstance(x, jax.Array) else np.asarray(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+  target = jax.tree_util.tree_map(spec, _savable(like))
+  restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(target))
+  restored = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(_savable(like)),
+                                          jax.tree_util.tree_leaves(restored))
+  return {**restored, "step": int(restored["step"]), "best_loss": float(restored["best_loss"]),
+          "elapsed": float(restored["elapsed"])}
