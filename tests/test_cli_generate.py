@@ -167,3 +167,29 @@ def test_help_lists_generate(capsys):
     main(["--help"])
   assert e.value.code == 0
   assert "generate" in capsys.readouterr().out
+
+
+@pytest.mark.real
+def test_real_chat_answers_paris_and_stops_like_transformers(real_smollm2, smollm2_gguf, capsys):
+  """SmolLM2-135M-Instruct, --chat greedy: the answer names Paris and ends at <|im_end|> (finish
+  reason stop), token for token what transformers' greedy generate() gives on the same template
+  (the reference model: transformers' own load of the GGUF file, float32)."""
+  import torch
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  question = "What is the capital of France?"
+  code, out, err = cli(capsys, "--model", str(real_smollm2), "--chat", "--prompt", question,
+                       "--max-new-tokens", "32", "--temperature", "0", "--json")
+  assert code == 0, err
+  got = json.loads(out)
+  assert "Paris" in got["texts"][0] and got["finish_reasons"] == ["stop"]
+  tok = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+  im_end = tok.convert_tokens_to_ids("<|im_end|>")
+  assert got["tokens"][0][-1] == im_end and im_end not in got["tokens"][0][:-1]
+  assert got["texts"][0] == tok.decode(got["tokens"][0][:-1], skip_special_tokens=True)
+  ids = tok.apply_chat_template([{"role": "user", "content": question}],
+                                add_generation_prompt=True, return_tensors="pt", return_dict=True)
+  hf = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                            dtype=torch.float32)
+  with torch.no_grad():
+    ref = hf.generate(**ids, max_new_tokens=32, do_sample=False, eos_token_id=im_end)
+  assert got["tokens"][0] == ref[0, ids["input_ids"].shape[1]:].tolist()
