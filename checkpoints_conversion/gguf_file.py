@@ -66,8 +66,11 @@ def is_gguf(path: str | os.PathLike) -> bool:
 
 
 def open_reader(path: str | os.PathLike):
-  """`gguf.GGUFReader` of `path`, or a ValueError saying what is wrong with the file."""
-  gguf = _require_gguf()
+  """`gguf_reader.Reader` of `path`, or a ValueError saying what is wrong with the file."""
+  from gguf.quants import _type_traits
+
+  from checkpoints_conversion.gguf_reader import Reader
+  _require_gguf()
   path = Path(path)
   with open(path, "rb") as f:
     head = f.read(4)
@@ -75,28 +78,17 @@ def open_reader(path: str | os.PathLike):
     raise ValueError(f"{path} is not a GGUF file (it starts with {head!r}, not b'GGUF'); pass a "
                      ".gguf file or a Hugging Face model directory")
   try:
-    reader = gguf.GGUFReader(path)
+    reader = Reader(path)
   except ValueError as e:
-    unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
-    if unknown:
-      raise ValueError(f"{path} stores a tensor in ggml type {unknown.group(1)}, which the "
-                       f"installed gguf package does not know; {_supported_types()}: "
-                       "upgrade gguf (pip install -U gguf) or re-quantize the model") from e
-    raise ValueError(f"{path} is not a valid GGUF file ({e}); it is truncated or corrupt: "
-                     "download it again") from e
-  except (IndexError, OverflowError, UnicodeDecodeError, KeyError) as e:
-    raise ValueError(f"{path} is a truncated or corrupt GGUF file ({type(e).__name__}: {e}); "
-                     "download it again") from e
-  from gguf.quants import _type_traits
-  size = path.stat().st_size
+    hint = ("upgrade gguf (pip install -U gguf) or re-quantize the model; " + _supported_types()
+            if "unknown to the installed gguf" in str(e) else "it is truncated or corrupt: "
+            "download it again")
+    raise ValueError(f"{path} is not a valid GGUF file: {e}; {hint}") from e
   for t in reader.tensors:
     if t.tensor_type.name not in ("F32", "F16") and t.tensor_type not in _type_traits:
       raise ValueError(f"tensor {t.name!r} of {path} is stored as {t.tensor_type.name}, which "
                        f"the gguf package cannot dequantize; {_supported_types()}: "
                        "re-quantize the model with a supported type")
-    if t.data_offset + t.n_bytes > size or t.data.size * t.data.itemsize != t.n_bytes:
-      raise ValueError(f"{path} is truncated: tensor {t.name!r} needs bytes up to "
-                       f"{t.data_offset + t.n_bytes}, the file has {size}; download it again")
   return reader
 
 
@@ -108,8 +100,7 @@ def _supported_types() -> str:
 
 def field(reader, key: str, default=None):
   """The value of metadata `key` (str, number, bool or list), or `default` when absent."""
-  f = reader.fields.get(key)
-  return default if f is None else f.contents()
+  return reader.fields.get(key, default)
 
 
 def architecture(reader, path) -> str:
