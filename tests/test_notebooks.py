@@ -30,7 +30,7 @@ def test_notebook_executes(path: Path):
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                                    resources={"metadata": {"path": str(path.parent)}})
-  client.execute()
-  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-            if o.get("output_type") == "error"]
-  assert not errors, errors
+  client.execute()  # raises CellExecutionError at the first cell that fails
+  code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
+  assert code and all(c.execution_count is not None for c in code), "a code cell did not run"
+  assert any(c.get("outputs") for c in code), "the notebook printed nothing"

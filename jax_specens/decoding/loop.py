@@ -232,16 +232,26 @@ def gammas_per_model(gamma, num_models: int) -> tuple[int, ...]:
   return gammas
 
 
-def generate(method: Method, models: tuple[Model, ...], req: Request, cfg: Config
-             ) -> DecodeOutput:
-  """The whole generation as one `lax.while_loop` (traceable; `decode` jits it)."""
+def run(method: Method, models: tuple[Model, ...], req: Request, cfg: Config) -> LoopState:
+  """The whole generation as one `lax.while_loop` (traceable); the final loop state.
+
+  With a mesh set (`jax.set_mesh`, as `jax_specens.parallel.decode` does) the state is pinned to
+  the partition rules after `init` and after every step (`parallel.place.pin_state`).
+  """
+  from jax_specens.parallel.place import pin_state
 
   def cond(s: LoopState):
     return jnp.any(s.active) & (s.stats.steps < cfg.max_new_tokens)
 
   def body(s: LoopState):
     s = method.step(models, req, cfg, s)
-    return s.replace(stats=s.stats.replace(steps=s.stats.steps + 1))
+    return pin_state(s.replace(stats=s.stats.replace(steps=s.stats.steps + 1)), models)
 
-  state = method.init(models, req, cfg)
-  return finalize(jax.lax.while_loop(cond, body, state))
+  state = pin_state(method.init(models, req, cfg), models)
+  return jax.lax.while_loop(cond, body, state)
+
+
+def generate(method: Method, models: tuple[Model, ...], req: Request, cfg: Config
+             ) -> DecodeOutput:
+  """The whole generation as one `lax.while_loop` (traceable; `decode` jits it)."""
+  return finalize(run(method, models, req, cfg))

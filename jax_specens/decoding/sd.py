@@ -22,4 +22,4 @@ def gammas(gamma, num_models: int) -> tuple[int, ...]:
 
 METHOD = Method(init=se.init, step=functools.partial(se.step, counted=(0,)), uses_draft=True,
                 num_models=(2, 2), speculative=True, target=-1, lookahead=se.lookahead,
-                gammas=gammas)
+                gammas=gammas, prepare=se.prepare)  # acceptance_rule=, as se

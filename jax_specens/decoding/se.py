@@ -181,11 +181,13 @@ def _propose(req, cfg, state: LoopState, k: int) -> LoopState:
 
 
 def prepare(models, options: dict):
-  """se accepts `acceptance_rule=` (a function with the signature of `acceptance.verify`): a
-  replacement rule for experiments and tests; the default is the lossless one."""
+  """se (and sd) accept `acceptance_rule=` (a function with the signature of
+  `acceptance.verify`): a replacement rule for experiments and tests; the default is the lossless
+  one."""
   rule = options.pop("acceptance_rule", None)
   if options:
-    raise ValueError(f"unknown options for method 'se': {sorted(options)}")
+    raise ValueError(f"unknown options for method 'se' / 'sd': {sorted(options)}; they take "
+                     "acceptance_rule")
   if rule is not None and not callable(rule):
     raise ValueError("acceptance_rule must be a function like jax_specens.acceptance.verify")
   return None, (("acceptance_rule", rule),) if rule is not None else ()

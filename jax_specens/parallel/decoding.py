@@ -7,7 +7,8 @@
 The decoding code has no device-specific code: the models' parameters and the prompts carry
 `NamedSharding`s (the partition rules of `rules.py`) and the generation loop is traced with the mesh
 set (`jax.set_mesh`), so XLA's partitioner splits every model call (heads and MLP columns on
-`model`, batch rows on `data`) and keeps the KV caches split the same way through the loop. The
+`model`, batch rows on `data`); the loop pins its state (the KV caches split as each model's
+heads, per-row arrays on `data`) at the start and after every step (`place.pin_state`). The
 greedy tokens are the single-device tokens.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jax_specens.parallel.multihost import to_host
-from jax_specens.parallel.place import shard_batch, shard_model
+from jax_specens.parallel.place import kv_axes_of, shard_batch, shard_model
 from jax_specens.parallel.rules import check_batch, make_plan
 from jax_specens.step import Model
 
@@ -77,6 +78,8 @@ def decode(models: Model | Sequence[Model], prompts, prompt_lengths, *, mesh: Me
   models, prompts, prompt_lengths, draft = place_for_decode(
       models, prompts, prompt_lengths, mesh, draft=draft, tensor_parallel=tensor_parallel,
       replicate_kv=replicate_kv)
-  with jax.set_mesh(mesh):
+  ordered = ([draft] if draft is not None else []) + (
+      [models] if isinstance(models, Model) else list(models))
+  with jax.set_mesh(mesh), kv_axes_of(ordered):  # the loop's caches follow each model's heads
     out = decode_on_device(models, prompts, prompt_lengths, draft=draft, **kwargs)
   return to_host(out) if jax.process_count() > 1 else out

@@ -7,12 +7,15 @@
     prompts = shard_batch(prompts, mesh)
 
 Inside a jitted decode nothing else is needed: with the mesh set (`jax.set_mesh(mesh)`, which
-`jax_specens.parallel.decode` does) the caches that decode creates are constrained to the cache
-rule by `constrain_cache`, and XLA propagates the rest.
+`jax_specens.parallel.decode` does) the decode loop pins its state at the start and after every
+step (`pin_state`): each model's KV cache to the cache rule (batch on `data`, kv heads as that
+model's K/V projections are placed), every other per-row array on `data`, the rest replicated.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from collections.abc import Sequence
 
@@ -22,9 +25,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_specens.cache import KVCache
 from jax_specens.models.config import ModelConfig
-from jax_specens.parallel.mesh import AXES, device_ids
+from jax_specens.parallel.mesh import AXES, DATA, device_ids
 from jax_specens.parallel.rules import (batch_spec, cache_spec, check_batch, make_plan,
-                                        param_shardings)
+                                        param_path, param_shardings)
 from jax_specens.step import Model
 
 
@@ -113,6 +116,62 @@ def constrain_cache(cache: KVCache, config: ModelConfig) -> KVCache:
   specs = _cache_shardings(cache, config, mesh)
   return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, cache, specs,
                                 is_leaf=lambda x: isinstance(x, P))
+
+
+# per model (method order): the mesh axis of its kv heads, or None; set by `parallel.decode` from
+# the placed parameters (a draft kept whole has None). Unset: the cache rule of the default plan.
+_KV_AXES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("kv_axes", default=None)
+
+
+@contextlib.contextmanager
+def kv_axes_of(models: Sequence[Model]):
+  """While tracing a decode of `models` (method order, placed on a mesh): each loop cache is
+  pinned with its kv heads on the axis that model's K projection uses."""
+  axes = []
+  for m in models:
+    found = None
+    for path, x in jax.tree_util.tree_leaves_with_path(m.params):
+      if param_path(path).endswith("attn/k/kernel") and isinstance(
+          getattr(x, "sharding", None), NamedSharding):
+        found = x.sharding.spec[1] if len(x.sharding.spec) > 1 else None
+        break
+    axes.append(found)
+  token = _KV_AXES.set(tuple(axes))
+  try:
+    yield
+  finally:
+    _KV_AXES.reset(token)
+
+
+def pin_state(state, models: Sequence[Model]):
+  """Inside jit with a mesh set: `state` (a decode LoopState) pinned by
+  `with_sharding_constraint`: caches by the cache rule, integer `[B, ...]` arrays on `data`,
+  counters replicated (float logits buffers and the key are left to the partitioner); without a
+  mesh, `state` unchanged. Raises ValueError at trace time when the mesh
+  does not divide the batch or the heads."""
+  mesh = ambient_mesh()
+  if mesh is None:
+    return state
+  b = state.length.shape[0]
+  check_batch(b, mesh)
+  axes = _KV_AXES.get()
+  if axes is None or len(axes) != len(models):
+    axes = [cache_spec(make_plan(m.config, mesh))[2] for m in models]
+  caches = tuple(c.replace(k=tuple(P(DATA, None, a, None) for _ in c.k),
+                           v=tuple(P(DATA, None, a, None) for _ in c.v), pos=batch_spec(1))
+                 for c, a in zip(state.caches, axes))
+
+  def rest(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) or jnp.issubdtype(x.dtype,
+                                                                             jnp.floating):
+      return None  # the key, and logits (se's ring: vocab as the LM head): the partitioner's
+    return batch_spec(x.ndim) if x.ndim >= 1 and x.shape[0] == b else P()
+
+  specs = jax.tree_util.tree_map(rest, state.replace(caches=()))
+  specs = specs.replace(caches=caches)
+  return jax.tree_util.tree_map(
+      lambda x, s: x if s is None else jax.lax.with_sharding_constraint(x, s), state, specs,
+      is_leaf=lambda x: x is None or isinstance(x, P))
 
 
 def shard_batch(tree, mesh: Mesh):
