@@ -42,6 +42,25 @@ def test_harvest_labels_follow_the_reference(fusion_harvests):
   np.testing.assert_array_less(fit.ref_logprobs, 1e-6)
 
 
+def test_harvest_labels_equal_the_spec_labels_of_the_reference_tokens(
+    fusion_harvests, grammar_models, reference_corpus):
+  """SPEC §4, recomputed per position of the first windows: label 0 (keep) where the draft's
+  argmax is the reference's next token, 1 (replace) where only the assistant's is, -1 else."""
+  from jax_specens import forward, init_cache
+  tokens, lengths = windows(reference_corpus[0], seq_len=33)
+  tokens, lengths = tokens[:6], lengths[:6]
+  cands = [np.argmax(np.asarray(forward(m, init_cache(m.config, 6, 33), jnp.asarray(tokens),
+                                        jnp.zeros((6,), jnp.int32))[0]), -1)
+           for m in grammar_models]
+  want = []
+  for r in range(6):
+    for i in range(lengths[r] - 1):
+      nxt = tokens[r, i + 1]
+      want.append(0 if cands[0][r, i] == nxt else 1 if cands[1][r, i] == nxt else -1)
+  np.testing.assert_array_equal(fusion_harvests[0].labels[:len(want)], want)
+  assert set(want) == {-1, 0, 1}
+
+
 def test_tree_export_matches_sklearn_and_round_trips(fusion_harvests, tmp_path):
   from sklearn.tree import DecisionTreeClassifier
   data = fusion_harvests[0].labelled()
