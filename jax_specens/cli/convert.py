@@ -1,4 +1,4 @@
-"""`jax-specens convert SOURCE OUT_DIR`: a Hugging Face checkpoint or a GGUF file -> our format."""
+"""`jax-specens convert HF_DIR|FILE.gguf OUT_DIR`: a Hugging Face checkpoint or a GGUF file -> our format."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p = subparsers.add_parser(
       "convert", help="convert a Hugging Face checkpoint (safetensors) or a GGUF file",
       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("hf_dir", metavar="SOURCE",
+  p.add_argument("hf_dir", metavar="HF_DIR|FILE.gguf",
                  help="Hugging Face model directory (from save_pretrained or a Hub snapshot), or "
                  "a .gguf file")
   p.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must not exist yet)")
