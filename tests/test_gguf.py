@@ -225,3 +225,16 @@ def test_float16_safetensors_convert_to_float32(hf_models, tmp_path):
   assert stored_dtype(tmp_path / "out") == jnp.float32 and _kernel(model).dtype == jnp.float32
   np.testing.assert_array_equal(
       _kernel(model), hf.model.layers[0].mlp.up_proj.weight.detach().float().numpy().T)
+
+
+def test_gguf_conversion_needs_no_torch(hf_models, tmp_path):
+  import subprocess
+  import sys
+  from pathlib import Path
+  path = write_gguf(tmp_path / "m.gguf", hf_models["llama"], "llama", types={UP: "Q4_K"})
+  code = ("import sys; sys.modules['torch'] = None  # any `import torch` fails\n"
+          "from checkpoints_conversion import convert\n"
+          f"convert({str(path)!r}, {str(tmp_path / 'out')!r}, progress=False)\n")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+  assert (tmp_path / "out" / "jax_specens.json").is_file()
+  assert (tmp_path / "out" / "tokenizer.json").is_file()
