@@ -1,0 +1,123 @@
+"""`train-draft`: distilling a reduced-vocabulary draft from a target, as a specification.
+
+The small target is the built-in code model (4 layers, vocab 4096, shipped with its tokenizer);
+the real one SmolLM2-135M-Instruct (marked `real`).
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jax_specens.builtin import MODELS_DIR
+from jax_specens.checkpoint import load_model, load_tokenizer
+from jax_specens.decode import decode
+from jax_specens.draft import DraftRecipe, TrainConfig, init_from_target, train_draft
+from jax_specens.draft import data as D
+from jax_specens.draft.train import train
+
+TARGET = MODELS_DIR / "code"
+TINY = DraftRecipe(layers=(0,), vocab_k=512, seq_len=32, chat_prompts=4, answer_tokens=8,
+                   text_tokens=1500, eval_chat_prompts=2, eval_text_tokens=300,
+                   harvest_batch=8, gen_batch=4)
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+  out = tmp_path_factory.mktemp("draft") / "d"
+  metrics = train_draft(TARGET, out, TINY, TrainConfig(batch_size=8, max_steps=30, eval_every=10,
+                                                       learning_rate=3e-3), progress=False)
+  return out, metrics
+
+
+def test_output_is_an_ordinary_reduced_vocab_model_directory(distilled):
+  out, metrics = distilled
+  draft, target = load_model(out), load_model(TARGET)
+  assert draft.config.num_layers == 1 and len(draft.config.vocab_subset) == 512
+  assert draft.config.vocab_size == target.config.vocab_size
+  assert set(target.config.eos_token_ids) <= set(draft.config.vocab_subset)
+  assert load_tokenizer(out) is not None
+  saved = json.loads((out / "distill.json").read_text())
+  assert saved["final_eval"] == pytest.approx(metrics["final_eval"])
+  assert 0 < metrics["draft_own_bytes"] and 0 < metrics["read_bytes_ratio"] < 0.5
+
+
+def test_distillation_lowers_the_held_out_kl_and_raises_agreement(distilled):
+  _, m = distilled
+  assert m["final_eval"]["loss"] < m["initial_eval"]["loss"] - 0.02
+  assert m["final_eval"]["agree"] > m["initial_eval"]["agree"]
+  assert 0 < m["final_eval"]["alpha"] <= 1
+
+
+def test_draft_serves_sd_and_se_losslessly_in_greedy(distilled):
+  out, _ = distilled
+  target, draft = load_model(TARGET), load_model(out)
+  tok = load_tokenizer(TARGET)
+  toks, lens = D.pad([tok.encode("def fib(n):"), tok.encode("import os\n")])
+  ar = decode(target, toks, lens, method="ar", max_new_tokens=16, temperature=0.0)
+  sd = decode(target, toks, lens, method="sd", draft=draft, gamma=3, max_new_tokens=16,
+              temperature=0.0)
+  np.testing.assert_array_equal(sd.tokens, ar.tokens)
+  assert int(np.sum(sd.stats.accepted)) > 0
+  ens = decode([draft, target], toks, lens, method="ensemble", max_new_tokens=16, temperature=0.0)
+  se = decode([draft, target], toks, lens, method="se", gamma=2, max_new_tokens=16,
+              temperature=0.0)
+  np.testing.assert_array_equal(se.tokens, ens.tokens)
+
+
+def test_an_interrupted_run_resumes_exactly(tmp_path):
+  target, tok = load_model(TARGET), load_tokenizer(TARGET)
+  rows = D.text_rows(tok, "train", 24, 800)
+  h = D.hard_labels(rows, [1] * len(rows), 24, 4)
+  subset = D.frequent_ids(h, 256, target.config.vocab_size)
+  cfg = TrainConfig(batch_size=4, max_steps=12, eval_every=6)
+  straight, _ = train(init_from_target(target, [0], subset), h, h, cfg,
+                      checkpoint_dir=tmp_path / "a", progress=False)
+
+  class Stop(Exception):
+    pass
+
+  def stop_at_6(step, record):
+    if step == 6:
+      raise Stop
+  with pytest.raises(Stop):
+    train(init_from_target(target, [0], subset), h, h, cfg, checkpoint_dir=tmp_path / "b",
+          progress=False, callback=stop_at_6)
+  resumed, hist = train(init_from_target(target, [0], subset), h, h, cfg,
+                        checkpoint_dir=tmp_path / "b", progress=False)
+  assert hist["resumed_from"] == 6
+  for a, b in zip(*(jax_leaves(m) for m in (straight, resumed))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def jax_leaves(model):
+  import jax
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(model.params)]
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "jax_specens.cli.main", "train-draft", *args],
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_help_and_errors_name_the_flag(tmp_path):
+  assert "--vocab-k" in _cli("--help").stdout
+  r = _cli("--target", str(TARGET), "--out", str(tmp_path / "o"), "--layers", "0,9")
+  assert r.returncode == 2 and "--layers" in r.stderr and "Traceback" not in r.stderr
+  r = _cli("--target", str(TARGET), "--out", str(tmp_path / "o"), "--steps", "0")
+  assert r.returncode == 2 and "--steps" in r.stderr
+  assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.real
+def test_real_target_greedy_sd_with_reduced_vocab_draft_equals_ar(real_smollm2):
+  target, tok = load_model(real_smollm2), load_tokenizer(real_smollm2)
+  draft = init_from_target(target, [0, 1], np.arange(0, 8192))
+  rows = [D.chat_ids(tok, "What is gravity?"), D.chat_ids(tok, "Write a haiku about the sea.")]
+  toks, lens = D.pad(rows)
+  ar = decode(target, toks, lens, method="ar", max_new_tokens=12, temperature=0.0)
+  sd = decode(target, toks, lens, method="sd", draft=draft, gamma=3, max_new_tokens=12,
+              temperature=0.0)
+  np.testing.assert_array_equal(sd.tokens, ar.tokens)
