@@ -15,7 +15,7 @@ import pytest
 
 from jax_specens.cache import init_cache
 from jax_specens.decode import decode
-from jax_specens.fusion import RuleVerifier, position_features, rule_replace
+from jax_specens.fusion import RuleVerifier
 from jax_specens.step import forward
 from tests.fixtures_fusion import REGION
 
@@ -49,6 +49,12 @@ def logits_of(model, seq):
   return np.asarray(_logits(model, jnp.asarray(np.pad(seq, (0, L - len(seq))), jnp.int32)))
 
 
+def softmax64(logits):
+  x = np.asarray(logits, np.float64)
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
 def reference_cosd(draft, assistant, prompt, alpha, beta, bonus):
   """Greedy CoSD of one row, straight from SPEC §4; returns (tokens, replaced windows)."""
   seq, out, replaced = list(prompt), [], 0
@@ -59,9 +65,11 @@ def reference_cosd(draft, assistant, prompt, alpha, beta, bonus):
       drafts.append(int(np.argmax(d_logits[-1])))
     a_logits = logits_of(assistant, seq + drafts)[len(seq) - 1:len(seq) + K]
     cands = np.argmax(a_logits, -1)
-    feats = position_features([jnp.asarray(np.stack(d_logits)), jnp.asarray(a_logits[:K])],
-                              [jnp.asarray(drafts), jnp.asarray(cands[:K])])
-    replace = np.asarray(rule_replace(feats, alpha, beta)) & (np.asarray(drafts) != cands[:K])
+    # SPEC §4's rule in numpy, independent of the library's feature code: replace x~_j by x^_j
+    # iff x~_j != x^_j and p_d(x~_j) < alpha and p_a(x^_j) > beta * p_d(x~_j)
+    p_d = softmax64(np.stack(d_logits))[np.arange(K), drafts]
+    p_a = softmax64(a_logits[:K])[np.arange(K), cands[:K]]
+    replace = (np.asarray(drafts) != cands[:K]) & (p_d < alpha) & (p_a > beta * p_d)
     if replace.any():
       j = int(np.argmax(replace))
       new = drafts[:j] + [int(cands[j])]
