@@ -37,7 +37,7 @@ def tokens() -> list[str]:
 
 
 def random_blocks(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-  """`[rows, bytes per row]` uint8 of random K-quant blocks whose fp16 scales are small and finite."""
+  """`[rows, bytes per row]` uint8 of random K-quant blocks with small, finite fp16 scales."""
   import gguf
   qtype = gguf.GGMLQuantizationType[type_name]
   block, size = gguf.GGML_QUANT_SIZES[qtype]

@@ -1,4 +1,4 @@
-"""`jax-specens convert HF_DIR|FILE.gguf OUT_DIR`: a Hugging Face checkpoint or a GGUF file -> our format."""
+"""`jax-specens convert HF_DIR|FILE.gguf OUT_DIR`: a Hugging Face checkpoint or a GGUF -> ours."""
 
 from __future__ import annotations
 
