@@ -200,7 +200,7 @@ def tokens_per_s(num_tokens: int, secs: float) -> float:
 
 def step_seconds(model, batch: int, context: int, repeats: int = 5) -> float:
   """Median seconds of one jitted decode step (W = 1) of `model` at `batch` rows, with `context`
-  tokens already in the cache (the per-token cost `c` of SPEC §3 is a ratio of these)."""
+  tokens already in the cache (the per-token cost `c` of docs/algorithms.md §3 is a ratio of these)."""
   import jax.numpy as jnp
 
   from jax_specens.step import step
@@ -216,7 +216,7 @@ def step_seconds(model, batch: int, context: int, repeats: int = 5) -> float:
 
 
 def se_theory(alpha: float, c: float, gamma_q: int, gamma_p: int) -> float:
-  """Expected speed-up of SE over the plain ensemble (SPEC §3), c = cost(M_q) / cost(M_p)."""
+  """Expected speed-up of SE over the plain ensemble (docs/algorithms.md §3), c = cost(M_q) / cost(M_p)."""
   if alpha >= 1.0:
     alpha = 1.0 - 1e-9
   return ((1 - alpha ** gamma_q) * (1 + c)

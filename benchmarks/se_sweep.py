@@ -1,11 +1,11 @@
-"""Speculative Ensemble speed-up over the plain ensemble as gamma and lambda vary (SPEC §3).
+"""Speculative Ensemble speed-up over the plain ensemble as gamma and lambda vary (docs/algorithms.md §3).
 
     python -m benchmarks.se_sweep               # or: jax-specens bench se-sweep [--small]
 
 Two models, weighted-probability ensemble `r = lambda p_q + (1 - lambda) p_p` with M_q (the proposer,
 model 0) the cheaper one. For each lambda the plain ensemble (one call per model per token) is timed
 once, then SE for each gamma (gamma_q = gamma_p = gamma); lambda is traced, so only gamma compiles.
-Next to each measured speed-up: the theoretical one of SPEC §3,
+Next to each measured speed-up: the theoretical one of docs/algorithms.md §3,
 `(1 - a^g)(1 + c) / ((1 - a)(1 + c g - a^g c))`, from the measured acceptance rate `a` and the
 measured cost ratio `c` = step time of M_q / step time of M_p.
 

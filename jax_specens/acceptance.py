@@ -1,4 +1,4 @@
-"""Speculative acceptance against any target distribution (SPEC §2), batched, in log space.
+"""Speculative acceptance against any target distribution (docs/algorithms.md §2), batched, in log space.
 
 A proposer drew `x_j ~ q_j`; the target is `r_j`. Token j is accepted iff `u_j <= r_j(x_j)/q_j(x_j)`
 (in order, `u_j ~ U(0, 1]`); at the first rejection the replacement is drawn from

@@ -1,4 +1,4 @@
-"""Ensemble functions: n models' logits at one position -> one target distribution `r` (SPEC §1).
+"""Ensemble functions: n models' logits at one position -> one target distribution `r` (docs/algorithms.md §1).
 
 An ensemble function has the signature
 
@@ -100,7 +100,7 @@ class Ensemble:
   def target(self, logits: Float[Array, "N B ... V"], params: SamplingParams
              ) -> Float[Array, "B ... V"]:
     """log r. Greedy rows (temperature 0) get one-hot at the argmax of r computed at temperature 1
-    without filtering (SPEC §2: for wprob that is argmax sum_k w_k softmax(l_k))."""
+    without filtering (docs/algorithms.md §2: for wprob that is argmax sum_k w_k softmax(l_k))."""
     r = self.combine(logits, params.unfiltered_when_greedy())
     hard = one_hot_log(jnp.argmax(r, axis=-1), r.shape[-1])
     greedy = params.greedy.reshape(params.greedy.shape + (1,) * (r.ndim - 1))

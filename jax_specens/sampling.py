@@ -48,7 +48,7 @@ class SamplingParams:
     return self.temperature <= 0
 
   def unfiltered_when_greedy(self) -> "SamplingParams":
-    """Greedy rows get temperature 1 and no filtering (how SPEC §2 defines a greedy ensemble)."""
+    """Greedy rows get temperature 1 and no filtering (how docs/algorithms.md §2 defines a greedy ensemble)."""
     g = self.greedy
     return SamplingParams(
         temperature=jnp.where(g, 1.0, self.temperature), top_k=jnp.where(g, 0, self.top_k),

@@ -6,7 +6,7 @@ float summation order must not flip an argmax), and sampling tests see non-unifo
 
 `reference_greedy` is the specification written as plainly as possible: at every step run each
 model over the whole prefix (no cache reuse), combine the next-token distributions in numpy exactly
-as SPEC §1-2 says, take the argmax, append.
+as docs/algorithms.md §1-2 says, take the argmax, append.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _last_logits(model, tokens, lengths, width):
 
 
 def _combine(logits: list[np.ndarray], kind: str, weights, mu: float) -> np.ndarray:
-  """SPEC §1 at temperature 1, in float64: log r (up to a constant)."""
+  """docs/algorithms.md §1 at temperature 1, in float64: log r (up to a constant)."""
   ls = [np.asarray(x, np.float64) for x in logits]
   ls = [x - np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1, keepdims=True))
         - x.max(-1, keepdims=True) for x in ls]  # log_softmax

@@ -9,7 +9,7 @@ follows a per-region successor table with some probability, else is uniform in t
   C 32-47  f_C w.p. 0.9          f_C w.p. 0.4 (unsure,    g_C w.p. 0.9 (confident
                                  but right)               and wrong)
 
-So the right keep/replace decision depends on more than the SPEC rule sees: in region C the rule
+So the right keep/replace decision depends on more than the CoSD rule (docs/algorithms.md §4) sees: in region C the rule
 replaces the draft's correct but unconfident token by the assistant's confident wrong one.
 Both models are 1-layer Llamas trained a few hundred AdamW steps with teacher forcing.
 """

@@ -1,4 +1,4 @@
-"""The speculative acceptance rule (SPEC §2) on one position, vectorised over many rows: the
+"""The speculative acceptance rule (docs/algorithms.md §2) on one position, vectorised over many rows: the
 emitted token follows r exactly; deliberately wrong rules do not."""
 
 import jax

@@ -1,4 +1,4 @@
-"""Greedy and sampled CoSD in the jitted decode loop (SPEC §4), on the two grammar models.
+"""Greedy and sampled CoSD in the jitted decode loop (docs/algorithms.md §4), on the two grammar models.
 
 A reference implementation below decodes CoSD window by window in Python from full-sequence
 forward passes; the jitted loop must match it token for token, row by row, including where each
@@ -56,7 +56,7 @@ def softmax64(logits):
 
 
 def reference_cosd(draft, assistant, prompt, alpha, beta, bonus):
-  """Greedy CoSD of one row, straight from SPEC §4; returns (tokens, replaced windows)."""
+  """Greedy CoSD of one row, straight from docs/algorithms.md §4; returns (tokens, replaced windows)."""
   seq, out, replaced = list(prompt), [], 0
   while len(out) < NEW:
     drafts, d_logits = [], []
@@ -65,7 +65,7 @@ def reference_cosd(draft, assistant, prompt, alpha, beta, bonus):
       drafts.append(int(np.argmax(d_logits[-1])))
     a_logits = logits_of(assistant, seq + drafts)[len(seq) - 1:len(seq) + K]
     cands = np.argmax(a_logits, -1)
-    # SPEC §4's rule in numpy, independent of the library's feature code: replace x~_j by x^_j
+    # docs/algorithms.md §4's rule in numpy, independent of the library's feature code: replace x~_j by x^_j
     # iff x~_j != x^_j and p_d(x~_j) < alpha and p_a(x^_j) > beta * p_d(x~_j)
     p_d = softmax64(np.stack(d_logits))[np.arange(K), drafts]
     p_a = softmax64(a_logits[:K])[np.arange(K), cands[:K]]

@@ -1,5 +1,5 @@
 """Greedy decoding is lossless: every speculative method reproduces its non-speculative twin token
-for token (SPEC §2-3), and both match a from-scratch reference decoder.
+for token (docs/algorithms.md §2-3), and both match a from-scratch reference decoder.
 
 - ar == reference greedy of one model; sd(draft, target) == ar(target) for several gamma;
 - ensemble == reference greedy of the ensemble target (wprob: argmax of sum_k w_k softmax(l_k) at

@@ -1,5 +1,5 @@
 """Sampling is lossless: sd's output follows the target's distribution and se's the ensemble's
-(SPEC §2-3), tested with a chi-square test on the joint distribution of two generated tokens.
+(docs/algorithms.md §2-3), tested with a chi-square test on the joint distribution of two generated tokens.
 
 The reference joint distribution is computed exactly by enumerating every first token with the
 models (V = 8, so 64 cells). Draws are vectorised: one decode call over a batch of identical

@@ -1,4 +1,4 @@
-"""What a decode reports (SPEC §6): finish reasons, stop ids, model calls, proposed / accepted.
+"""What a decode reports (docs/algorithms.md §6): finish reasons, stop ids, model calls, proposed / accepted.
 
 Shapes and static arguments match tests/test_decode_greedy.py, so a full run reuses its programs.
 """

@@ -1,4 +1,4 @@
-"""Ensemble functions (SPEC §1) against numpy, the greedy target (SPEC §2), NaN-freedom, and user
+"""Ensemble functions (docs/algorithms.md §1) against numpy, the greedy target (docs/algorithms.md §2), NaN-freedom, and user
 callables."""
 
 import jax

@@ -108,7 +108,7 @@ def test_generate_cosd_flags(grammar_model_dirs, trained, tmp_path, capsys):
 
 
 def test_learned_weights_keep_se_lossless(grammar_models, trained):
-  """Greedy se with the learned ensemble function == greedy plain ensemble with it (SPEC §2)."""
+  """Greedy se with the learned ensemble function == greedy plain ensemble with it (docs/algorithms.md §2)."""
   out, _ = trained
   ens = learned_ensemble(out)
   prompts, lengths = np.array([[3, 8], [40, 0], [20, 0]]), np.array([2, 1, 1])

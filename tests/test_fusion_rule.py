@@ -1,4 +1,4 @@
-"""The CoSD rule (SPEC §4) and the features it reads, on hand-made distributions."""
+"""The CoSD rule (docs/algorithms.md §4) and the features it reads, on hand-made distributions."""
 
 import chex
 import jax

@@ -1,8 +1,8 @@
-"""Harvesting, the tree verifier's array export and training of the fusion head (SPEC §4-5).
+"""Harvesting, the tree verifier's array export and training of the fusion head (docs/algorithms.md §4-5).
 
 The models are the two tiny grammar models of `fixtures_fusion`: the draft knows region A, the
 assistant knows region B, and in region C the draft is right but unsure while the assistant is
-confidently wrong, so the SPEC rule makes mistakes a feature-based verifier can avoid.
+confidently wrong, so the CoSD rule (docs/algorithms.md §4) makes mistakes a feature-based verifier can avoid.
 """
 
 import chex
@@ -44,7 +44,7 @@ def test_harvest_labels_follow_the_reference(fusion_harvests):
 
 def test_harvest_labels_equal_the_spec_labels_of_the_reference_tokens(
     fusion_harvests, grammar_models, reference_corpus):
-  """SPEC §4, recomputed per position of the first windows: label 0 (keep) where the draft's
+  """docs/algorithms.md §4, recomputed per position of the first windows: label 0 (keep) where the draft's
   argmax is the reference's next token, 1 (replace) where only the assistant's is, -1 else."""
   from jax_specens import forward, init_cache
   tokens, lengths = windows(reference_corpus[0], seq_len=33)

@@ -1,4 +1,4 @@
-"""Losslessness beyond the first two tokens at temperature 1 (SPEC §2-3): sd follows the target and
+"""Losslessness beyond the first two tokens at temperature 1 (docs/algorithms.md §2-3): sd follows the target and
 se the ensemble's `r` over K = 3 generated tokens, with temperature != 1, top-k / top-p / min-p,
 wlogit, a custom callable, a learned-weights ensemble, a batch mixing greedy and sampled rows, and a
 sliding-window soft-capped gemma2 model in bfloat16.

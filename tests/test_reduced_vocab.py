@@ -4,7 +4,7 @@ The draft's head scores K of the target's ids; its logits are `-inf` elsewhere, 
 outside the subset. Specified here:
 - the head: logits over the full vocabulary, `-inf` exactly outside the subset, equal to a full
   head's logits on it; config validation and the saved directory round trip;
-- sampling (SPEC §2-3): sd with such a draft follows the target, se follows the ensemble — a
+- sampling (docs/algorithms.md §2-3): sd with such a draft follows the target, se follows the ensemble — a
   chi-square test on two generated tokens (V = 8, K = 5, many draws in one call), where the target
   puts much of its mass outside the subset; a rule that resamples only inside the draft's support
   fails the same test;

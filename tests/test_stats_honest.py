@@ -1,4 +1,4 @@
-"""Statistics count only what is emitted (SPEC §6): a stop id inside a speculated window, or the
+"""Statistics count only what is emitted (docs/algorithms.md §6): a stop id inside a speculated window, or the
 `max_new_tokens` limit, cuts the accepted run, and the tokens after the cut are neither accepted
 nor proposed.
 

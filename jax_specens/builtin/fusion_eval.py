@@ -6,9 +6,9 @@ token; we report accuracy (prediction == reference) and perplexity (exp mean NLL
 - `code`, `prose`, `draft`: each built-in model alone;
 - `ensemble wprob` / `ensemble wlogit`: the two specialists, uniform weights, through
   `jax_specens.ensemble` (at temperature 1); `ensemble learned`: weighted probabilities with
-  per-position weights from a fusion head of kind "weights" (SPEC §5);
+  per-position weights from a fusion head of kind "weights" (docs/algorithms.md §5);
 - `cosd rule` / `cosd tree` / `cosd learned`: CoSD with the code specialist as draft and the prose
-  specialist as assistant (SPEC §4): where the verifier replaces (and the candidates differ) the
+  specialist as assistant (docs/algorithms.md §4): where the verifier replaces (and the candidates differ) the
   assistant's argmax and distribution are used, else the draft's.
 
 The tree, the learned verifier head and the weights head are trained with

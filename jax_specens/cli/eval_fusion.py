@@ -8,7 +8,7 @@ next-token accuracy and perplexity of
     ensemble wprob / wlogit / learned   the two specialists, uniform weighted probabilities /
                                         weighted logits, and per-position weights from a fusion head
     cosd rule / tree / learned          CoSD, code specialist drafting and prose specialist
-                                        assisting, with each verifier (SPEC §4)
+                                        assisting, with each verifier (docs/algorithms.md §4)
 
 Then greedy text: each model and the wprob ensemble continue the demo's prompts by
 --greedy-tokens tokens, and the share of distinct 3-grams of each continuation is reported

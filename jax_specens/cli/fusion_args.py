@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group(
       "CoSD (--method cosd: --draft DIR writes, the --model DIR assistant fixes; not lossless)")
   g.add_argument("--verifier", choices=VERIFIERS, default=None,
-                 help="who decides to replace a draft token: the SPEC rule (default), a decision "
+                 help="who decides to replace a draft token: the CoSD rule (docs/algorithms.md §4) (default), a decision "
                  "tree or the learned head (both from `jax-specens train-fusion`)")
   g.add_argument("--verifier-path", metavar="P",
                  help="train-fusion output directory (or its tree.json / head/) for tree, learned")

@@ -8,7 +8,7 @@ import json
 DESCRIPTION = """\
 Run the draft (--draft) and the assistant (--model) teacher-forced over a text corpus, label every
 position "replace" where only the assistant's top token matches the text and "keep" where the
-draft's does (SPEC §4), and fit on those labels: a decision tree (scikit-learn, exported to arrays),
+draft's does (docs/algorithms.md §4), and fit on those labels: a decision tree (scikit-learn, exported to arrays),
 a small neural verifier head and/or an ensemble-weights head (optax, early stopping on a held-out
 split). Prints held-out accuracy / AUC of the rule, the tree and the learned head.
 

@@ -1,7 +1,7 @@
 """The plain ensemble (the baseline SE accelerates): every model is called once per token.
 
 Each step feeds the last committed token to each of the n models, combines their next-token logits
-with the ensemble function into r (SPEC §1) and samples one token from r. With one model and the
+with the ensemble function into r (docs/algorithms.md §1) and samples one token from r. With one model and the
 `select` ensemble this is ordinary autoregressive decoding (`ar`).
 """
 

@@ -1,4 +1,4 @@
-"""What every decode returns (SPEC §6): tokens, lengths, finish reasons and statistics."""
+"""What every decode returns (docs/algorithms.md §6): tokens, lengths, finish reasons and statistics."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Plain speculative decoding (draft + target), lossless w.r.t. the target (SPEC §2).
+"""Plain speculative decoding (draft + target), lossless w.r.t. the target (docs/algorithms.md §2).
 
 The two-model case of the speculative-ensemble engine (se.py) with target `r = p_target` and
 gammas `(gamma, 1)`: the draft proposes gamma tokens, one target pass verifies them; when all are

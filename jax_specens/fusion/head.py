@@ -1,4 +1,4 @@
-"""The learnable fusion head (SPEC §5): a small Flax NNX MLP over per-position features.
+"""The learnable fusion head (docs/algorithms.md §5): a small Flax NNX MLP over per-position features.
 
 Two outputs from one module:
   - kind "verifier": one logit, the probability that CoSD should replace the draft's token;

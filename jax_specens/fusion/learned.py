@@ -1,4 +1,4 @@
-"""The "learned" ensemble function (SPEC §1, §5): weighted probabilities with per-position weights.
+"""The "learned" ensemble function (docs/algorithms.md §1, §5): weighted probabilities with per-position weights.
 
     r = sum_k lambda_k(prefix) p_k,   lambda = softmax(head(argmax features of the n models))
 

@@ -1,4 +1,4 @@
-"""The CoSD rule verifier (SPEC §4, paper defaults alpha = beta = 0.5).
+"""The CoSD rule verifier (docs/algorithms.md §4, paper defaults alpha = beta = 0.5).
 
 Replace the draft's token x~ by the assistant's x^ iff
 

@@ -1,4 +1,4 @@
-"""Choosing a CoSD verifier by name (SPEC §4).
+"""Choosing a CoSD verifier by name (docs/algorithms.md §4).
 
 A verifier is any pytree with `__call__(features [*P, F]) -> bool [*P]` ("replace the draft's
 token here") and `scores(features) -> float [*P]` (a replace score in [0, 1], used for AUC). The
