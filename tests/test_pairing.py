@@ -60,13 +60,20 @@ def swap_ids(tokenizer_json, a: str, b: str) -> None:
   tokenizer_json.write_text(json.dumps(tok))
 
 
-def check_padded_pair(base: Model, padded: Model, other: Model, prompt, length, n: int):
-  """The padded copy decodes ar / sd / se / ensemble exactly like `base`, over its real ids."""
+def check_padded_pair(base: Model, padded: Model, other: Model, prompt, length, n: int,
+                      full: bool = True):
+  """The padded copy decodes sd and se (full: also ar, ensemble, sampling, both sd roles)
+  exactly like `base`, over its real ids."""
   real = vocab.of(padded).size
   assert padded.config.vocab_size > real == base.config.vocab_size
   assert raw_argmax(padded, prompt, length) >= real  # unrestricted, a padded id would win
   kw = dict(max_new_tokens=n, temperature=0.0)
   ref = decode(base, prompt, length, **kw).to_lists()
+  if not full:  # one compile per method counts on a 30-layer model
+    assert decode(padded, prompt, length, method="sd", draft=base, gamma=2, **kw).to_lists() == ref
+    se = decode([padded, other], prompt, length, method="se", gamma=2, **kw).to_lists()
+    assert se == ref and max(se[0]) < real  # identical members: the ensemble is the model
+    return
   assert decode(padded, prompt, length, **kw).to_lists() == ref
   assert decode(padded, prompt, length, method="sd", draft=base, gamma=2, **kw).to_lists() == ref
   assert decode(base, prompt, length, method="sd", draft=padded, gamma=2, **kw).to_lists() == ref
@@ -169,7 +176,7 @@ def test_padded_smollm2_decodes_like_smollm2(real_smollm2, tmp_path):
                       tokenizer_dir=real_smollm2)
   padded = load_model(padded)
   assert padded.config.vocab_size == 49216 and vocab.of(padded) == vocab.of(base)
-  check_padded_pair(base, padded, base, prompt, length, 6)
+  check_padded_pair(base, padded, base, prompt, length, 6, full=False)
 
 
 @pytest.mark.real
