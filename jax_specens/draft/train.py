@@ -166,7 +166,7 @@ def train(
       frac = max(frac, (time.time() - t0) / config.time_budget_s)
       if frac >= 1.0 and step > state["step"]:
         break
-    opt_state.hyperparams["learning_rate"] = jnp.asarray(lr_at(step, frac))
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(lr_at(step, frac), jnp.float32)
     b = _batch(config.seed, step, n, config.batch_size)
     p, opt_state, metrics = train_step(p, opt_state, train_data.tokens[b], train_data.mask[b],
                                        idx[b], train_data.top_logp[b])
