@@ -106,14 +106,15 @@ def cosd_text(draft: Model, assistant: Model, draft_tokenizer, assistant_tokeniz
     tokens, start, _ = _pack([(p.feed, p.start) for p in plans], width, a_cache.max_len,
                              "assistant")
     where = jnp.asarray(np.stack([p.rows for p in plans]))
-    a_logits, x_hat, a_cache = assistant_score(assistant, a_cache, tokens, start, where)
+    own = jnp.asarray(np.stack([p.own for p in plans]))
+    x_hat, a_part, a_cache = assistant_score(assistant, a_cache, tokens, start, where, own)
     x_hat = np.asarray(x_hat)
-    # 3. candidates in both vocabularies, the verifier's marks
+    # 3. x^ in the draft's vocabulary, the verifier's marks
     cands = [r.candidates(p, x_hat[i]) for i, (r, p) in enumerate(zip(rows, plans))]
-    c = {f: jnp.asarray(np.stack([getattr(x, f) for x in cands]))
-         for f in ("xd_d", "xa_d", "xd_a", "xa_a", "agree")}
-    marks = np.asarray(decide(verify, d_logits, a_logits[:, :k], c["xd_d"], c["xa_d"],
-                              c["xd_a"], c["xa_a"], c["agree"]))
+    c = {f: jnp.asarray(np.stack([getattr(x, f) for x in cands])) for f in ("xa_d", "agree")}
+    a_part = jax.tree_util.tree_map(lambda x: x[:, :k], a_part)
+    marks = np.asarray(decide(verify, d_logits, jnp.asarray(drafts), c["xa_d"], a_part,
+                              c["agree"]))
     # 4. commit each row
     for i, r in enumerate(rows):
       if not r.done:

@@ -73,17 +73,16 @@ class Plan:
   start: int  # their first position
   rows: np.ndarray  # [K + 1] index into the feed of the logits for each position, then the end
   index: list  # [K] assistant token index i per position, or None
+  own: np.ndarray  # [K + 1] the assistant's token i there (x~ in its vocabulary), else 0
   whole: bool  # whether the assistant's text reaches the end of the window
 
 
 @dataclasses.dataclass
 class Candidates:
-  """Per draft position, both candidates in both vocabularies (`[K]` arrays)."""
+  """Per draft position (`[K]` arrays): x^ in the draft's vocabulary, whether the candidates
+  agree (x^ is the assistant's own token there)."""
 
-  xd_d: np.ndarray
   xa_d: np.ndarray
-  xd_a: np.ndarray
-  xa_a: np.ndarray
   agree: np.ndarray
   replaceable: np.ndarray  # verifiable, candidates differ, x^'s text carried across whole
 
@@ -114,8 +113,8 @@ class Row:
     rolled back to the first changed token) and aligns the draft positions to its tokens."""
     k = len(drafts)
     if self.done:
-      return Plan(drafts, [0] * (k + 1), None, [0], 0, np.zeros(k + 1, np.int32), [None] * k,
-                  False)
+      zeros = np.zeros(k + 1, np.int32)
+      return Plan(drafts, [0] * (k + 1), None, [0], 0, zeros, [None] * k, zeros, False)
     d, a = self.ds, self.as_
     offsets, stop_at = [len(self.text)], None
     for j, x in enumerate(drafts):
@@ -141,10 +140,14 @@ class Row:
         elif o < len(self.a.text):
           i = self.a.index_at(o)
       index.append(i if i is not None and i - 1 >= start else None)
+      if i == n and self.as_.eos is None:
+        index[-1] = None
     rows = np.asarray([(i - 1 - start) if i is not None else 0 for i in index] + [n - 1 - start],
                       np.int32)
+    own = np.asarray([0 if i is None else self.a.ids[i] if i < n else self.as_.eos
+                      for i in index] + [0], np.int32)
     self.a_fed = n
-    return Plan(drafts, offsets, stop_at, self.a.ids[start:n], start, rows, index,
+    return Plan(drafts, offsets, stop_at, self.a.ids[start:n], start, rows, index, own,
                 len(self.a.text) == len(window))
 
   def _carry(self, x: int) -> int | None:
@@ -160,17 +163,12 @@ class Row:
 
   def candidates(self, plan: Plan, x_hat: np.ndarray) -> Candidates:
     k = len(plan.drafts)
-    c = Candidates(np.asarray(plan.drafts, np.int32), *(np.zeros(k, np.int32) for _ in range(3)),
-                   np.zeros(k, bool), np.zeros(k, bool))
+    c = Candidates(np.zeros(k, np.int32), np.zeros(k, bool), np.zeros(k, bool))
     for j, i in enumerate(plan.index):
       if i is None:
         continue
-      xa = int(x_hat[j])
-      xd_a = self.a.ids[i] if i < len(self.a.ids) else self.as_.eos
-      if xd_a is None:
-        continue
+      xa, xd_a = int(x_hat[j]), int(plan.own[j])
       carried = self._carry(xa)
-      c.xd_a[j], c.xa_a[j] = xd_a, xa
       c.xa_d[j] = 0 if carried is None else carried
       c.agree[j] = xa == xd_a or (i == len(self.a.ids) and xa in self.as_.stop)
       c.replaceable[j] = carried is not None and not c.agree[j]

@@ -14,20 +14,38 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from jax_specens.cache import KVCache
-from jax_specens.fusion.features import translated_features
+from jax_specens.fusion.features import assemble_features, model_features
 from jax_specens.sampling import SamplingParams, log_probs, sample
 from jax_specens.step import Model, forward
 
-DRAFT_MIN_WIDTH = 4  # a draft feed after a window is 1 token, or a few after a replacement
-ASSISTANT_MIN_WIDTH = 8  # an assistant feed is about the window's text, re-tokenized
+DRAFT_MIN_WIDTH = 1  # a draft feed after a window is 1 token, or a few after a replacement
+ASSISTANT_MIN_WIDTH = 4  # an assistant feed is about the window's text, re-tokenized
 
 
 def bucket(n: int, smallest: int) -> int:
   """The feed width for `n` tokens: the next power of two, at least `smallest`."""
   return max(smallest, 1 << (max(n, 1) - 1).bit_length())
+
+
+def forward_rows(
+    model: Model, cache: KVCache, tokens: Int[Array, "B W"], start: Int[Array, "B"],
+    rows: Int[Array, "B R"],
+) -> tuple[Float[Array, "B R V"], KVCache]:
+  """`step.forward`, but the logits only after the fed tokens `rows` (indices into the W): the
+  vocabulary head, most of a small model's work per token, runs on R rows instead of W."""
+  module = nnx.merge(model.graphdef, model.params)
+  positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+  if hasattr(module, "hidden"):
+    x, cache = module.hidden(tokens, positions, cache)
+    logits = module.head(jnp.take_along_axis(x, rows[:, :, None], axis=1))
+  else:
+    logits, cache = module(tokens, positions, cache)
+    logits = jnp.take_along_axis(logits, rows[:, :, None], axis=1)
+  return logits, cache.replace(pos=start + tokens.shape[1])
 
 
 @functools.partial(jax.jit, static_argnames="k", donate_argnums=1)
@@ -40,8 +58,8 @@ def draft_window(
   Returns drafts `[B, K]`, the logits each was drawn from `[B, K, V]` and the cache, which then
   holds the fed tokens and the first K - 1 drafts (the K-th is never fed).
   """
-  logits, cache = forward(model, cache, tokens, start)
-  last = jnp.take_along_axis(logits, (n_feed - 1)[:, None, None], axis=1)[:, 0]
+  last, cache = forward_rows(model, cache, tokens, start, (n_feed - 1)[:, None])
+  last = last[:, 0]
   b, v = last.shape
 
   def body(j, carry):
@@ -60,22 +78,24 @@ def draft_window(
 @functools.partial(jax.jit, donate_argnums=1)
 def assistant_score(
     model: Model, cache: KVCache, tokens: Int[Array, "B W"], start: Int[Array, "B"],
-    rows: Int[Array, "B R"],
-) -> tuple[Float[Array, "B R V"], Int[Array, "B R"], KVCache]:
-  """Feeds `tokens` at `start` in one pass; returns the logits after the fed tokens `rows`
-  (indices into the W fed), the assistant's top token there (x^, SPEC §4) and the cache."""
-  logits, cache = forward(model, cache, tokens, start)
-  picked = jnp.take_along_axis(logits, rows[:, :, None], axis=1)
-  return picked, jnp.argmax(picked, axis=-1).astype(jnp.int32), cache
+    rows: Int[Array, "B R"], own: Int[Array, "B R"],
+):
+  """Feeds `tokens` at `start` in one pass. At the logits after the fed tokens `rows` (indices
+  into the W) returns the assistant's top token x^ `[B, R]` (SPEC §4) and its part of the
+  features: `p_a(own), p_a(x^)` `[B, R, 2]`, entropy and margin `[B, R]` (`own`: the token its
+  own tokenization puts there, i.e. x~ in its vocabulary); and the cache."""
+  logits, cache = forward_rows(model, cache, tokens, start, rows)
+  x_hat = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return x_hat, model_features(logits, [own, x_hat]), cache
 
 
 @jax.jit
 def decide(
-    verifier, d_logits: Float[Array, "B K Vd"], a_logits: Float[Array, "B K Va"],
-    xd_d: Int[Array, "B K"], xa_d: Int[Array, "B K"], xd_a: Int[Array, "B K"],
-    xa_a: Int[Array, "B K"], agree: Bool[Array, "B K"],
+    verifier, d_logits: Float[Array, "B K Vd"], xd_d: Int[Array, "B K"], xa_d: Int[Array, "B K"],
+    a_part, agree: Bool[Array, "B K"],
 ) -> Bool[Array, "B K"]:
-  """The verifier's replace marks from the window's features; candidates in both vocabularies
-  (x~ and x^ in the draft's: `xd_d`, `xa_d`; in the assistant's: `xd_a`, `xa_a`)."""
-  feats = translated_features([d_logits, a_logits], [[xd_d, xa_d], [xd_a, xa_a]], agree)
-  return verifier(feats)
+  """The verifier's replace marks from the window's features: the draft's part from its logits
+  and both candidates in its vocabulary (x~ `xd_d`, x^ `xa_d`), the assistant's part `a_part`
+  (from `assistant_score`, its first K rows)."""
+  d_part = model_features(d_logits, [xd_d, xa_d])
+  return verifier(assemble_features([d_part, a_part], agree))

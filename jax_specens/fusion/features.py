@@ -71,16 +71,33 @@ def translated_features(
   candidates[k][m]: candidate m (proposed by model m) written in model k's vocabulary, so that
   `p_k(c_m)` can be read from model k's logits; agree: whether the candidates are the same text.
   """
-  n = len(logits)
-  logp = [jax.nn.log_softmax(l.astype(jnp.float32), axis=-1) for l in logits]
-  probs = [jnp.exp(jnp.take_along_axis(logp[k], c.astype(jnp.int32)[..., None], axis=-1))[..., 0]
-           for k in range(n) for c in candidates[k]]
-  entropy = [-jnp.sum(jnp.where(lp > -jnp.inf, jnp.exp(lp) * lp, 0.0), axis=-1) for lp in logp]
-  margin = []
-  for lp in logp:
-    top2 = jax.lax.top_k(jnp.exp(lp), 2)[0]
-    margin.append(top2[..., 0] - top2[..., 1])
-  return jnp.stack(probs + entropy + margin + [jnp.asarray(agree).astype(jnp.float32)], axis=-1)
+  return assemble_features([model_features(l, c) for l, c in zip(logits, candidates)], agree)
+
+
+def model_features(
+    logits: Float[Array, "*P V"], candidates: Sequence[Int[Array, "*P"]],
+) -> tuple[Float[Array, "*P N"], Float[Array, "*P"], Float[Array, "*P"]]:
+  """One model's part of the features: its probabilities of the n candidates `[*P, n]`, its
+  entropy and its top-1 margin `[*P]` (so each model's part can be computed where its logits
+  live, e.g. inside its own compiled pass; `assemble_features` joins the parts)."""
+  # one exp pass over V (V = 262144 for Gemma): z = logits - max, s = sum(exp z); no sort
+  lg = logits.astype(jnp.float32)
+  top = jnp.argmax(lg, axis=-1)[..., None]
+  z = lg - jnp.take_along_axis(lg, top, axis=-1)
+  e = jnp.exp(z)
+  s = jnp.sum(e, axis=-1)
+  probs = jnp.stack([jnp.exp(jnp.take_along_axis(z, c.astype(jnp.int32)[..., None], axis=-1))[..., 0]
+                     for c in candidates], -1) / s[..., None]
+  entropy = jnp.log(s) - jnp.sum(jnp.where(e > 0, e * z, 0.0), axis=-1) / s
+  second = jnp.max(jnp.where(jnp.arange(z.shape[-1]) == top, -jnp.inf, z), axis=-1)
+  return probs, entropy, (1.0 - jnp.exp(second)) / s
+
+
+def assemble_features(parts, agree: Bool[Array, "*P"]) -> Float[Array, "*P F"]:
+  """The feature vector (module docstring order) from each model's `model_features`."""
+  probs = [p[..., m] for p, _, _ in parts for m in range(p.shape[-1])]
+  return jnp.stack(probs + [e for _, e, _ in parts] + [m for _, _, m in parts]
+                   + [jnp.asarray(agree).astype(jnp.float32)], axis=-1)
 
 
 def argmax_features(logits: Sequence[Float[Array, "*P V"]]) -> Float[Array, "*P F"]:
