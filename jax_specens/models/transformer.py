@@ -11,7 +11,7 @@ from jaxtyping import Array, Float, Int
 from jax_specens.cache import KVCache
 from jax_specens.models.attention import Attention
 from jax_specens.models.config import ModelConfig
-from jax_specens.models.layers import INIT, MLP, Norm, linear
+from jax_specens.models.layers import INIT, MLP, Norm, linear, weight_dot
 
 
 class Block(nnx.Module):
@@ -53,7 +53,7 @@ class Transformer(nnx.Module):
     self.layers = nnx.List([Block(config, i, dtype, rngs) for i in range(config.num_layers)])
     self.final_norm = Norm(d, config, dtype)
     self.lm_head = None if config.tie_embeddings else linear(d, config.head_size, False, dtype,
-                                                             rngs)
+                                                             rngs, out_dtype=jnp.float32)
 
   def __call__(
       self, tokens: Int[Array, "B W"], positions: Int[Array, "B W"], cache: KVCache
@@ -92,13 +92,15 @@ class Transformer(nnx.Module):
     """
     ids = self.config.vocab_subset
     if self.lm_head is not None:
-      logits = self.lm_head(x)
-    elif ids:
-      rows = jnp.take(self.embed.embedding[...], jnp.asarray(ids, jnp.int32), axis=0)  # K D
-      logits = jnp.einsum("bwd,kd->bwk", x, rows.astype(x.dtype))
+      logits = self.lm_head(x)  # float32 (built with out_dtype=float32)
     else:
-      logits = self.embed.attend(x)
-    logits = logits.astype(jnp.float32)
+      table = self.embed.embedding[...]
+      if ids:
+        table = jnp.take(table, jnp.asarray(ids, jnp.int32), axis=0)  # K D
+      # contracts the table's last dim directly (no transposed copy) and accumulates in
+      # float32: bf16 models never round their logits to bf16
+      logits = weight_dot(x, table, (((x.ndim - 1,), (1,)), ((), ())),
+                          preferred_element_type=jnp.float32)
     if self.config.final_softcap is not None:
       c = self.config.final_softcap
       logits = jnp.tanh(logits / c) * c

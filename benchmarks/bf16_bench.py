@@ -1,0 +1,109 @@
+"""float32 against bfloat16 weights at batch 1, each against its memory-bandwidth floor.
+
+    python -m benchmarks.bf16_bench [--model DIR] [--tokens 32] [--repeats 5]
+
+1. Bandwidth: a jitted sum over a --bandwidth-mib float32 array (bytes read / time).
+2. The same checkpoint loaded in float32 and in bfloat16. For each, interleaved round by round:
+   - step: one jitted decode step (`jax_specens.step`, 1 token, batch 1), the best of 8 calls;
+   - ar: greedy `decode(method="ar")` of --tokens new tokens after an 8-token prompt, ms/token.
+   A decode step reads every parameter once, so its floor is `param bytes / bandwidth`; the
+   share of the limit is floor / measured. Prints a table and writes bf16.json.
+Timings on a shared machine are noisy: compare the two dtypes within one run (same rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from benchmarks import common
+
+DEFAULT_MODEL = Path("/work/cache/jx/smollm2")
+
+
+def bandwidth(num_bytes: int, repeats: int) -> float:
+  """Bytes / second read by a jitted float32 sum over `num_bytes`."""
+  x = jnp.ones((num_bytes // 4,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  return num_bytes / common.time_call(lambda: f(x), repeats=repeats)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                 help=f"a converted model dir (jax-specens convert); default {DEFAULT_MODEL}")
+  p.add_argument("--tokens", type=int, default=32, help="new tokens per ar decode (default 32)")
+  p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
+  p.add_argument("--bandwidth-mib", type=int, default=256, help="bandwidth probe size (256)")
+  p.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="JSON directory")
+  args = p.parse_args(argv)
+  if not (args.model / "params").is_dir():
+    print(f"error: --model {args.model} is not a converted model dir (no params/); convert one "
+          "with `jax-specens convert` or pass --model DIR", file=sys.stderr)
+    return 2
+  if args.tokens < 1 or args.repeats < 1:
+    print("error: --tokens and --repeats must be >= 1", file=sys.stderr)
+    return 2
+
+  from jax_specens import decode, load_model
+  from jax_specens.precision import param_bytes
+  from jax_specens.step import step
+
+  bw = bandwidth(args.bandwidth_mib << 20, repeats=5)
+  prompt = jnp.arange(1, 9, dtype=jnp.int32)[None]
+  lengths = jnp.array([8], jnp.int32)
+  runs = {}
+  for name, dtype in tqdm([("float32", jnp.float32), ("bfloat16", jnp.bfloat16)],
+                          desc="load + compile"):
+    model = load_model(args.model, dtype=dtype)
+    cache = model.init_cache(1, 256)
+    tok = jnp.zeros((1, 1), jnp.int32)
+    _, t_compile = common.first_call(lambda: step(model, cache, tok, jnp.zeros(1, jnp.int32)))
+    ar = lambda m=model: decode(m, prompt, lengths, method="ar", max_new_tokens=args.tokens,
+                                temperature=0.0).tokens
+    common.first_call(ar)
+    runs[name] = {"model": model, "ar": ar, "step_ms": [], "ar_ms": [],
+                  "compile_step_s": t_compile, "bytes": param_bytes(model)}
+  for _ in tqdm(range(args.repeats), desc="interleaved rounds"):
+    for r in runs.values():
+      cache = r["model"].init_cache(1, 256)
+      best = float("inf")
+      for i in range(8):
+        t0 = time.perf_counter()
+        logits, cache = step(r["model"], cache, tok, jnp.full((1,), i, jnp.int32))
+        logits.block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+      r["step_ms"].append(best * 1e3)
+      r["ar_ms"].append(common.time_call(r["ar"], repeats=1, warmup=0) * 1e3 / args.tokens)
+
+  rows = []
+  for name, r in runs.items():
+    floor_ms = r["bytes"] / bw * 1e3
+    step_ms, ar_ms = float(np.min(r["step_ms"])), float(np.min(r["ar_ms"]))
+    rows.append({"dtype": name, "param MB": r["bytes"] / 1e6, "floor ms": floor_ms,
+                 "step ms": step_ms, "step share": floor_ms / step_ms,
+                 "ar ms/token": ar_ms, "ar share": floor_ms / ar_ms,
+                 "step ms (all rounds)": r["step_ms"], "ar ms (all rounds)": r["ar_ms"],
+                 "compile step s": r["compile_step_s"]})
+  f32, bf16 = rows
+  print(f"bandwidth {bw / 1e9:.1f} GB/s ({args.bandwidth_mib} MiB float32 sum); model {args.model}")
+  print(common.table(rows, ["dtype", "param MB", "floor ms", "step ms", "step share",
+                            "ar ms/token", "ar share"]))
+  print(f"bfloat16 / float32 time: step {bf16['step ms'] / f32['step ms']:.2f}, "
+        f"ar {bf16['ar ms/token'] / f32['ar ms/token']:.2f} (floor ratio "
+        f"{bf16['floor ms'] / f32['floor ms']:.2f})")
+  path = common.write_results(args.out, "bf16", vars(args) | {"model": str(args.model)}, rows,
+                              bandwidth_GBps=bw / 1e9)
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
