@@ -31,11 +31,17 @@ IGNORE = -1
 
 @dataclasses.dataclass(frozen=True)
 class Harvest:
-  """features [N, F] float32, labels [N] int8 (1 replace, 0 keep, -1 neither), ref_logprobs [N, n]."""
+  """features [N, F] float32, labels [N] int8 (1 replace, 0 keep, -1 neither), ref_logprobs
+  [N, n], docs [N] int32 (the document each position comes from: splits keep documents whole)."""
 
   features: np.ndarray
   labels: np.ndarray
   ref_logprobs: np.ndarray
+  docs: np.ndarray | None = None  # None: one document
+
+  def __post_init__(self):
+    if self.docs is None:
+      object.__setattr__(self, "docs", np.zeros(self.labels.shape, np.int32))
 
   def __len__(self) -> int:
     return int(self.labels.shape[0])
@@ -45,15 +51,23 @@ class Harvest:
     return self.take(self.labels != IGNORE)
 
   def take(self, index) -> "Harvest":
-    return Harvest(self.features[index], self.labels[index], self.ref_logprobs[index])
+    return Harvest(self.features[index], self.labels[index], self.ref_logprobs[index],
+                   self.docs[index])
 
   def split(self, eval_fraction: float, seed: int = 0) -> tuple["Harvest", "Harvest"]:
-    """A seeded random (train, eval) split of positions."""
+    """A seeded random (train, eval) split by document: every position of a document lands on
+    the same side (neighbouring positions of one text would otherwise leak across)."""
     if not 0.0 < eval_fraction < 1.0:
       raise ValueError(f"eval_fraction must be in (0, 1); got {eval_fraction}")
-    perm = np.random.default_rng(seed).permutation(len(self))
-    n_eval = max(1, int(round(len(self) * eval_fraction)))
-    return self.take(np.sort(perm[n_eval:])), self.take(np.sort(perm[:n_eval]))
+    docs = np.unique(self.docs)
+    if len(docs) < 2:
+      raise ValueError(f"splitting by document needs at least 2 documents; the harvest has "
+                       f"{len(docs)}. Pass more texts (each blank-line separated paragraph of "
+                       "--data is one document)")
+    perm = np.random.default_rng(seed).permutation(docs)
+    n_eval = min(len(docs) - 1, max(1, int(round(len(docs) * eval_fraction))))
+    held = np.isin(self.docs, perm[:n_eval])
+    return self.take(~held), self.take(held)
 
   @staticmethod
   def concat(parts: Sequence["Harvest"]) -> "Harvest":
@@ -67,18 +81,26 @@ def windows(sequences: Iterable[Sequence[int]], seq_len: int) -> tuple[np.ndarra
   Consecutive windows of one sequence overlap by one token, so every next-token pair of every
   sequence is scored exactly once. Sequences shorter than 2 tokens contribute nothing.
   """
+  tokens, lengths, _ = windows_by_document(sequences, seq_len)
+  return tokens, lengths
+
+
+def windows_by_document(sequences: Iterable[Sequence[int]], seq_len: int
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`windows`, plus the index of the sequence (document) each window comes from `[N]`."""
   if seq_len < 2:
     raise ValueError(f"seq_len must be >= 2; got {seq_len}")
-  rows, lengths = [], []
-  for seq in sequences:
+  rows, lengths, docs = [], [], []
+  for doc, seq in enumerate(sequences):
     seq = np.asarray(seq, np.int32).reshape(-1)
     for start in range(0, max(len(seq) - 1, 0), seq_len - 1):
       chunk = seq[start:start + seq_len]
       rows.append(np.pad(chunk, (0, seq_len - len(chunk))))
       lengths.append(len(chunk))
+      docs.append(doc)
   if not rows:
-    return np.zeros((0, seq_len), np.int32), np.zeros((0,), np.int32)
-  return np.stack(rows), np.asarray(lengths, np.int32)
+    return np.zeros((0, seq_len), np.int32), np.zeros((0,), np.int32), np.zeros((0,), np.int32)
+  return np.stack(rows), np.asarray(lengths, np.int32), np.asarray(docs, np.int32)
 
 
 @jax.jit
@@ -115,7 +137,7 @@ def harvest_tokens(
   """
   models = tuple(models)
   _check_models(models)
-  tokens, lengths = windows(sequences, seq_len)
+  tokens, lengths, docs = windows_by_document(sequences, seq_len)
   if tokens.shape[0] == 0:
     raise ValueError("the corpus is empty: no sequence has 2 or more tokens; pass non-empty text "
                      "files (--data FILE) or token sequences")
@@ -126,13 +148,15 @@ def harvest_tokens(
   pad = -tokens.shape[0] % batch_size
   tokens = np.concatenate([tokens, np.zeros((pad, seq_len), np.int32)])
   lengths = np.concatenate([lengths, np.zeros((pad,), np.int32)])
+  docs = np.concatenate([docs, np.zeros((pad,), np.int32)])
   parts = []
   for i in tqdm(range(0, tokens.shape[0], batch_size), desc="harvest", unit="batch",
                 disable=not progress):
     feats, labels, ref_logp, valid = jax.device_get(
         harvest_batch(models, tokens[i:i + batch_size], lengths[i:i + batch_size]))
+    doc = np.broadcast_to(docs[i:i + batch_size, None], valid.shape)
     parts.append(Harvest(feats[valid].astype(np.float32), labels[valid].astype(np.int8),
-                         ref_logp[valid].astype(np.float32)))
+                         ref_logp[valid].astype(np.float32), doc[valid].astype(np.int32)))
   return Harvest.concat(parts)
 
 
