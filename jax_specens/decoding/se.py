@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jax_specens import acceptance
+from jax_specens import acceptance, vocab
 from jax_specens.decoding.loop import (Config, LoopState, Method, Request, advance, emit, feed,
                                        prefill)
 from jax_specens.sampling import log_probs, sample
@@ -61,7 +61,7 @@ def init(models, req: Request, cfg: Config) -> LoopState:
   state = prefill(models, req, cfg)
   b, s = state.seq.shape
   r = ring_size(cfg)
-  ring = tuple(jnp.zeros((b, r, m.config.vocab_size), jnp.float32) for m in models)
+  ring = tuple(jnp.zeros((b, r, vocab.shared_size(models)), jnp.float32) for _ in models)
   return state.replace(extra=SpecState(ring=ring, src=jnp.zeros((b, s), jnp.int32),
                                        pending=jnp.zeros((b,), jnp.int32)))
 
