@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
+from jax_specens import resume
 from jax_specens.cache import init_cache
 from jax_specens.draft.data import Harvest
 from jax_specens.draft.model import SHARED
@@ -148,13 +148,10 @@ def train(
   state = {"params": params, "opt_state": tx.init(params), "best_params": params, "step": 0,
            "best_loss": initial["loss"], "elapsed": 0.0}
   history = {"initial_eval": initial, "evals": []}
-  manager = None
-  if checkpoint_dir is not None:
-    manager = ocp.CheckpointManager(Path(checkpoint_dir).absolute(),
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=2))
-    if manager.latest_step() is not None:
-      state = _restore(manager, state)
-      history["resumed_from"] = state["step"]
+  manager = resume.open_manager(checkpoint_dir)
+  state, resumed = resume.resume(manager, state)
+  if resumed is not None:
+    history["resumed_from"] = resumed
   p, opt_state, step = state["params"], state["opt_state"], state["step"]
   bar = tqdm(total=steps, initial=step, desc="distil draft", disable=not progress,
              mininterval=2.0)
@@ -183,9 +180,7 @@ def train(
                 **{f"eval_{k}": v for k, v in ev.items()}}
       history["evals"].append(record)
       bar.set_postfix(eval_loss=f"{ev['loss']:.3f}", agree=f"{ev['agree']:.3f}")
-      if manager is not None:
-        manager.save(step, args=ocp.args.StandardSave(_savable(state)))
-        manager.wait_until_finished()
+      resume.save(manager, step, state)
       if callback is not None:
         callback(step, record)
   bar.close()
@@ -199,19 +194,3 @@ def train(
   history.update(steps=step, seconds=round(time.time() - t0, 1), best_eval_loss=state["best_loss"])
   return as_model(state["best_params"]), history
 
-
-def _savable(state: dict) -> dict:
-  return {**state, "step": np.int64(state["step"]), "best_loss": np.float64(state["best_loss"]),
-          "elapsed": np.float64(state["elapsed"])}
-
-
-def _restore(manager: ocp.CheckpointManager, like: dict) -> dict:
-  def spec(x):
-    x = x if isinstance(x, jax.Array) else np.asarray(x)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
-  target = jax.tree_util.tree_map(spec, _savable(like))
-  restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(target))
-  restored = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(_savable(like)),
-                                          jax.tree_util.tree_leaves(restored))
-  return {**restored, "step": int(restored["step"]), "best_loss": float(restored["best_loss"]),
-          "elapsed": float(restored["elapsed"])}

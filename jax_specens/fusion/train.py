@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jax_specens import resume
 from jax_specens.fusion import features as F
 from jax_specens.fusion.harvest import Harvest
 from jax_specens.fusion.head import FusionHead, FusionHeadFn, HeadConfig, Stat
@@ -115,13 +115,10 @@ def train_head(
   state = {"params": params, "opt_state": tx.init(params), "best_params": params,
            "step": 0, "best_loss": float(eval_loss(params, x_ev, y_ev)), "bad_evals": 0}
   history = {"initial_eval_loss": state["best_loss"], "evals": []}
-  manager = None
-  if checkpoint_dir is not None:
-    manager = ocp.CheckpointManager(
-        Path(checkpoint_dir).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
-    if manager.latest_step() is not None:
-      state = _restore(manager, state)
-      history["resumed_from"] = state["step"]
+  manager = resume.open_manager(checkpoint_dir)
+  state, resumed = resume.resume(manager, state)
+  if resumed is not None:
+    history["resumed_from"] = resumed
 
   bar = tqdm(total=config.max_steps, initial=state["step"], desc=f"train {config.kind} head",
              disable=not progress)
@@ -142,9 +139,7 @@ def train_head(
       record = {"step": step, "train_loss": float(loss), "eval_loss": ev}
       history["evals"].append(record)
       bar.set_postfix(eval_loss=f"{ev:.4f}")
-      if manager is not None:
-        manager.save(step, args=ocp.args.StandardSave(_savable(state)))
-        manager.wait_until_finished()
+      resume.save(manager, step, state)
       if callback is not None:
         callback(step, record)
   bar.close()
@@ -155,21 +150,6 @@ def train_head(
   best = nnx.merge(graphdef, state["best_params"], stats)
   return FusionHeadFn.from_module(best), history
 
-
-def _savable(state: dict) -> dict:
-  return {**state, "step": np.int64(state["step"]), "best_loss": np.float64(state["best_loss"]),
-          "bad_evals": np.int64(state["bad_evals"])}
-
-
-def _restore(manager: ocp.CheckpointManager, like: dict) -> dict:
-  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-                                  if not isinstance(x, jax.Array) else
-                                  jax.ShapeDtypeStruct(x.shape, x.dtype), _savable(like))
-  restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(target))
-  restored = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(_savable(like)),
-                                          jax.tree_util.tree_leaves(restored))
-  return {**restored, "step": int(restored["step"]), "best_loss": float(restored["best_loss"]),
-          "bad_evals": int(restored["bad_evals"])}
 
 
 # ---- held-out metrics ------------------------------------------------------------------------
