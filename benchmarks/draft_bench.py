@@ -8,7 +8,7 @@ ratios are measured side by side on the same (possibly busy) machine:
   explains it: E[accepted per round] = alpha (1 - alpha^gamma) / (1 - alpha));
 - the draft's cost per token c: seconds of `ar` with the draft / seconds of `ar` with the target;
 - sd over ar, and se over ensemble (wprob, equal weights), at batch 1 and batch 8, greedy, next to
-  the SPEC §3 predictions: sd (1 - a^(g+1)) / ((1 - a)(g c + 1)); se the SPEC formula.
+  the docs/algorithms.md §3 predictions: sd (1 - a^(g+1)) / ((1 - a)(g c + 1)); se the SPEC formula.
 Writes benchmarks/results/draft.json.
 """
 
@@ -46,7 +46,7 @@ def sd_prediction(alpha: float, gamma: int, c: float) -> float:
 
 
 def se_prediction(alpha: float, gq: int, gp: int, c: float) -> float:
-  """SPEC §3: speed-up of se over the plain ensemble, c = cost(M_q) / cost(M_p)."""
+  """docs/algorithms.md §3: speed-up of se over the plain ensemble, c = cost(M_q) / cost(M_p)."""
   if alpha >= 1.0:
     alpha = 1 - 1e-9
   return (1 - alpha ** gq) * (1 + c) / ((1 - alpha) * (1 + c * gq - alpha ** gp * c))

@@ -1,4 +1,4 @@
-"""A slow, plain reference of cross-tokenizer CoSD (SPEC §4) at the text level, greedy, one prompt.
+"""A slow, plain reference of cross-tokenizer CoSD (docs/algorithms.md §4) at the text level, greedy, one prompt.
 
 No caches, no batching, no incremental re-tokenization: every model pass is a full forward over
 the whole token sequence, and the assistant's tokenization is its tokenizer's canonical encoding of

@@ -1,4 +1,4 @@
-"""CoSD's assistant candidate x^ is its top token at any temperature (SPEC §4).
+"""CoSD's assistant candidate x^ is its top token at any temperature (docs/algorithms.md §4).
 
 Consequence used as the specification: a verifier that replaces every disagreement emits, at each
 position, the assistant's own argmax (a kept draft token agreed with it, a replaced one is it), so

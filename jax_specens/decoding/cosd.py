@@ -1,10 +1,10 @@
-"""Collaborative Speculative Decoding (SPEC §4): a draft writes, an assistant fixes. Not lossless.
+"""Collaborative Speculative Decoding (docs/algorithms.md §4): a draft writes, an assistant fixes. Not lossless.
 
 Models in method order: (draft, assistant). One loop step is one window per row:
   1. the draft drafts K tokens x~_1..x~_K, one pass each (sampled from its sampling distribution;
      argmax when greedy), written as pending tokens into `seq` after the committed ones;
   2. the assistant scores the last committed token and the K drafts in one pass of width K + 1,
-     giving its candidates x^_1..x^_{K+1}: its top tokens (argmax, at any temperature: SPEC §4);
+     giving its candidates x^_1..x^_{K+1}: its top tokens (argmax, at any temperature: docs/algorithms.md §4);
   3. the verifier (rule, tree, learned head: any `jax_specens.fusion` verifier, a pytree in
      `Request.extra`) reads the features of both models at the K positions; the first position it
      marks, where the candidates differ, is replaced: emit x~_1..x~_{j-1}, x^_j and drop the rest.
@@ -91,7 +91,7 @@ def step(models, req: Request, cfg: Config, state: LoopState) -> LoopState:
   state, d_logits, drafts = _draft(models, req, cfg, state)
   # the assistant scores [last committed, x~_1 .. x~_K]
   state, a_logits, _ = feed(state, models, ASSISTANT, k + 1, jnp.full_like(c, k + 1))
-  # x^ is the assistant's top token at any temperature (SPEC §4; the verifiers are fit on argmax
+  # x^ is the assistant's top token at any temperature (docs/algorithms.md §4; the verifiers are fit on argmax
   # candidates); only the draft samples
   cands = jnp.argmax(a_logits, axis=-1).astype(jnp.int32)  # [B, K + 1]
   feats = position_features([d_logits, a_logits[:, :k]], [drafts, cands[:, :k]])

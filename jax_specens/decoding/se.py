@@ -1,4 +1,4 @@
-"""Speculative Ensemble with the alternate proposal framework for n models (SPEC §3).
+"""Speculative Ensemble with the alternate proposal framework for n models (docs/algorithms.md §3).
 
 State per row, besides the shared loop state: `pending` proposals sit in `seq` after the committed
 tokens, `src` records which model proposed each, and each model keeps the raw logits it computed for

@@ -5,7 +5,7 @@ tokens t (= KL(p || q) up to the target's entropy); tokens outside the draft's K
 proposed and only cost their mass. Reported on the held-out split:
 - `agree`: the draft's argmax equals the target's (the greedy acceptance rate per token);
 - `alpha`: sum_t min(p(t), q(t)) over the top-T, a lower bound of 1 - TV(p, q), the T = 1
-  acceptance rate (SPEC §2).
+  acceptance rate (docs/algorithms.md §2).
 The embedding stays the target's (frozen); the layers, final norm and head are trained. Minibatches
 are a pure function of (seed, step), so a run resumed from its orbax checkpoint continues exactly.
 """

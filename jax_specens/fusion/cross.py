@@ -1,4 +1,4 @@
-"""Cross-tokenizer CoSD (SPEC §4): draft and assistant with different tokenizers, joined by text.
+"""Cross-tokenizer CoSD (docs/algorithms.md §4): draft and assistant with different tokenizers, joined by text.
 
 All rows advance together, one window per loop turn. Each row has one shared text (UTF-8
 bytes); each model keeps its own token sequence over it (`TokenText`) and its own KV cache over
@@ -11,7 +11,7 @@ that sequence. A window:
   3. draft position j is *verifiable* where the byte offset before x~_j is a character boundary
      and the start of an assistant token i. There the assistant's distribution is its logits
      after token i - 1 and its candidate x^_j is its top token (argmax, at any temperature, as in
-     SPEC §4); x~_j in the assistant's vocabulary is its token i; x^_j in the draft's vocabulary
+     docs/algorithms.md §4); x~_j in the assistant's vocabulary is its token i; x^_j in the draft's vocabulary
      is the first draft token of x^_j's text; they *agree* when x^_j is token i;
   4. the verifier (rule / tree / learned, on `features.translated_features`) replaces at the
      first verifiable position it marks where the candidates differ and x^'s text is whole
@@ -73,7 +73,7 @@ def cosd_text(draft: Model, assistant: Model, draft_tokenizer, assistant_tokeniz
 
   max_new_tokens counts emitted tokens (the draft's plus the assistant's). A row stops at either
   model's end-of-sequence token. Sampling arguments apply to the draft's drafts; the assistant's
-  candidate is always its top token (SPEC §4).
+  candidate is always its top token (docs/algorithms.md §4).
   """
   prompts = _check(prompts, max_new_tokens, window, temperature, top_k, top_p, min_p)
   d = Side(draft, draft_tokenizer, "draft")

@@ -81,7 +81,7 @@ def assistant_score(
     rows: Int[Array, "B R"], own: Int[Array, "B R"],
 ):
   """Feeds `tokens` at `start` in one pass. At the logits after the fed tokens `rows` (indices
-  into the W) returns the assistant's top token x^ `[B, R]` (SPEC §4) and its part of the
+  into the W) returns the assistant's top token x^ `[B, R]` (docs/algorithms.md §4) and its part of the
   features: `p_a(own), p_a(x^)` `[B, R, 2]`, entropy and margin `[B, R]` (`own`: the token its
   own tokenization puts there, i.e. x~ in its vocabulary); and the cache."""
   logits, cache = forward_rows(model, cache, tokens, start, rows)

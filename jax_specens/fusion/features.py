@@ -1,4 +1,4 @@
-"""Per-position features of two or more models' next-token distributions (SPEC §4-5).
+"""Per-position features of two or more models' next-token distributions (docs/algorithms.md §4-5).
 
 Every verifier (rule, tree, learned head) and the learned ensemble weights read the same feature
 vector, computed from the models' raw logits at one position (softmax at temperature 1, so a

@@ -1,4 +1,4 @@
-"""Teacher-forced harvesting of fusion features and labels over a corpus (SPEC §4-5).
+"""Teacher-forced harvesting of fusion features and labels over a corpus (docs/algorithms.md §4-5).
 
 Every model reads the same reference windows in one forward pass each; at every position t the
 features compare the models' next-token distributions with their argmax candidates, and the labels
@@ -6,7 +6,7 @@ say which candidate the reference agrees with:
 
     label 1 "replace"  the assistant's (model 1) top token is the reference and the draft's is not
     label 0 "keep"     the draft's (model 0) top token is the reference
-    label -1           neither matches (left out of verifier training, SPEC §4)
+    label -1           neither matches (left out of verifier training, docs/algorithms.md §4)
 
 `ref_logprobs[:, k]` is log p_k(reference token): what the ensemble-weights head is trained on.
 """
