@@ -135,7 +135,7 @@ def test_eval_fusion_rejects_bad_settings_before_work(tmp_path):
 def test_demo_prints_every_method_side_by_side(tmp_path, capsys):
   from jax_specens.cli import demo
   runs = "ar (code),ensemble"
-  args = _parse(demo, ["demo", "--max-new-tokens", "3", "--runs", runs,
+  args = _parse(demo, ["demo", "--builtin", "--max-new-tokens", "3", "--runs", runs,
                        "--json", str(tmp_path / "demo.json")])
   assert args.run(args) == 0
   printed = capsys.readouterr().out
@@ -149,4 +149,4 @@ def test_demo_prints_every_method_side_by_side(tmp_path, capsys):
   for _, prompt in demo.PROMPTS:
     assert prompt.replace("\n", "⏎") in printed
   with pytest.raises(ValueError, match="unknown demo run"):
-    demo.run(_parse(demo, ["demo", "--runs", "beam"]))
+    demo.run(_parse(demo, ["demo", "--builtin", "--runs", "beam"]))

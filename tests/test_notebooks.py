@@ -24,7 +24,8 @@ REAL = {"real_models"}  # runs SmolLM2-135M-Instruct and Gemma-3-270M (marker `r
 
 
 @pytest.mark.parametrize("path", [
-    pytest.param(p, marks=[pytest.mark.real] if p.stem in REAL else []) for p in NOTEBOOKS],
+    pytest.param(p, marks=[pytest.mark.real, pytest.mark.slow] if p.stem in REAL else [])
+    for p in NOTEBOOKS],
     ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path: Path):
   nb = nbformat.read(path, as_version=4)

