@@ -68,7 +68,7 @@ def runnable(lang: str, code: str) -> str:
   for line in re.sub(r"\\\n\s*", " ", code).splitlines():
     parts = [c.strip() for c in line.split("&&")]
     parts = [":" if c.startswith(tuple(NOT_RUN)) else c for c in parts]
-    parts = [_small(c) if c.startswith(BENCH) and "--small" not in c else c for c in parts]
+    parts = [_small(c) if c.startswith(BENCH) else c for c in parts]
     out.append(" && ".join(parts))
   return "\n".join(out)
 
@@ -76,6 +76,8 @@ def runnable(lang: str, code: str) -> str:
 def _small(command: str) -> str:
   """`--small` appended to the command, before a trailing comment."""
   cmd, sep, comment = command.partition("#")
+  if "--small" in cmd:
+    return command
   return f"{cmd.rstrip()} --small" + (f"  {sep}{comment}" if sep else "")
 
 
