@@ -128,13 +128,14 @@ def test_speculative_methods_through_the_text_api(model_dir):
 
 def test_new_prompts_in_a_bucket_do_not_recompile(model_dir):
   model = load_model(model_dir)
+  n = N + 3  # a max_new_tokens (static) no other test uses: the program count starts clean
   programs = sys.modules["jax_specens.decode"]._generate._cache_size
-  generate_text(model, ["the cat"], max_new_tokens=N, temperature=0)
+  generate_text(model, ["the cat"], max_new_tokens=n, temperature=0)
   before = programs()
   for prompt in ("a", "the cat sat on a mat and dog ran far away", "red house"):
-    generate_text(model, [prompt], max_new_tokens=N, temperature=0)
+    generate_text(model, [prompt], max_new_tokens=n, temperature=0)
   assert programs() == before
-  generate_text(model, [" ".join(WORDS * 3)], max_new_tokens=N, temperature=0)  # 45 > 32
+  generate_text(model, [" ".join(WORDS * 3)], max_new_tokens=n, temperature=0)  # 45 > 32
   assert programs() == before + 1
 
 
