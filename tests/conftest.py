@@ -16,6 +16,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # main() of the CLI, called in-process by the tests, would otherwise turn on the persistent XLA
 # compilation cache for the whole session (tests/test_cli_plumbing.py runs it in subprocesses)
 os.environ.setdefault("JAX_SPECENS_NO_COMPILE_CACHE", "1")
+# and nothing else may turn it on in this process either (subprocesses have their own config)
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 pytest_plugins = [
     "tests.fixtures_models",

@@ -19,7 +19,8 @@ GENERATE = ["generate", "--model", "builtin:draft", "--prompt", "def f(x):",
 
 
 def _cli(args, cache, **env):
-  env = {**os.environ, "JAX_SPECENS_CACHE": str(cache), "JAX_SPECENS_NO_COMPILE_CACHE": "0", **env}
+  env = {**os.environ, "JAX_SPECENS_CACHE": str(cache), "JAX_SPECENS_NO_COMPILE_CACHE": "0",
+         "JAX_ENABLE_COMPILATION_CACHE": "true", **env}
   return subprocess.run([sys.executable, "-m", "jax_specens.cli.main", *args], env=env,
                         capture_output=True, text=True, timeout=300)
 

@@ -138,6 +138,7 @@ def sandbox(path: Path, inputs: dict, real: dict | None = None) -> Path:
 
 def _run(args, cwd: Path, cache: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
   env = {**os.environ, "HOME": str(cwd), "JAX_SPECENS_NO_COMPILE_CACHE": "0",
+         "JAX_ENABLE_COMPILATION_CACHE": "true",
          "JAX_SPECENS_CACHE": str(cache),
          "PYTHONPATH": str(ROOT)}
   return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
