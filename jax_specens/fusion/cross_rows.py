@@ -210,11 +210,7 @@ class Row:
       st.assistant_tokens += 1
       st.replacements += 1
       self.emitted += j + 1
-      if x in self.as_.stop:
-        self.done, self.reason = True, "stop"
-      else:
-        self._append_assistant(x)
-        self.done = self.emitted >= max_new
+      self._end_with_assistant(x, max_new)
       return j + 1
     end = k if plan.stop_at is None else plan.stop_at + 1
     n = min(end, budget)
@@ -231,12 +227,17 @@ class Row:
       return k
     st.assistant_tokens += 1
     self.emitted += 1
+    self._end_with_assistant(x, max_new)
+    return k + 1
+
+  def _end_with_assistant(self, x: int, max_new: int) -> None:
+    """The window ends with the assistant's token `x` (already counted as emitted): a stop id
+    finishes the row, any other token joins the text."""
     if x in self.as_.stop:
       self.done, self.reason = True, "stop"
     else:
       self._append_assistant(x)
       self.done = self.emitted >= max_new
-    return k + 1
 
   def _finish(self, drafts, d_len: int, n: int, reason: str) -> int:
     self._accept(drafts)
