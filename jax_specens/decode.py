@@ -199,6 +199,12 @@ def prepare(models, prompts, prompt_lengths, *, method: str = "ar", max_new_toke
     ens = make_ensemble("select", len(ordered), index=m.target % len(ordered))
   else:
     ens = make_ensemble(ensemble, len(ordered), weights, mu, plausibility)
+    reduced = [i for i, o in enumerate(ordered[1:], 1) if o.config.vocab_subset]
+    if ensemble == "contrastive" and reduced:
+      raise ValueError(
+          f"contrastive decoding subtracts the amateur's log-probabilities, but model(s) {reduced}"
+          " have a reduced vocabulary (vocab_subset: log p = -inf outside it), which would give "
+          "+inf scores; use a full-vocabulary amateur, or ensemble='wprob' / 'wlogit'")
 
   stops = _stop_ids(stop_ids, b)
   if key is None:

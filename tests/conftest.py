@@ -19,8 +19,41 @@ os.environ.setdefault("JAX_SPECENS_NO_COMPILE_CACHE", "1")
 # and nothing else may turn it on in this process either (subprocesses have their own config)
 os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
+import gc
+
+import pytest
+
 pytest_plugins = [
     "tests.fixtures_models",
     "tests.fixtures_fusion",
     "tests.fixtures_real",
 ]
+
+
+def _mapped_regions() -> int:
+  try:
+    with open("/proc/self/maps") as f:
+      return sum(1 for _ in f)
+  except OSError:  # not Linux
+    return 0
+
+
+# Every compiled XLA CPU program keeps a few memory mappings of its own. A whole session compiles
+# thousands of programs; past the kernel's vm.max_map_count (65530 by default) mmap fails and the
+# LLVM JIT crashes (a segfault inside backend_compile_and_load, seen in CI at test 269). Programs
+# are dropped after every module, and after any test that leaves more than 30000 mappings.
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs_after_each_module():
+  yield
+  import jax
+  jax.clear_caches()
+  gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _drop_compiled_programs_when_mappings_pile_up():
+  yield
+  if _mapped_regions() > 30000:
+    import jax
+    jax.clear_caches()
+    gc.collect()

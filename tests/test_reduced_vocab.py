@@ -152,3 +152,16 @@ def test_greedy_sd_and_se_equal_ar_and_ensemble():
               max_new_tokens=12, temperature=0.0)
   np.testing.assert_array_equal(se.tokens, ens.tokens)
   assert np.isin(np.asarray(ar.tokens), ids, invert=True).any()  # target leaves the subset
+
+
+def test_contrastive_with_a_reduced_vocabulary_amateur_is_refused():
+  """log p_amateur = -inf outside its subset: subtracting it would give +inf scores."""
+  expert, amateur = target8(), reduced_draft()
+  prompts, lengths = jnp.asarray([[1, 2, 3]], jnp.int32), jnp.asarray([3])
+  with pytest.raises(ValueError, match="reduced vocabulary.*full-vocabulary amateur"):
+    decode([expert, amateur], prompts, lengths, method="ensemble", ensemble="contrastive",
+           max_new_tokens=2)
+  # the reduced model as the expert is fine: its -inf only removes tokens
+  out = decode([amateur, expert], prompts, lengths, method="ensemble", ensemble="contrastive",
+               max_new_tokens=2, temperature=0.0)
+  assert np.isin(np.asarray(out.tokens)[0, :2], SUBSET).all()

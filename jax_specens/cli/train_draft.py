@@ -26,7 +26,8 @@ alpha (T=1 acceptance), loss, the draft's own bytes and its bytes read per token
 example:  jax-specens train-draft --target models/smollm2 --out models/smollm2-draft \\
               --time-budget 15
 use it:   jax-specens generate --model models/smollm2 --draft models/smollm2-draft \\
-              --method sd --gamma 4 --prompt "What is gravity?" --temperature 0
+              --method sd --gamma 4 --prompt "What is gravity?" --temperature 0 \\
+              --max-new-tokens 64
 """
 
 
