@@ -61,6 +61,18 @@ class Side:
     return n
 
 
+def carry(src: Side, dst: Side, x: int) -> int | None:
+  """Token `x` of `src` in `dst`'s vocabulary: `dst`'s first token of its text, `dst`'s
+  end-of-sequence for a stop; None when it cannot be carried (partial UTF-8, special)."""
+  if x in src.stop:
+    return dst.eos
+  data = src.table[x]
+  if not data or complete(data) != len(data) or not is_char_boundary(data, 0):
+    return None
+  ids = dst.piece(data)
+  return ids[0] if ids else None
+
+
 @dataclasses.dataclass
 class Plan:
   """A window's alignment: the assistant's feed, and per draft position j the assistant token
@@ -151,15 +163,8 @@ class Row:
                 len(self.a.text) == len(window))
 
   def _carry(self, x: int) -> int | None:
-    """x^ (an assistant id) in the draft's vocabulary: the draft's first token of its text, the
-    draft's end-of-sequence for a stop; None when it cannot be carried (partial UTF-8, special)."""
-    if x in self.as_.stop:
-      return self.ds.eos
-    data = self.as_.table[x]
-    if not data or complete(data) != len(data) or not is_char_boundary(data, 0):
-      return None
-    ids = self.ds.piece(data)
-    return ids[0] if ids else None
+    """x^ (an assistant id) in the draft's vocabulary (`carry`)."""
+    return carry(self.as_, self.ds, x)
 
   def candidates(self, plan: Plan, x_hat: np.ndarray) -> Candidates:
     k = len(plan.drafts)

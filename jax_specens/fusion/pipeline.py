@@ -55,11 +55,20 @@ def train_fusion(models: Sequence, sequences, out_dir: str | os.PathLike,
   checkpoint_dir: orbax directory for resumable head training (a `verifier/` and a `weights/`
   sub-directory); a rerun with the same arguments resumes where it stopped.
   """
-  out = Path(out_dir)
-  if out.exists() and not overwrite:
-    raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
+  _check_out(out_dir, overwrite)
   data = harvest_tokens(models, sequences, seq_len=recipe.seq_len, batch_size=recipe.batch_size,
                         progress=progress)
+  return train_on_harvest(data, out_dir, recipe, overwrite=overwrite,
+                          checkpoint_dir=checkpoint_dir, progress=progress)
+
+
+def train_on_harvest(data: Harvest, out_dir: str | os.PathLike,
+                     recipe: FusionRecipe = FusionRecipe(), *, overwrite: bool = False,
+                     checkpoint_dir: str | os.PathLike | None = None,
+                     progress: bool = True) -> dict:
+  """`train_fusion` from a harvest already made (e.g. `cross_harvest.harvest_cross` for two
+  tokenizers): split by document, fit every verifier, write OUT, return the metrics."""
+  out = _check_out(out_dir, overwrite)
   fit, held_out = data.split(recipe.eval_fraction, seed=recipe.train.seed)
   train, evals = fit.split(recipe.eval_fraction, seed=recipe.train.seed + 1)
   metrics: dict = {"positions": {"total": len(data), "labelled": len(data.labelled()),
@@ -91,6 +100,13 @@ def train_fusion(models: Sequence, sequences, out_dir: str | os.PathLike,
         save_head(heads[kind], tmp / sub, extra={"recipe": _jsonable(recipe)})
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
   return metrics
+
+
+def _check_out(out_dir, overwrite: bool) -> Path:
+  out = Path(out_dir)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
+  return out
 
 
 def read_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
