@@ -57,3 +57,12 @@ def _drop_compiled_programs_when_mappings_pile_up():
     import jax
     jax.clear_caches()
     gc.collect()
+
+
+def pytest_collection_modifyitems(items):
+  """Under `pytest -n 2 --dist loadgroup` (pytest-xdist; the README's test command) a module's
+  tests stay in one worker (module fixtures are built once), and every test of the real
+  checkpoints runs in the same worker, so each real model is converted once per session."""
+  for item in items:
+    group = "real" if item.get_closest_marker("real") else item.module.__name__
+    item.add_marker(pytest.mark.xdist_group(group))
