@@ -2,7 +2,7 @@
 tree and the learned verifier, on held-out code, prose and short questions.
 
     python -m benchmarks.cosd_real_fusion [--draft /work/cache/jx-gguf/smollm2]
-        [--model /work/cache/jx-gguf/gemma3] [--docs 14] [--test-docs 10] [--small]
+        [--model /work/cache/jx-gguf/gemma3] [--docs 6] [--test-docs 6] [--small]
 
 Draft SmolLM2-135M-Instruct, assistant Gemma-3-270M (different tokenizers). The held-out set is
 `jax_specens.fusion.realeval_data` (fixed, offline), split by document into a fusion part and a
@@ -114,10 +114,10 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--draft", default="/work/cache/jx-gguf/smollm2", help="draft model dir")
   ap.add_argument("--model", default="/work/cache/jx-gguf/gemma3", help="assistant model dir")
-  ap.add_argument("--docs", type=int, default=14,
-                  help="code and prose documents each of the fusion part (default 14)")
-  ap.add_argument("--test-docs", type=int, default=10,
-                  help="code and prose documents each of the test part (default 10)")
+  ap.add_argument("--docs", type=int, default=6,
+                  help="code and prose documents each of the fusion part (default 6)")
+  ap.add_argument("--test-docs", type=int, default=6,
+                  help="code and prose documents each of the test part (default 6)")
   ap.add_argument("--max-bytes", type=int, default=400, help="bytes per document excerpt")
   ap.add_argument("--new", type=int, default=16, help="tokens written per question (default 16)")
   ap.add_argument("--window", type=int, default=4, help="cosd draft window (default 4)")
@@ -173,10 +173,16 @@ def main(argv=None) -> int:
   write_results(args.out, "cosd_real_fusion", config, rows, teacher_forced=tf, generation=gen,
                 fusion_training=fit, summary=summary,
                 seconds=clock.laps)
-  bar_plot(f"{args.out}/cosd_real_fusion.png", [f"{g} (TF acc)" for g in GROUPS] + ["QA EM"],
-           {m: [tf[g][m]["accuracy"] for g in GROUPS] + [gen[m]["exact_match"]] for m in methods},
-           "accuracy", "SmolLM2-135M (draft) + Gemma-3-270M (assistant), held-out test part")
+  plot(f"{args.out}/cosd_real_fusion.png", tf, gen)
   return 0
+
+
+def plot(path, tf: dict, gen: dict):
+  """Grouped bars: teacher-forced accuracy per domain and QA exact match, per method."""
+  return bar_plot(path, [f"{g} (TF acc)" for g in GROUPS] + ["QA exact match"],
+                  {m: [tf[g][m]["accuracy"] for g in GROUPS] + [gen[m]["exact_match"]]
+                   for m in ALONE + COSD},
+                  "accuracy", "SmolLM2 drafts, Gemma-3-270M assists: held-out test part")
 
 
 if __name__ == "__main__":
