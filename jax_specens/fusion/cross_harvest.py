@@ -160,10 +160,15 @@ def harvest_cross(
                      f"{batch_tokens}")
   d_side = Side(draft, draft_tokenizer, "draft")
   a_side = Side(assistant, assistant_tokenizer, "assistant")
-  scored_from = scored_from or [0] * len(texts)
-  whole = lambda doc, text: [(text, 0)] if draft_ids is not None else segments(text, max_bytes)
+  scored_from = [0] * len(texts) if scored_from is None else list(scored_from)
+  for name, per_text in (("scored_from", scored_from), ("draft_ids", draft_ids)):
+    if per_text is not None and len(per_text) != len(texts):
+      raise ValueError(f"{name} needs one entry per text: got {len(per_text)} for "
+                       f"{len(texts)} texts")
+  cut = (lambda text: [(text, 0)]) if draft_ids is not None else (
+      lambda text: segments(text, max_bytes))
   pieces = [(doc, seg, start, scored_from[doc] - start)
-            for doc, text in enumerate(texts) for seg, start in whole(doc, text)]
+            for doc, text in enumerate(texts) for seg, start in cut(text)]
   pieces.sort(key=lambda p: len(p[1].encode()))  # similar lengths share a batch (less padding)
   own = lambda doc, seg: (TokenText.encode(draft_tokenizer, seg) if draft_ids is None else
                           TokenText(draft_tokenizer, d_side.table, draft_ids[doc], seg.encode()))
@@ -198,7 +203,7 @@ def _harvest_batch(batch, d_seq, a_seq, d_logits, x_d, a_logits, x_a, d_side: Si
     for j, i in aligned_positions(d, a, max(scored, 0)):
       xd, xa = int(x_d[r, j - 1]), int(x_a[r, i - 1])
       d_ok = xd == d.ids[j]
-      on_path = d.text.startswith(d_side.table[xd], d.start(j)) and d_side.table[xd]
+      on_path = bool(d_side.table[xd]) and d.text.startswith(d_side.table[xd], d.start(j))
       xd_a = a.ids[i] if on_path else carry(d_side, a_side, xd)
       xa_d = carry(a_side, d_side, xa)
       agree = xd_a is not None and xa == xd_a
