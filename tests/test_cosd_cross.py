@@ -111,6 +111,13 @@ def test_sampled_and_bonus_cross_cosd(pair):
   a = cosd_text(draft, assistant, tok_d, tok_a, PROMPTS[:1], key=jax.random.key(1), **kw)
   b = cosd_text(draft, assistant, tok_d, tok_a, PROMPTS[:1], key=jax.random.key(1), **kw)
   assert a.texts == b.texts and set(a.texts[0]) <= ALPHABET
+  # the key reaches every row's drafts: other keys give other texts (never replacing, so the
+  # text is the draft's own samples)
+  keep = dict(kw, verifier=ConstantVerifier(False))
+  texts = {k: cosd_text(draft, assistant, tok_d, tok_a, PROMPTS[:2] * 2, key=jax.random.key(k),
+                        **keep).texts for k in (1, 2)}
+  assert all(x != y for x, y in zip(texts[1], texts[2])), texts
+  assert texts[1][:2] != texts[1][2:]  # and rows of one batch draw independently
   never = cosd_text(draft, assistant, tok_d, tok_a, PROMPTS[:1], bonus=True, max_new_tokens=NEW,
                     window=K, temperature=0.0, verifier=ConstantVerifier(False))
   st = never.stats[0]

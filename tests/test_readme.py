@@ -40,7 +40,9 @@ BENCH = "python -m benchmarks."  # run with --small (tiny models), as the README
 # (pyproject addopts `-m "not slow"`) to keep CI within its time; `pytest -m slow` runs them
 SLOW = {"train-draft": "trains for its --time-budget", "train_draft(": "trains for its budget",
         "jax-specens demo\n": "the main job: the whole real-model demo",
-        "g.assemble()": "converts both real models (tests/test_gguf_real.py converts them too)"}
+        "g.assemble()": "converts both real models (tests/test_gguf_real.py converts them too)",
+        "benchmarks.cosd_real_fusion": "harvests, trains and generates on both real models "
+        "(tests/test_cross_harvest.py checks the harvest against decoding)"}
 
 
 def readme_blocks() -> list[tuple[str, int, str]]:
