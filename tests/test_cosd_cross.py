@@ -43,13 +43,20 @@ def bpe_tokenizer(directory, corpus, vocab_size):
   return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-  root = tmp_path_factory.mktemp("cross")
+def tiny_cross_pair(root):
+  """A tiny draft and assistant with two different byte-level BPE tokenizers (trained under
+  root/d and root/a): (draft, assistant, draft tokenizer, assistant tokenizer)."""
   tok_d = bpe_tokenizer(root / "d", CORPUS_A, 60)
   tok_a = bpe_tokenizer(root / "a", CORPUS_B, 90)
   draft = create_model(tiny_config(vocab=len(tok_d), tie_embeddings=False), seed=3)
   assistant = create_model(tiny_config(vocab=len(tok_a), tie_embeddings=False), seed=4)
+  return draft, assistant, tok_d, tok_a
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cross")
+  draft, assistant, tok_d, tok_a = tiny_cross_pair(root)
   save_model(draft, root / "draft", tokenizer_dir=root / "d")
   save_model(assistant, root / "assistant", tokenizer_dir=root / "a")
   return draft, assistant, tok_d, tok_a, root

@@ -18,9 +18,7 @@ from jax_specens.fusion import cosd_text
 from jax_specens.fusion import cross_rows
 from jax_specens.fusion.cross_harvest import aligned_positions, harvest_cross, segments
 from jax_specens.fusion.token_text import TokenText, token_bytes
-from jax_specens.step import create_model
-from tests.fixtures_fusion import tiny_config
-from tests.test_cosd_cross import CORPUS_A, CORPUS_B, bpe_tokenizer
+from tests.test_cosd_cross import CORPUS_A, CORPUS_B, tiny_cross_pair
 
 
 @flax.struct.dataclass
@@ -86,12 +84,7 @@ def check_harvest_matches_decode(pair, prompt, new, k, monkeypatch, min_share=0.
 
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
-  root = tmp_path_factory.mktemp("harvest")
-  tok_d = bpe_tokenizer(root / "d", CORPUS_A, 60)
-  tok_a = bpe_tokenizer(root / "a", CORPUS_B, 90)
-  draft = create_model(tiny_config(vocab=len(tok_d), tie_embeddings=False), seed=3)
-  assistant = create_model(tiny_config(vocab=len(tok_a), tie_embeddings=False), seed=4)
-  return draft, assistant, tok_d, tok_a
+  return tiny_cross_pair(tmp_path_factory.mktemp("harvest"))
 
 
 def test_positions_are_draft_tokens_that_start_where_an_assistant_token_starts(tiny_pair):
