@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_specens import text
 from jax_specens.checkpoint import load_model, load_tokenizer
 from jax_specens.decode import decode
 from jax_specens.fusion import ConstantVerifier, RuleVerifier, cosd_text
@@ -47,15 +48,12 @@ def test_token_bytes_spell_text_and_incremental_tokenization_is_canonical(pair, 
 
 
 def _draft_alone(draft, tok, prompts):
-  out = []
-  for p in prompts:
-    ids = tok(p)["input_ids"]
-    got = decode(draft, jnp.asarray([ids], jnp.int32), jnp.asarray([len(ids)]), method="ar",
-                 max_new_tokens=NEW, temperature=0.0,
-                 stop_ids=sorted(set(draft.config.eos_token_ids) | {tok.eos_token_id}))
-    new = np.asarray(got.tokens[0, :int(got.lengths[0])]).tolist()
-    out.append(tok.decode(ids + new, skip_special_tokens=True)[len(tok.decode(ids)):])
-  return out
+  """The draft's own greedy text for each prompt: one ragged batch, one compiled program."""
+  rows = [tok(p)["input_ids"] for p in prompts]
+  got = decode(draft, *text.pad(rows), method="ar", max_new_tokens=NEW, temperature=0.0,
+               stop_ids=sorted(set(draft.config.eos_token_ids) | {tok.eos_token_id}))
+  return [tok.decode(ids + new, skip_special_tokens=True)[len(tok.decode(ids)):]
+          for ids, new in zip(rows, got.to_lists())]
 
 
 @pytest.mark.real

@@ -41,6 +41,7 @@ BENCH = "python -m benchmarks."  # run with --small (tiny models), as the README
 SLOW = {"train-draft": "trains for its --time-budget", "train_draft(": "trains for its budget",
         "jax-specens demo\n": "the main job: the whole real-model demo",
         "g.assemble()": "converts both real models (tests/test_gguf_real.py converts them too)",
+        "benchmarks.peers_bench": "four benchmarks end to end, about 4 minutes even with --small",
         "benchmarks.cosd_real_fusion": "harvests, trains and generates on both real models "
         "(tests/test_cross_harvest.py checks the harvest against decoding)"}
 
