@@ -40,7 +40,7 @@ def gemma3_gguf(tmp_path_factory) -> Path:
   cached = parts.default_output_path()
   if cached.is_file() and cached.stat().st_size > 0:
     return cached
-  return Path(parts.assemble(tmp_path_factory.mktemp("gguf") / parts.MODEL_NAME))
+  return _once(tmp_path_factory, parts.MODEL_NAME, lambda out: parts.assemble(out))
 
 
 def _converted(name: str, gguf: Path, tmp_path_factory) -> Path:
@@ -48,8 +48,23 @@ def _converted(name: str, gguf: Path, tmp_path_factory) -> Path:
   if keep and (Path(keep) / name / "jax_specens.json").is_file():
     return Path(keep) / name
   from checkpoints_conversion import convert
-  out = tmp_path_factory.mktemp("real") / name
-  convert(gguf, out, dtype="float32", progress=False)
+  return _once(tmp_path_factory, name, lambda out: convert(gguf, out, dtype="float32",
+                                                           progress=False))
+
+
+def _once(tmp_path_factory, name: str, make) -> Path:
+  """`make(path)` once per test run: under pytest-xdist the workers share one directory (the
+  parent of their base temp dirs) and a file lock, so the first worker builds and the others wait
+  for it and reuse the result; without xdist, a directory of this session."""
+  from filelock import FileLock
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  out = root / "real-models" / name
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with FileLock(str(out) + ".lock"):
+    if not out.exists():  # convert / assemble write atomically (a temp dir, then a rename)
+      make(out)
   return out
 
 
