@@ -73,4 +73,5 @@ def pytest_collection_modifyitems(items):
 
 LONGEST_MODULES = ("test_readme", "test_cosd_cross_real", "test_pairing", "test_gguf_real",
                    "test_notebooks", "test_lossless_more", "test_parallel_decode",
-                   "test_decode_greedy", "test_cli_plumbing", "test_cross_harvest")
+                   "test_train_draft", "test_decode_greedy", "test_cli_plumbing",
+                   "test_cross_harvest", "test_cli_generate")
