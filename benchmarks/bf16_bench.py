@@ -25,9 +25,6 @@ from tqdm import tqdm
 
 from benchmarks import common
 
-DEFAULT_MODEL = Path("/work/cache/jx/smollm2")
-
-
 def bandwidth(num_bytes: int, repeats: int) -> float:
   """Bytes / second read by a jitted float32 sum over `num_bytes`."""
   x = jnp.ones((num_bytes // 4,), jnp.float32)
@@ -37,13 +34,15 @@ def bandwidth(num_bytes: int, repeats: int) -> float:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                 help=f"a converted model dir (jax-specens convert); default {DEFAULT_MODEL}")
+  p.add_argument("--model", type=Path,
+                 help="a converted model dir (jax-specens convert); default: SmolLM2 from the "
+                 "user cache of `jax-specens demo`")
   p.add_argument("--tokens", type=int, default=32, help="new tokens per ar decode (default 32)")
   p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
   p.add_argument("--bandwidth-mib", type=int, default=256, help="bandwidth probe size (256)")
   p.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="JSON directory")
   args = p.parse_args(argv)
+  args.model = common.real_model(args.model, "smollm2")
   if not (args.model / "params").is_dir():
     print(f"error: --model {args.model} is not a converted model dir (no params/); convert one "
           "with `jax-specens convert` or pass --model DIR", file=sys.stderr)

@@ -181,6 +181,15 @@ def base_parser(description: str) -> argparse.ArgumentParser:
   return p
 
 
+def real_model(path: str | os.PathLike | None, name: str) -> Path:
+  """`path`, or the real model `name` ("smollm2" / "gemma3") from the user cache that
+  `jax-specens demo` fills, converted from its GGUF package on first use."""
+  if path is not None:
+    return Path(path)
+  from jax_specens.cli.demo_real import model_dir
+  return model_dir(name)
+
+
 def random_prompts(batch: int, max_len: int, vocab: int, seed: int = 0,
                    min_token: int = 3) -> tuple[np.ndarray, np.ndarray]:
   """`[B, T]` right-padded random prompts (ids >= min_token, so no special ids) and lengths `[B]`

@@ -1,10 +1,11 @@
 """Cross-tokenizer CoSD on the real pair vs the two models' own greedy decodes, side by side.
 
-    python -m benchmarks.cosd_cross_bench [--draft /work/cache/jx/smollm2]
-        [--model /work/cache/jx/gemma3] [--new 32] [--window 4] [--repeats 3]
+    python -m benchmarks.cosd_cross_bench [--draft DIR] [--model DIR] [--new 32] [--window 4]
+        [--repeats 3]
 
 Draft SmolLM2-135M-Instruct (byte-level BPE, 49152 ids), assistant Gemma-3-270M (SentencePiece
-with byte fallback, 262144 ids). 8 prompts x `--new` tokens, greedy. Times are medians of
+with byte fallback, 262144 ids); without --draft / --model, the ones `jax-specens demo` converts
+into its user cache. 8 prompts x `--new` tokens, greedy. Times are medians of
 `--repeats` warm runs (compiles excluded: one untimed run first), all measured in this one run:
   * draft alone / assistant alone: `decode(method="ar")` of the same batch, its own tokenization;
   * cosd: `cosd_text` with the rule verifier (alpha = beta = 0.5).
@@ -18,7 +19,7 @@ import argparse
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import table, time_call, write_results
+from benchmarks.common import real_model, table, time_call, write_results
 from jax_specens.checkpoint import load_model, load_tokenizer
 from jax_specens.decode import decode
 from jax_specens.fusion import cosd_text
@@ -48,15 +49,16 @@ def own_greedy(model, tok, prompts, new: int):
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--draft", default="/work/cache/jx/smollm2")
-  ap.add_argument("--model", default="/work/cache/jx/gemma3")
+  ap.add_argument("--draft", help="draft model dir (default: SmolLM2 from the demo's cache)")
+  ap.add_argument("--model", help="assistant model dir (default: Gemma 3 from the demo's cache)")
   ap.add_argument("--new", type=int, default=32)
   ap.add_argument("--window", type=int, default=4)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default="benchmarks/results")
   args = ap.parse_args(argv)
-  draft, assistant = load_model(args.draft), load_model(args.model)
-  tok_d, tok_a = load_tokenizer(args.draft), load_tokenizer(args.model)
+  draft_dir, model_dir = real_model(args.draft, "smollm2"), real_model(args.model, "gemma3")
+  draft, assistant = load_model(draft_dir), load_model(model_dir)
+  tok_d, tok_a = load_tokenizer(draft_dir), load_tokenizer(model_dir)
   runs = {
       "draft alone": own_greedy(draft, tok_d, PROMPTS, args.new),
       "assistant alone": own_greedy(assistant, tok_a, PROMPTS, args.new),
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
   print(f"cosd / (draft + assistant alone) = {summary['ratio_vs_both_alone']:.2f} "
         f"(goal <= 1.2); {summary['windows']} windows, {summary['replacements']} replaced, "
         f"assistant's share {summary['assistant_share']:.1%}")
-  write_results(args.out, "cosd_cross", vars(args) | {"prompts": PROMPTS}, [summary])
+  config = vars(args) | {"draft": str(draft_dir), "model": str(model_dir), "prompts": PROMPTS}
+  write_results(args.out, "cosd_cross", config, [summary])
   return 0
 
 

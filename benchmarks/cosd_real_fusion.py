@@ -1,10 +1,11 @@
 """Fusion measured on the real cross-tokenizer pair: each model alone vs CoSD with the rule, the
 tree and the learned verifier, on held-out code, prose and short questions.
 
-    python -m benchmarks.cosd_real_fusion [--draft /work/cache/jx-gguf/smollm2]
-        [--model /work/cache/jx-gguf/gemma3] [--docs 6] [--test-docs 6] [--small]
+    python -m benchmarks.cosd_real_fusion [--draft DIR] [--model DIR] [--docs 6] [--test-docs 6]
+        [--small]
 
-Draft SmolLM2-135M-Instruct, assistant Gemma-3-270M (different tokenizers). The held-out set is
+Draft SmolLM2-135M-Instruct, assistant Gemma-3-270M (different tokenizers; without --draft /
+--model, the ones `jax-specens demo` converts into its user cache). The held-out set is
 `jax_specens.fusion.realeval_data` (fixed, offline), split by document into a fusion part and a
 test part; nothing is tuned on the test part.
 
@@ -33,7 +34,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import bar_plot, table, write_results
+from benchmarks.common import bar_plot, real_model, table, write_results
 from jax_specens.checkpoint import load_model, load_tokenizer
 from jax_specens.fusion import cosd_text
 from jax_specens.fusion import realeval_data as R
@@ -112,8 +113,8 @@ def answers(pair, qa: list[R.Item], verifiers: dict, new: int, window: int, prog
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--draft", default="/work/cache/jx-gguf/smollm2", help="draft model dir")
-  ap.add_argument("--model", default="/work/cache/jx-gguf/gemma3", help="assistant model dir")
+  ap.add_argument("--draft", help="draft model dir (default: SmolLM2 from the demo's cache)")
+  ap.add_argument("--model", help="assistant model dir (default: Gemma 3 from the demo's cache)")
   ap.add_argument("--docs", type=int, default=6,
                   help="code and prose documents each of the fusion part (default 6)")
   ap.add_argument("--test-docs", type=int, default=6,
@@ -131,8 +132,9 @@ def main(argv=None) -> int:
   if args.small:
     args.docs, args.test_docs, args.steps = 3, 2, 50
   clock = Clock()
-  pair = (load_model(args.draft), load_model(args.model), load_tokenizer(args.draft),
-          load_tokenizer(args.model))
+  draft_dir, model_dir = real_model(args.draft, "smollm2"), real_model(args.model, "gemma3")
+  pair = (load_model(draft_dir), load_model(model_dir), load_tokenizer(draft_dir),
+          load_tokenizer(model_dir))
   clock("load")
   fusion_items = held_out("fusion", args.docs, args.max_bytes)
   test_items = held_out("test", args.test_docs, args.max_bytes)
@@ -169,7 +171,8 @@ def main(argv=None) -> int:
              "learned>=tree>=rule": acc["cosd learned"] >= acc["cosd tree"] >= acc["cosd rule"]}
   print(f"mixed: best fused {best} {acc[best]:.3f} vs best model alone {best_alone:.3f}; "
         f"learned >= tree >= rule: {summary['learned>=tree>=rule']}")
-  config = vars(args) | {"fusion_documents": len(fusion_items), "test_documents": len(test_items)}
+  config = vars(args) | {"draft": str(draft_dir), "model": str(model_dir),
+                         "fusion_documents": len(fusion_items), "test_documents": len(test_items)}
   write_results(args.out, "cosd_real_fusion", config, rows, teacher_forced=tf, generation=gen,
                 fusion_training=fit, summary=summary,
                 seconds=clock.laps)

@@ -1,6 +1,6 @@
 """A distilled draft on its real target: acceptance, draft cost and sd / se speed-ups.
 
-    python -m benchmarks.draft_bench --target /work/cache/jx/smollm2 --draft DRAFT_DIR
+    python -m benchmarks.draft_bench --target models/smollm2 --draft DRAFT_DIR
 
 On the held-out chat prompts (`jax_specens.draft.prompts`, split "test"), in one run so that the
 ratios are measured side by side on the same (possibly busy) machine:
