@@ -37,6 +37,7 @@ from jax_specens.fusion.features import assemble_features, model_features
 from jax_specens.fusion.harvest import IGNORE, Harvest
 from jax_specens.fusion.token_text import TokenText, is_char_boundary
 from jax_specens.step import Model, forward
+from jax_specens.text import pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,11 +125,8 @@ def _part(logits: Float[Array, "B W V"], own: Int[Array, "B W"], other: Int[Arra
 
 def _batch(seqs: list[TokenText]) -> Int[Array, "B W"]:
   """Token ids right-padded to a bucketed width (a power of two, at least 64)."""
-  width = bucket(max(len(s.ids) for s in seqs), 64)
-  out = np.zeros((len(seqs), width), np.int32)
-  for r, s in enumerate(seqs):
-    out[r, :len(s.ids)] = s.ids
-  return jnp.asarray(out)
+  rows = [s.ids for s in seqs]
+  return jnp.asarray(pad(rows, bucket(max(len(r) for r in rows), 64))[0])
 
 
 def _groups(lengths: list[int], batch_tokens: int) -> list[tuple[int, int]]:
