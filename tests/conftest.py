@@ -42,21 +42,23 @@ def _mapped_regions() -> int:
 # thousands of programs; past the kernel's vm.max_map_count (65530 by default) mmap fails and the
 # LLVM JIT crashes (a segfault inside backend_compile_and_load, seen in CI at test 269). Programs
 # are dropped after every module, and after any test that leaves more than 30000 mappings.
-@pytest.fixture(autouse=True, scope="module")
-def _drop_compiled_programs_after_each_module():
-  yield
+def _drop_compiled_programs() -> None:
   import jax
   jax.clear_caches()
   gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs_after_each_module():
+  yield
+  _drop_compiled_programs()
 
 
 @pytest.fixture(autouse=True)
 def _drop_compiled_programs_when_mappings_pile_up():
   yield
   if _mapped_regions() > 30000:
-    import jax
-    jax.clear_caches()
-    gc.collect()
+    _drop_compiled_programs()
 
 
 def pytest_collection_modifyitems(items):

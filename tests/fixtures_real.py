@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,16 +56,23 @@ def _converted(name: str, gguf: Path, tmp_path_factory) -> Path:
 def _once(tmp_path_factory, name: str, make) -> Path:
   """`make(path)` once per test run: under pytest-xdist the workers share one directory (the
   parent of their base temp dirs) and a file lock, so the first worker builds and the others wait
-  for it and reuse the result; without xdist, a directory of this session."""
+  for it and reuse the result; without xdist, a directory of this session. `make` writes to a
+  `.part` path renamed into place when it returns, so a worker that dies half-way leaves no
+  `name` that looks finished."""
   from filelock import FileLock
   root = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     root = root.parent
   out = root / "real-models" / name
+  part = out.with_name(name + ".part")
   out.parent.mkdir(parents=True, exist_ok=True)
   with FileLock(str(out) + ".lock"):
-    if not out.exists():  # convert / assemble write atomically (a temp dir, then a rename)
-      make(out)
+    if not out.exists():
+      if part.is_dir():
+        shutil.rmtree(part)
+      part.unlink(missing_ok=True)
+      make(part)
+      part.rename(out)
   return out
 
 
