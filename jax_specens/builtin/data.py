@@ -48,9 +48,14 @@ class Document:
     return split_of(self.key)
 
 
+def hash_percent(key: str) -> int:
+  """A fixed bucket in [0, 100) of a key (sha256): every machine agrees without a file list."""
+  return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100
+
+
 def split_of(key: str) -> str:
   """The fixed split of a document key: a hash, so every machine agrees without a file list."""
-  bucket = int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100
+  bucket = hash_percent(key)
   if bucket < SPLIT_PERCENT["test"]:
     return "test"
   if bucket < SPLIT_PERCENT["test"] + SPLIT_PERCENT["fusion"]:

@@ -17,7 +17,6 @@ Nothing is downloaded; the code and prose depend only on this interpreter's stan
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 
 from jax_specens.builtin import data as stdlib_data
@@ -111,8 +110,7 @@ def qa_prompt(question: str) -> str:
 
 
 def part_of(key: str, test_percent: int) -> str:
-  bucket = int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100
-  return "test" if bucket < test_percent else "fusion"
+  return "test" if stdlib_data.hash_percent(key) < test_percent else "fusion"
 
 
 def excerpt(text: str, max_bytes: int, code: bool) -> str:
