@@ -57,6 +57,12 @@ def ring_size(cfg: Config) -> int:
   return sum(cfg.gammas) + 1
 
 
+def scoring_width(gammas, k: int) -> int:
+  """Tokens model k feeds in its scoring pass: its last token plus the others' proposals (the
+  passes of one step are priced from this in `jax_specens.pricing.step_passes`)."""
+  return 1 + sum(gammas) - gammas[k]
+
+
 def init(models, req: Request, cfg: Config) -> LoopState:
   state = prefill(models, req, cfg)
   b, s = state.seq.shape
@@ -68,9 +74,9 @@ def init(models, req: Request, cfg: Config) -> LoopState:
 
 def step(models, req: Request, cfg: Config, state: LoopState, counted=None) -> LoopState:
   """One round-robin cycle. counted: models whose proposals count in stats (default all)."""
-  total = sum(cfg.gammas)
   for k, g in enumerate(cfg.gammas):
-    state = _pass(models, req, cfg, state, k, width=1 + total - g, verify_width=total - g,
+    width = scoring_width(cfg.gammas, k)
+    state = _pass(models, req, cfg, state, k, width=width, verify_width=width - 1,
                   counted=counted)
     if g > 1:  # drafting passes: one program, looped (keeps compile time flat in gamma)
       state = jax.lax.fori_loop(0, g - 1, lambda _, s, k=k: _pass(

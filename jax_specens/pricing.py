@@ -1,0 +1,255 @@
+"""What speculation is worth: the docs/algorithms.md §3 speed-ups priced with measured pass costs.
+
+    costs = measure_pass_costs([draft, target], widths=[(1, 2), (1, 5)], batch=1, cache_len=256)
+    speedup(alpha=0.8, gammas=(4, 1), costs=costs, method="sd")   # sd over ar, this machine
+
+One loop step of `sd` / `se` (two models, `jax_specens.decoding.se.step`) is a fixed round-robin
+cycle: model k makes one scoring pass of width `1 + sum(gammas) - gammas[k]`, then `gammas[k] - 1`
+drafting passes of width 1 (`step_passes`). A W-token pass is not free on a CPU (1.4-1.8x a
+1-token pass), so every pass is priced at its own measured width.
+
+Tokens per step follow from a per-token acceptance `alpha` (each proposal accepted independently):
+model k's scoring pass verifies the m pending proposals of the other model, emits
+`sum_{i<m} alpha^i` tokens on average, and proposes `gammas[k]` tokens when all m were accepted,
+`gammas[k] - 1` after a rejection (its first drafting pass then feeds the residual token). That is a
+Markov chain over the pending count; `tokens_per_step` is its stationary mean and
+`expected_steps` the mean number of steps the slowest of B rows needs for N tokens (the loop runs
+until every row is done). sd is the pair (draft, target) with gammas (gamma, 1) whose target
+proposal (the bonus token) is always accepted: alpha = (alpha_draft, 1).
+
+With every width priced 1 per model the sd speed-up is the closed form
+`(1 - a^(g+1)) / ((1 - a)(g c + 1))` (`sd_closed_form`). The SPEC §3 se formula
+(`se_closed_form`) describes a schedule in which the default proposer restarts after a rejection;
+the loop here keeps the round-robin, so the two agree only where the schedules coincide
+(gammas (1, 1), equal costs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import statistics
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_specens.decoding.se import scoring_width
+
+
+@dataclasses.dataclass(frozen=True)
+class PassCosts:
+  """Median seconds of one jitted pass of W tokens, per model, at one batch and cache length.
+
+  seconds[k] maps width -> seconds for model k (method order: sd draft first); widths not measured
+  are interpolated linearly between the nearest measured ones.
+  """
+
+  seconds: tuple[tuple[tuple[int, float], ...], ...]
+  batch: int = 1
+  cache_len: int = 0
+
+  @classmethod
+  def unit(cls, per_model: Sequence[float], max_width: int = 64) -> "PassCosts":
+    """Every width of model k costs `per_model[k]` (the closed forms' assumption)."""
+    return cls(tuple(((1, float(c)), (max_width, float(c))) for c in per_model))
+
+  def of(self, k: int, width: int) -> float:
+    ws, ss = zip(*self.seconds[k])
+    if not ws[0] <= width <= ws[-1]:
+      raise ValueError(f"no cost measured for model {k} at width {width} (measured {list(ws)}); "
+                       "measure_pass_costs(..., widths=) must cover it")
+    return float(np.interp(width, ws, ss))
+
+  def to_dict(self) -> dict:
+    return {"batch": self.batch, "cache_len": self.cache_len,
+            "seconds": [{str(w): s for w, s in m} for m in self.seconds]}
+
+
+def measure_pass_costs(models, widths: Sequence[Sequence[int]], batch: int, cache_len: int,
+                       repeats: int = 5) -> PassCosts:
+  """Times `jax_specens.step.step` (one jitted forward, cache donated) of W tokens for each model
+  and each of its `widths[k]`, `batch` rows, a cache of `cache_len` slots written from
+  `cache_len // 2`. Repeats are interleaved across widths, so a busy machine slows all alike; a
+  model object given twice is measured once."""
+  from jax_specens.step import step
+  done: dict[int, dict[int, float]] = {}
+  jobs = []
+  for m, ws in zip(models, widths):
+    if id(m) not in done:
+      done[id(m)] = {}
+      jobs += [(m, int(w)) for w in sorted(set(ws))]
+  start = jnp.full((batch,), max(cache_len // 2 - 16, 0), jnp.int32)
+  caches = {id(m): m.init_cache(batch, cache_len) for m, _ in jobs}
+  times: dict[tuple[int, int], list[float]] = {}
+  for rep in range(repeats + 1):  # the first round compiles and warms up
+    for m, w in jobs:
+      tokens = jnp.ones((batch, w), jnp.int32)
+      t0 = time.perf_counter()
+      logits, caches[id(m)] = step(m, caches[id(m)], tokens, start)
+      jax.block_until_ready(logits)
+      if rep:
+        times.setdefault((id(m), w), []).append(time.perf_counter() - t0)
+  for (i, w), ts in times.items():
+    done[i][w] = statistics.median(ts)
+  per_model = tuple(tuple(sorted(done[id(m)].items())) for m in models)
+  return PassCosts(per_model, batch=batch, cache_len=cache_len)
+
+
+def step_passes(gammas: Sequence[int]) -> list[tuple[int, int]]:
+  """(model, width) of every pass of one loop step, in order (as `decoding.se.step` runs them)."""
+  out = []
+  for k, g in enumerate(gammas):
+    out += [(k, scoring_width(gammas, k))] + [(k, 1)] * (g - 1)
+  return out
+
+
+def step_seconds(gammas: Sequence[int], costs: PassCosts) -> float:
+  """Seconds of one loop step: every pass priced at its width."""
+  return sum(costs.of(k, w) for k, w in step_passes(gammas))
+
+
+def _turn(m: int, a: float) -> list[tuple[float, int, bool]]:
+  """Outcomes (probability, tokens emitted, all accepted) of verifying m proposals."""
+  out = [(a ** i * (1 - a), i + 1, False) for i in range(m)]
+  return [o for o in out if o[0] > 0] + [(a ** m, m, True)]
+
+
+def _step_outcomes(alpha: Sequence[float], gammas: Sequence[int]):
+  """Per start state m0 (pending proposals of model 1 at model 0's turn, 0..gammas[1]): a list of
+  (probability, tokens emitted in the step, next m0)."""
+  if len(gammas) != 2 or len(alpha) != 2:
+    raise ValueError(f"pricing covers two models (sd, or se of two); got gammas {tuple(gammas)}")
+  g0, g1 = gammas
+  table = []
+  for m0 in range(g1 + 1):
+    outs = []
+    for p0, t0, full0 in _turn(m0, alpha[1]):
+      for p1, t1, full1 in _turn(g0 if full0 else g0 - 1, alpha[0]):
+        outs.append((p0 * p1, t0 + t1, g1 if full1 else g1 - 1))
+    table.append(outs)
+  return table
+
+
+def _alphas(alpha, method: str) -> tuple[float, float]:
+  a = tuple(float(x) for x in np.broadcast_to(np.asarray(alpha, float), (2,)))
+  if not all(0.0 <= x <= 1.0 for x in a):
+    raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+  return (a[0], 1.0) if method == "sd" else a
+
+
+def tokens_per_step(alpha, gammas: Sequence[int], method: str = "se") -> float:
+  """Stationary mean tokens emitted per loop step (alpha: one value, or one per model)."""
+  table = _step_outcomes(_alphas(alpha, method), gammas)
+  n = len(table)
+  trans = np.zeros((n, n))
+  reward = np.zeros(n)
+  for s, outs in enumerate(table):
+    for p, t, nxt in outs:
+      trans[s, nxt] += p
+      reward[s] += p * t
+  # stationary distribution: pi (T - I) = 0, sum pi = 1 (least squares over the states reached)
+  a = np.vstack([trans.T - np.eye(n), np.ones((1, n))])
+  pi = np.linalg.lstsq(a, np.r_[np.zeros(n), 1.0], rcond=None)[0]
+  return float(pi @ reward)
+
+
+def expected_steps(alpha, gammas: Sequence[int], new_tokens: int, batch: int = 1,
+                   method: str = "se") -> float:
+  """Mean loop steps until every one of `batch` independent rows has `new_tokens` tokens, from
+  the loop's first step (nothing pending)."""
+  table = _step_outcomes(_alphas(alpha, method), gammas)
+  dist = np.zeros((len(table), new_tokens + 1))  # [start state, tokens so far (capped)]
+  dist[0, 0] = 1.0
+  total, done = 0.0, 0.0
+  for _ in range(new_tokens):
+    total += 1.0 - done ** batch  # P(some row still running before this step)
+    nxt = np.zeros_like(dist)
+    for s, outs in enumerate(table):
+      for p, t, s2 in outs:
+        moved = np.zeros(new_tokens + 1)
+        if t < new_tokens:
+          moved[t:new_tokens] = dist[s, :new_tokens - t]
+        moved[new_tokens] = dist[s, max(new_tokens - t, 0):].sum()
+        nxt[s2] += p * moved
+    dist = nxt
+    done = float(dist[:, -1].sum())
+    if done >= 1.0 - 1e-12:
+      break
+  return total
+
+
+def baseline_seconds(costs: PassCosts, method: str) -> float:
+  """Seconds per token of the method sd / se accelerates: ar of the target (the last model), or the
+  plain ensemble (one width-1 pass of every model)."""
+  n = len(costs.seconds)
+  return costs.of(n - 1, 1) if method == "sd" else sum(costs.of(k, 1) for k in range(n))
+
+
+def speedup(alpha, gammas: Sequence[int], costs: PassCosts, method: str) -> float:
+  """SPEC §3 expected speed-up of sd over ar / se over ensemble: tokens per step over the priced
+  step, against the baseline's seconds per token."""
+  return (tokens_per_step(alpha, gammas, method) * baseline_seconds(costs, method)
+          / step_seconds(gammas, costs))
+
+
+def run_speedup(alpha, gammas: Sequence[int], costs: PassCosts, method: str, new_tokens: int,
+                batch: int, prefill: Sequence[float] = (0.0, 0.0)) -> float:
+  """The speed-up one call should show: `batch` rows of `new_tokens` each (the loop waits for the
+  slowest row; ar / ensemble need exactly new_tokens steps), plus each model's prefill seconds
+  (sd: the draft's prefill is extra; ensemble and se prefill the same models)."""
+  steps = expected_steps(alpha, gammas, new_tokens, batch, method)
+  base = new_tokens * baseline_seconds(costs, method) + (prefill[-1] if method == "sd"
+                                                          else sum(prefill))
+  return base / (steps * step_seconds(gammas, costs) + sum(prefill))
+
+
+def best_gammas(alpha, costs: PassCosts, method: str, max_gamma: int = 8
+                ) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], float]]]:
+  """The gammas in 1..max_gamma (sd: (g, 1); se: one per model) with the highest `speedup`, and
+  every candidate with its prediction."""
+  grid = ([(g, 1) for g in range(1, max_gamma + 1)] if method == "sd"
+          else list(itertools.product(range(1, max_gamma + 1), repeat=2)))
+  scored = [(g, speedup(alpha, g, costs, method)) for g in grid]
+  return max(scored, key=lambda x: x[1])[0], scored
+
+
+def needed_widths(method: str, max_gamma: int = 8) -> list[list[int]]:
+  """Widths per model that pricing every gamma in 1..max_gamma needs."""
+  if method == "sd":
+    return [[1, 2], list(range(1, max_gamma + 2))]
+  return [list(range(1, max_gamma + 2))] * 2
+
+
+def alpha_from_stats(accepted: int, rejections: int) -> float:
+  """Per-token acceptance from a decode's stats: each verified proposal is a trial, accepted ones
+  succeed, each rejection is the one failure of its round (tokens discarded after it were never
+  tried; rounds cut by the output's end end without a failure)."""
+  trials = accepted + rejections
+  return accepted / trials if trials else float("nan")
+
+
+def alpha_from_rounds(mean_accepted: float, gamma: int) -> float:
+  """Solves E[accepted of gamma] = a (1 - a^g) / (1 - a) for a (bisection); rounds of gamma."""
+  f = lambda a: sum(a ** k for k in range(1, gamma + 1))  # noqa: E731
+  lo, hi = 0.0, 1.0
+  for _ in range(60):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if f(mid) < mean_accepted else (lo, mid)
+  return (lo + hi) / 2
+
+
+def sd_closed_form(alpha: float, gamma: int, c: float) -> float:
+  """sd over ar with every pass costing 1 (target) or c (draft): (1 - a^(g+1)) / ((1 - a)(g c + 1))."""
+  if alpha >= 1.0:
+    return (gamma + 1) / (gamma * c + 1)
+  return (1 - alpha ** (gamma + 1)) / ((1 - alpha) * (gamma * c + 1))
+
+
+def se_closed_form(alpha: float, gamma_q: int, gamma_p: int, c: float) -> float:
+  """The SPEC §3 formula, c = cost(M_q) / cost(M_p): (1 - a^gq)(1 + c) / ((1 - a)(1 + c gq - a^gp c))."""
+  alpha = min(alpha, 1.0 - 1e-9)
+  return ((1 - alpha ** gamma_q) * (1 + c)
+          / ((1 - alpha) * (1 + c * gamma_q - alpha ** gamma_p * c)))
