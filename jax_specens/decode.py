@@ -47,7 +47,9 @@ def decode(models, prompts, prompt_lengths, *, method: str = "ar", max_new_token
     draft: the draft model of "sd".
     ensemble: "wprob" | "wlogit" | "contrastive" | fn(logits[N,B,...,V], SamplingParams) -> log r.
     weights: `[N]` ensemble weights (>= 0, sum 1; default uniform). mu, plausibility: contrastive.
-    gamma: speculation length, an int or one per model (se); sd: the draft's.
+    gamma: speculation length, an int or one per model (se); sd: the draft's. "auto" (sd, and se
+      of two models): chosen from a short calibration on these prompts (`jax_specens.autogamma`),
+      cached per models and shape; `out.gamma_choice` says what was chosen and why.
     temperature (0 = greedy), top_k (0 = off), top_p (1 = off), min_p (0 = off): scalars or `[B]`.
     stop_ids: ids that end a row (kept in its output): a sequence, or `[B, S]` padded with -1.
     key: PRNG key for sampling (default `jax.random.key(0)`).
@@ -58,11 +60,12 @@ def decode(models, prompts, prompt_lengths, *, method: str = "ar", max_new_token
   Returns:
     DecodeOutput(tokens `[B, max_new_tokens]`, lengths `[B]`, finish_reason `[B]`, stats).
   """
-  ordered, req, cfg, method_obj = prepare(
-      models, prompts, prompt_lengths, method=method, max_new_tokens=max_new_tokens, draft=draft,
-      ensemble=ensemble, weights=weights, mu=mu, plausibility=plausibility, gamma=gamma,
-      temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, stop_ids=stop_ids, key=key,
-      cache_len=cache_len, options=options)
+  kw = dict(method=method, max_new_tokens=max_new_tokens, draft=draft, ensemble=ensemble,
+            weights=weights, mu=mu, plausibility=plausibility, gamma=gamma,
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, stop_ids=stop_ids,
+            key=key, cache_len=cache_len, **options)
+  kw["gamma"], choice = _auto_gamma(models, prompts, prompt_lengths, kw)
+  ordered, req, cfg, method_obj = prepare(models, prompts, prompt_lengths, **kw)
   traced = any(isinstance(x, jax.core.Tracer)
                for x in jax.tree_util.tree_leaves((ordered, req)))
   t0 = time.perf_counter()
@@ -70,7 +73,15 @@ def decode(models, prompts, prompt_lengths, *, method: str = "ar", max_new_token
   if traced:
     return out
   out = jax.block_until_ready(out)
-  return out.replace(wall_time=time.perf_counter() - t0)
+  return out.replace(wall_time=time.perf_counter() - t0, gamma_choice=choice)
+
+
+def _auto_gamma(models, prompts, prompt_lengths, kw: dict):
+  """(gamma, GammaChoice or None): gamma="auto" calibrated (`jax_specens.autogamma`), else as is."""
+  if not isinstance(kw.get("gamma"), str):
+    return kw.get("gamma", 4), None
+  from jax_specens import autogamma
+  return autogamma.resolve(models, prompts, prompt_lengths, kw)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -96,8 +107,9 @@ class DecodeStream:
   After the iteration ends, `output` holds the DecodeOutput. Same arguments as `decode`.
   """
 
-  def __init__(self, *args, **kwargs):
-    self._models, self._req, self._cfg, _ = prepare(*args, **kwargs)
+  def __init__(self, models, prompts, prompt_lengths, **kwargs):
+    kwargs["gamma"], self.gamma_choice = _auto_gamma(models, prompts, prompt_lengths, kwargs)
+    self._models, self._req, self._cfg, _ = prepare(models, prompts, prompt_lengths, **kwargs)
     self.output: DecodeOutput | None = None
 
   def __iter__(self) -> Iterator[list[list[int]]]:
@@ -114,7 +126,7 @@ class DecodeStream:
       if not np.any(finish == RUNNING):
         break
     out = jax.block_until_ready(finalize(state))
-    self.output = out.replace(wall_time=time.perf_counter() - t0)
+    self.output = out.replace(wall_time=time.perf_counter() - t0, gamma_choice=self.gamma_choice)
 
 
 def decode_stream(models, prompts, prompt_lengths, **kwargs) -> DecodeStream:
@@ -189,6 +201,9 @@ def prepare(models, prompts, prompt_lengths, *, method: str = "ar", max_new_toke
     raise ValueError(f"prompt token ids must be in [0, {vocabs[0]}) (the vocabulary size); "
                      "right-pad with a valid id such as 0")
 
+  if isinstance(gamma, str):
+    raise ValueError(f"gamma={gamma!r} is not a length: pass an int, one int per model (se), or "
+                     "gamma='auto' to decode() / decode_stream()")
   gammas = m.gammas(gamma, len(ordered)) if m.speculative else ()
   sampling.check_params(temperature, top_k, top_p, min_p)
   sp = sampling.SamplingParams.make(b, temperature, top_k, top_p, min_p)

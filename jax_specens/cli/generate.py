@@ -75,7 +75,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="contrastive: keep tokens with p_expert >= BETA * max p_expert")
   p.add_argument("--gamma", default=None, metavar="N[,N..]",
                  help="speculation length (sd: the draft's; se: one for all or one per model; "
-                 "cosd: the window); default 4; not for ar / ensemble")
+                 "cosd: the window); default 4; not for ar / ensemble. 'auto' (sd, se of two "
+                 "models): chosen in 1..8 from a short calibration on these prompts (measured "
+                 "acceptance and pass costs); --json reports the choice under stats.gamma_auto")
   p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
   p.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (0 = off)")
   p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -158,8 +160,8 @@ def _run(args: argparse.Namespace) -> int:
   if args.gamma is not None and method in ("ar", "ensemble"):
     raise ValueError(f"--gamma applies to the speculative methods (sd, se, cosd), not --method "
                      f"{method}; drop --gamma {args.gamma}")
-  gamma = _ints(args.gamma or "4", "--gamma")
-  gamma = gamma[0] if len(gamma) == 1 else tuple(gamma)
+  gamma = "auto" if args.gamma == "auto" else _ints(args.gamma or "4", "--gamma")
+  gamma = gamma if gamma == "auto" else gamma[0] if len(gamma) == 1 else tuple(gamma)
   args.gamma = args.gamma or "4"
   weights = _floats(args.weights, "--weights") if args.weights else None
   if method == "sd" and not args.draft:
@@ -223,6 +225,10 @@ def _run(args: argparse.Namespace) -> int:
   for i, t in enumerate(result.texts):
     print((f"[{i}] " if batch > 1 else "") + t)
   d = result.stats
+  if "gamma_auto" in d:
+    g = d["gamma_auto"]
+    print(f"-- gamma auto: {g['gamma']} (acceptance alpha {g['alpha']:.2f}, predicted "
+          f"{g['predicted_speedup']:.2f}x, calibration {g['calibration_s']:.1f} s)", file=sys.stderr)
   rate = "" if d["acceptance_rate"] is None else f", acceptance {d['acceptance_rate']:.2f}"
   print(f"-- {method}: {sum(len(t) for t in result.token_ids)} tokens, "
         f"{', '.join(result.finish_reasons)}, model calls {d['model_calls']}{rate}, "

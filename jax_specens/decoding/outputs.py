@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax.numpy as jnp
 import numpy as np
@@ -68,13 +70,15 @@ class DecodeStats:
 class DecodeOutput:
   """tokens: `[B, max_new_tokens]`, entries past `lengths[b]` are 0; lengths: `[B]` generated
   tokens per row (a stop token is included); finish_reason: `[B]` index into FINISH_REASONS;
-  wall_time: seconds, set when `decode` ran outside any jit (None otherwise)."""
+  wall_time: seconds, set when `decode` ran outside any jit (None otherwise); gamma_choice: what
+  gamma="auto" chose (`jax_specens.autogamma.GammaChoice`), None for an explicit gamma."""
 
   tokens: Int[Array, "B N"]
   lengths: Int[Array, "B"]
   finish_reason: Int[Array, "B"]
   stats: DecodeStats
   wall_time: float | None = flax.struct.field(pytree_node=False, default=None)
+  gamma_choice: Any = flax.struct.field(pytree_node=False, default=None)
 
   def finish_reasons(self) -> list[str]:
     return [FINISH_REASONS[int(i)] for i in np.asarray(self.finish_reason)]
@@ -89,5 +93,7 @@ class DecodeOutput:
     if self.wall_time is not None:
       stats["wall_time_s"] = self.wall_time
       stats["tokens_per_s"] = float(np.sum(self.lengths)) / max(self.wall_time, 1e-9)
+    if self.gamma_choice is not None:
+      stats["gamma_auto"] = self.gamma_choice.to_dict()
     return {"tokens": self.to_lists(), "lengths": [int(x) for x in np.asarray(self.lengths)],
             "finish_reasons": self.finish_reasons(), "stats": stats}

@@ -1,0 +1,137 @@
+"""`gamma="auto"`: the speculation length chosen from measurements, before the real decode runs.
+
+    out = decode(target, prompts, lengths, method="sd", draft=draft, gamma="auto", ...)
+    out.gamma_choice.gamma, out.gamma_choice.alpha, out.gamma_choice.predicted_speedup
+
+A short calibration on the caller's own prompts (`PROBE_TOKENS` new tokens with a probe gamma, the
+caller's sampling parameters, a key folded from the caller's) measures the per-token acceptance
+alpha (`pricing.alpha_from_stats`), and one jitted pass of every width the candidates need is
+timed at the caller's batch and cache length (`pricing.measure_pass_costs`). The gamma in 1..8 (sd:
+the draft's; se of two models: one per model) with the highest priced speed-up
+(`pricing.best_gammas`) is then used as if the caller had passed it: the schedule is fixed before
+the real decode starts, so the output distribution is exactly that of the explicit gamma (greedy:
+the same tokens). The choice is cached in this process per (method, models, batch, cache-length
+bucket, greedy or sampled, ensemble kind): a second call with the same models and shapes does not
+recalibrate (`GammaChoice.cached`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jax_specens import pricing
+
+PROBE_GAMMA = {"sd": 4, "se": (2, 2)}
+PROBE_TOKENS = 16
+MAX_GAMMA = 8
+_CACHE: dict[tuple, tuple[Any, "GammaChoice"]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class GammaChoice:
+  """What `gamma="auto"` chose and why (hashable: it rides on `DecodeOutput` as static data).
+
+  gamma: the value decode ran with (sd: an int; se: one per model). alpha: per-token acceptance
+  measured by the probe (probe_gamma, probe_tokens new tokens; probe_accepted / probe_rejections
+  its counts). costs: the measured pass seconds. predicted_speedup: the priced speed-up of `gamma`
+  over ar (sd) / ensemble (se); candidates: every gamma tried with its prediction. seconds: wall time
+  of the calibration (probe compile and run, pass timings). cached: taken from the in-process
+  cache (the numbers are those of the calibration that made it).
+  """
+
+  method: str
+  gamma: int | tuple[int, ...]
+  alpha: float
+  predicted_speedup: float
+  candidates: tuple[tuple[tuple[int, ...], float], ...]
+  costs: pricing.PassCosts
+  probe_gamma: int | tuple[int, ...]
+  probe_tokens: int
+  probe_accepted: int
+  probe_rejections: int
+  seconds: float
+  cached: bool = False
+
+  def to_dict(self) -> dict:
+    g = lambda x: list(x) if isinstance(x, tuple) else x  # noqa: E731
+    return {"method": self.method, "gamma": g(self.gamma), "alpha": self.alpha,
+            "predicted_speedup": self.predicted_speedup,
+            "candidates": [{"gamma": g(c if self.method == "se" else c[0]), "predicted": s}
+                           for c, s in self.candidates],
+            "pass_costs": self.costs.to_dict(), "probe_gamma": g(self.probe_gamma),
+            "probe_tokens": self.probe_tokens, "probe_accepted": self.probe_accepted,
+            "probe_rejections": self.probe_rejections, "calibration_s": self.seconds,
+            "cached": self.cached}
+
+
+def clear_cache() -> None:
+  _CACHE.clear()
+
+
+def _bucket(n: int) -> int:
+  return 1 << max(int(n) - 1, 1).bit_length()
+
+
+def _check(models, prompts, prompt_lengths, kw: dict) -> tuple:
+  """ValueError for everything gamma='auto' cannot do; returns the models in method order."""
+  from jax_specens.step import Model
+  method, gamma = kw.get("method", "ar"), kw["gamma"]
+  if gamma != "auto":
+    raise ValueError(f"gamma must be an int, a sequence of ints (se: one per model) or 'auto', "
+                     f"got {gamma!r}")
+  if method not in PROBE_GAMMA:
+    raise ValueError(f"gamma='auto' chooses the speculation length of methods 'sd' and 'se', not "
+                     f"{method!r}; pass an explicit gamma (e.g. gamma=4), or none for ar / ensemble")
+  members = (models,) if isinstance(models, Model) else tuple(models)
+  ordered = ((kw["draft"],) if method == "sd" and kw.get("draft") is not None else ()) + members
+  if method == "se" and len(ordered) != 2:
+    raise ValueError(f"gamma='auto' prices se for two models, got {len(ordered)}; pass one "
+                     "explicit gamma per model (e.g. gamma=(2, 1, 1))")
+  leaves = jax.tree_util.tree_leaves((ordered, prompts, prompt_lengths, kw.get("temperature")))
+  if any(isinstance(x, jax.core.Tracer) for x in leaves):
+    raise ValueError("gamma='auto' measures acceptance and timings by running the models, which "
+                     "cannot happen on traced values (inside jax.jit); call decode(..., "
+                     "gamma='auto') once outside jit and pass its out.gamma_choice.gamma inside")
+  return ordered
+
+
+def resolve(models, prompts, prompt_lengths, kw: dict) -> tuple[Any, GammaChoice]:
+  """(gamma to decode with, GammaChoice) for `decode(models, prompts, prompt_lengths, **kw)` with
+  `kw["gamma"] == "auto"`; calibrates unless the in-process cache has the answer."""
+  from jax_specens.decode import decode
+  ordered = _check(models, prompts, prompt_lengths, kw)
+  method, n = kw.get("method"), int(kw.get("max_new_tokens", 1))
+  b, t = np.shape(prompts)
+  cache_len = kw.get("cache_len") or t + n + 2 * MAX_GAMMA
+  temperature = np.asarray(kw.get("temperature", 1.0))
+  ens = kw.get("ensemble", "wprob")
+  key = (method, tuple(id(m) for m in ordered), b, _bucket(cache_len), bool(np.all(temperature == 0)),
+         ens if isinstance(ens, str) else id(ens))
+  if key in _CACHE:
+    return _CACHE[key][1].gamma, dataclasses.replace(_CACHE[key][1], cached=True)
+
+  t0 = time.perf_counter()
+  probe = PROBE_GAMMA[method]
+  user_key = kw.get("key")
+  user_key = jax.random.key(0) if user_key is None else user_key
+  probe_kw = dict(kw, gamma=probe, max_new_tokens=min(PROBE_TOKENS, n), stop_ids=None,
+                  cache_len=None, key=jax.random.fold_in(user_key, 0xA070))
+  st = decode(models, prompts, prompt_lengths, **probe_kw).stats.to_dict()
+  alpha = pricing.alpha_from_stats(st["accepted"], st["rejections"])
+  alpha = 0.0 if np.isnan(alpha) else alpha
+  costs = pricing.measure_pass_costs(ordered, pricing.needed_widths(method, MAX_GAMMA), b,
+                                     int(cache_len))
+  best, grid = pricing.best_gammas(alpha, costs, method, MAX_GAMMA)
+  gamma = best[0] if method == "sd" else best
+  choice = GammaChoice(method=method, gamma=gamma, alpha=alpha,
+                       predicted_speedup=dict(grid)[best], candidates=tuple(grid), costs=costs,
+                       probe_gamma=probe, probe_tokens=min(PROBE_TOKENS, n),
+                       probe_accepted=st["accepted"], probe_rejections=st["rejections"],
+                       seconds=time.perf_counter() - t0)
+  _CACHE[key] = (ordered, choice)  # holding the models keeps their ids from being reused
+  return gamma, choice
