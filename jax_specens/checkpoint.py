@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jax_specens import shared_params
 from jax_specens.models.config import ModelConfig
 from jax_specens.models.transformer import Transformer
 from jax_specens.step import Model, from_module
@@ -139,20 +140,26 @@ def _string_keys(tree):
   return tree
 
 
-def write_model_files(directory: Path, config: ModelConfig, params: dict) -> None:
+def write_model_files(directory: Path, config: ModelConfig, params: dict, *,
+                      share=None) -> None:
   """Writes config and params (a pure dict of arrays) into an existing, empty `directory`.
 
   The config records the size of every file under params/, so that `load_model` names a
   truncated or missing one before orbax reads anything.
+  share: (groups, source_dir): top-level parameter groups (e.g. `("embed",)`) not written but
+  taken from the model in source_dir at load time (`jax_specens.shared_params`).
   """
+  extra = {}
+  if share is not None:
+    params, extra[shared_params.KEY] = shared_params.record(params, *share)
   params_dir = (directory / PARAMS_DIR).absolute()
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(params_dir, _string_keys(params))
   files = {str(f.relative_to(params_dir)): f.stat().st_size
            for f in sorted(params_dir.rglob("*")) if f.is_file()}
   (directory / CONFIG_FILE).write_text(json.dumps(
-      {"format_version": FORMAT_VERSION, "config": config.to_dict(), "params_files": files},
-      indent=2))
+      {"format_version": FORMAT_VERSION, "config": config.to_dict(), "params_files": files,
+       **extra}, indent=2))
 
 
 def save_model(model: Model, out_dir: str | os.PathLike, *, tokenizer_dir=None,
@@ -230,7 +237,7 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32) -> Model:
 
 
 def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
-               mesh=None) -> Model:
+               mesh=None, share_from=None) -> Model:
   """Restores a model saved by `save_model` or `jax-specens convert`, cast to `dtype`.
 
   dtype: None (default) loads the dtype the parameters are stored in (`precision.stored_dtype`).
@@ -239,6 +246,9 @@ def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
   orbax then restores every array directly into its shards.
   mesh: a `jax.sharding.Mesh` with axes `data`/`model` (`jax_specens.parallel.make_mesh`): the
   same, with the partition rules of `jax_specens.parallel`.
+  share_from: for a directory that shares parameters with another model (a distilled draft
+  shares its target's embedding, `jax_specens.shared_params`): the model, or a list of models,
+  to take them from; by default the model at the recorded path is loaded for them.
   """
   model_dir = _resolve(model_dir)
   if mesh is not None:
@@ -268,12 +278,24 @@ def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
     raise CheckpointError(params_path, "the parameter directory is missing")
   _check_params_files(params_path, _read_meta(model_dir).get("params_files"))
   _check_tokenizer_files(model_dir)
-  restored = _restore(params_path, _string_keys(target))
+  share = _read_meta(model_dir).get(shared_params.KEY)
+  own = {k: v for k, v in target.items() if not share or k not in share["groups"]}
+  restored = _int_keys(_restore(params_path, _string_keys(own)),
+                       {k: v for k, v in nnx.to_pure_dict(abstract.params).items() if k in own})
+  if share:
+    restored.update(_place(shared_params.resolve(
+        model_dir, share, share_from, dtype, lambda d, dt: load_model(d, dt)), target))
   params = abstract.params
-  nnx.replace_by_pure_dict(params, _int_keys(restored, nnx.to_pure_dict(params)))
+  nnx.replace_by_pure_dict(params, restored)
   from jax_specens import vocab
   return Model(config=config, graphdef=abstract.graphdef, params=params,
                vocab=vocab.identify(model_dir, config.vocab_size))
+
+
+def _place(groups: dict, target: dict) -> dict:
+  """Puts shared arrays where the restore target says (its sharding, when it has one)."""
+  return {g: jax.tree_util.tree_map(lambda x, t: jax.device_put(x, t.sharding), tree, target[g])
+          for g, tree in groups.items()}
 
 
 def _restore(params_path: Path, target):

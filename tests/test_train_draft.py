@@ -5,11 +5,14 @@ the real one SmolLM2-135M-Instruct (marked `real`).
 """
 
 import json
+import shutil
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jax_specens.builtin import MODELS_DIR
 from jax_specens.checkpoint import load_model, load_tokenizer
@@ -65,6 +68,56 @@ def test_draft_serves_sd_and_se_losslessly_in_greedy(distilled):
   se = decode([draft, target], toks, lens, method="se", gamma=2, max_new_tokens=16,
               temperature=0.0)
   np.testing.assert_array_equal(se.tokens, ens.tokens)
+
+
+def _embedding(model):
+  return np.asarray(nnx.to_pure_dict(model.params)["embed"]["embedding"])
+
+
+def test_draft_directory_shares_the_targets_embedding_instead_of_a_copy(distilled):
+  out, _ = distilled
+  meta = json.loads((out / "jax_specens.json").read_text())
+  assert meta["shared_params"]["from"] == str(TARGET.absolute())
+  assert set(meta["shared_params"]["groups"]) == {"embed"}
+  assert not any("embed" in name for name in meta["params_files"])
+  target = load_model(TARGET)
+  on_disk = sum(f.stat().st_size for f in (out / "params").rglob("*") if f.is_file())
+  assert on_disk < _embedding(target).nbytes  # the 4096 x D table is bigger than the 1-layer draft
+  # loaded alone, the embedding comes from the recorded target; given the target, it is its array
+  np.testing.assert_array_equal(_embedding(load_model(out)), _embedding(target))
+  draft = load_model(out, share_from=target)
+  a, b = (nnx.to_pure_dict(m.params)["embed"]["embedding"] for m in (draft, target))
+  assert a.unsafe_buffer_pointer() == b.unsafe_buffer_pointer()
+  bf16 = load_model(out, dtype=jnp.bfloat16, share_from=load_model(TARGET, jnp.bfloat16))
+  assert nnx.to_pure_dict(bf16.params)["embed"]["embedding"].dtype == jnp.bfloat16
+
+
+def test_a_moved_or_changed_target_is_named_with_the_fix(distilled, tmp_path):
+  out, _ = distilled
+  moved = tmp_path / "moved"
+  shutil.copytree(out, moved)
+  meta = json.loads((moved / "jax_specens.json").read_text())
+  meta["shared_params"]["from"] = str(tmp_path / "gone")
+  (moved / "jax_specens.json").write_text(json.dumps(meta))
+  other = load_model(MODELS_DIR / "prose")  # same vocabulary, another embedding
+  with pytest.raises(FileNotFoundError, match="share_from=load_model.*--model"):
+    load_model(moved, share_from=other)
+  np.testing.assert_array_equal(  # the right model given explicitly: found by fingerprint
+      _embedding(load_model(moved, share_from=[other, load_model(TARGET)])),
+      _embedding(load_model(TARGET)))
+  meta["shared_params"]["from"] = str(MODELS_DIR / "prose")
+  (moved / "jax_specens.json").write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match="no longer the model"):
+    load_model(moved)
+
+
+def test_generate_cli_runs_a_distilled_draft_given_its_target(distilled):
+  out, _ = distilled
+  r = subprocess.run([sys.executable, "-m", "jax_specens.cli.main", "generate", "--model",
+                      str(TARGET), "--draft", str(out), "--method", "sd", "--gamma", "2",
+                      "--prompt", "def fib(n):", "--max-new-tokens", "6", "--temperature", "0"],
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
 
 
 def test_an_interrupted_run_resumes_exactly(tmp_path):

@@ -81,7 +81,7 @@ def run(args) -> int:
   tok_s, tok_g = load_tokenizer(dirs["smollm2"]), load_tokenizer(dirs["gemma3"])
   draft_path = user_cache_dir() / "models" / DRAFT_NAME
   has_draft = (draft_path / "jax_specens.json").is_file()
-  draft = load_model(draft_path) if has_draft else smol
+  draft = load_model(draft_path, share_from=smol) if has_draft else smol
   draft_label = ("its distilled draft" if has_draft else
                  "itself (no distilled draft installed: identical text, no speed-up expected)")
   n = args.max_new_tokens

@@ -201,8 +201,10 @@ def _run(args: argparse.Namespace) -> int:
   if method != "ar" and method != "ensemble":
     kwargs["gamma"] = gamma
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  models = [load_model(d, dtype, mesh=mesh) for d in args.model]
-  draft = load_model(args.draft, dtype, mesh=mesh) if args.draft else None
+  models = []  # a distilled draft takes its target's embedding from a model loaded before it
+  for d in args.model:
+    models.append(load_model(d, dtype, mesh=mesh, share_from=models))
+  draft = load_model(args.draft, dtype, mesh=mesh, share_from=models) if args.draft else None
   every = models + ([draft] if draft is not None else [])
   for d, m in zip(args.model + ([args.draft] if args.draft else []), every):
     print(f"-- {d}: {vocab.of(m).size} ids, {_describe(m)}", file=sys.stderr)

@@ -45,6 +45,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--chat-prompts", type=int, default=96,
                  help="training prompts the target answers greedily (default 96)")
   p.add_argument("--answer-tokens", type=int, default=96, help="tokens per answer (default 96)")
+  p.add_argument("--answer-temperatures", default="0",
+                 help="comma-separated temperatures: the target answers every training prompt "
+                 "once per temperature (default 0: greedy only; 0,1 adds sampled answers)")
   p.add_argument("--text-tokens", type=int, default=4000,
                  help="stdlib prose/code tokens labelled by the teacher (default 4000)")
   p.add_argument("--eval-chat-prompts", type=int, default=32,
@@ -78,6 +81,13 @@ def _layers(text: str) -> tuple[int, ...]:
   return layers
 
 
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+  except ValueError:
+    raise ValueError(f"{flag} must be comma-separated numbers such as 0,1; got {text!r}")
+
+
 def run(args: argparse.Namespace) -> int:
   from jax_specens.draft.pipeline import DraftRecipe, train_draft
   from jax_specens.draft.train import TrainConfig
@@ -93,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
   recipe = DraftRecipe(
       layers=_layers(args.layers), vocab_k=args.vocab_k, seq_len=args.seq_len, top=args.top,
       chat_prompts=args.chat_prompts, answer_tokens=args.answer_tokens,
+      answer_temperatures=_floats(args.answer_temperatures, "--answer-temperatures"),
       text_tokens=args.text_tokens, eval_chat_prompts=args.eval_chat_prompts,
       eval_text_tokens=args.eval_text_tokens)
   config = TrainConfig(batch_size=args.batch_size, learning_rate=args.learning_rate,

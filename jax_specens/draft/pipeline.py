@@ -16,7 +16,7 @@ from flax import nnx
 from jax_specens.checkpoint import (atomic_dir, copy_tokenizer_files, load_model, load_tokenizer,
                                     write_model_files)
 from jax_specens.draft import data as D
-from jax_specens.draft.model import init_from_target, own_bytes, read_bytes_per_token
+from jax_specens.draft.model import SHARED, init_from_target, own_bytes, read_bytes_per_token
 from jax_specens.draft.train import TrainConfig, evaluate, train
 
 DISTILL_FILE = "distill.json"
@@ -32,6 +32,9 @@ class DraftRecipe:
   top: int = 32  # teacher labels: the target's top-T tokens per position
   chat_prompts: int = 96  # training prompts the target answers (greedy; labels = its tokens)
   answer_tokens: int = 96
+  # the target answers every training prompt once per temperature (0: greedy, labelled by its own
+  # tokens; > 0: sampled, labelled by the teacher's top-T); held-out prompts are answered greedily
+  answer_temperatures: tuple[float, ...] = (0.0,)
   text_tokens: int = 4000  # stdlib prose + code tokens labelled by the teacher
   eval_chat_prompts: int = 32
   eval_text_tokens: int = 3000
@@ -41,13 +44,19 @@ class DraftRecipe:
   def __post_init__(self):
     if self.vocab_k < 2:
       raise ValueError(f"vocab_k must be >= 2 (--vocab-k), got {self.vocab_k}")
+    if not self.answer_temperatures or any(t < 0 for t in self.answer_temperatures):
+      raise ValueError("answer_temperatures must be >= 0 and non-empty (--answer-temperatures "
+                       f"0,1), got {self.answer_temperatures}")
     if self.seq_len < 8 or self.top < 1:
       raise ValueError("seq_len must be >= 8 (--seq-len) and top >= 1 (--top)")
 
   def harvest_key(self) -> dict:
     d = dataclasses.asdict(self)
-    return {k: d[k] for k in ("seq_len", "top", "chat_prompts", "answer_tokens", "text_tokens",
-                              "eval_chat_prompts", "eval_text_tokens")}
+    key = {k: d[k] for k in ("seq_len", "top", "chat_prompts", "answer_tokens", "text_tokens",
+                             "eval_chat_prompts", "eval_text_tokens")}
+    if self.answer_temperatures != (0.0,):  # older label caches have no such key
+      key["answer_temperatures"] = list(self.answer_temperatures)
+    return key
 
 
 def _harvests(target, tok, recipe: DraftRecipe, ckpt: Path, progress: bool):
@@ -67,6 +76,7 @@ def _harvests(target, tok, recipe: DraftRecipe, ckpt: Path, progress: bool):
       continue
     h = D.build_harvest(target, tok, split, chat_prompts_n=n, answer_tokens=recipe.answer_tokens,
                         text_tokens=text, seq_len=recipe.seq_len, top=recipe.top,
+                        temperatures=(0.0,) if split == "test" else recipe.answer_temperatures,
                         batch_size=recipe.harvest_batch, gen_batch_size=recipe.gen_batch,
                         soft_answers=split == "test", progress=progress)
     tmp = ckpt / f".harvest_{split}.tmp.npz"
@@ -121,8 +131,10 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
       "draft_own_bytes": own_bytes(draft),
       "read_bytes_ratio": read_bytes_per_token(draft.config) / read_bytes_per_token(target.config),
   }
-  with atomic_dir(out, overwrite) as tmp:
-    write_model_files(tmp, draft.config, nnx.to_pure_dict(draft.params))
+  pure = nnx.to_pure_dict(draft.params)
+  with atomic_dir(out, overwrite) as tmp:  # the embedding stays the target's: not written again
+    write_model_files(tmp, draft.config, pure,
+                      share=([g for g in SHARED if g in pure], Path(target_dir)))
     copy_tokenizer_files(target_dir, tmp)
     (tmp / DISTILL_FILE).write_text(json.dumps(metrics, indent=2))
   return metrics
