@@ -209,24 +209,42 @@ def tokens_per_s(num_tokens: int, secs: float) -> float:
 
 def step_seconds(model, batch: int, context: int, repeats: int = 5) -> float:
   """Median seconds of one jitted decode step (W = 1) of `model` at `batch` rows, with `context`
-  tokens already in the cache (the per-token cost `c` of docs/algorithms.md §3 is a ratio of these)."""
-  import jax.numpy as jnp
-
-  from jax_specens.step import step
-  cache = [model.init_cache(batch, context + 8)]
-  tokens = jnp.ones((batch, 1), jnp.int32)
-  start = jnp.full((batch,), context, jnp.int32)
-
-  def one():
-    logits, cache[0] = step(model, cache[0], tokens, start)
-    return logits
-
-  return time_call(one, repeats=repeats, warmup=2)
+  tokens already in the cache (`jax_specens.pricing.measure_pass_costs` at one width)."""
+  from jax_specens import pricing
+  return pricing.measure_pass_costs([model], [[1]], batch, context + 8, repeats,
+                                    context=context).of(0, 1)
 
 
-def se_theory(alpha: float, c: float, gamma_q: int, gamma_p: int) -> float:
-  """Expected speed-up of SE over the plain ensemble (docs/algorithms.md §3), c = cost(M_q) / cost(M_p)."""
-  if alpha >= 1.0:
-    alpha = 1.0 - 1e-9
-  return ((1 - alpha ** gamma_q) * (1 + c)
-          / ((1 - alpha) * (1 + c * gamma_q - alpha ** gamma_p * c)))
+def pass_costs(models, gammas_list, batch: int, cache_len: int, context: int, prompt_width: int,
+               repeats: int = 5):
+  """`pricing.PassCosts` of every width the loops of `gammas_list` run (`pricing.step_passes`),
+  width 1 (ar / ensemble) and the prefill width, for `models` in method order."""
+  from jax_specens import pricing
+  widths = [{1, prompt_width} for _ in models]
+  for gammas in gammas_list:
+    for k, w in pricing.step_passes(gammas):
+      widths[k].add(w)
+  return pricing.measure_pass_costs(models, [sorted(w) for w in widths], batch, cache_len,
+                                    repeats, context=context)
+
+
+def priced(out, seconds: float, base_seconds: float, gammas, costs, method: str,
+           new_tokens: int, prompt_width: int) -> dict:
+  """The measured speed-up of a decode (`base_seconds / seconds`, ar or ensemble as the base) next
+  to its `jax_specens.pricing` predictions from the decode's own acceptance and `costs`:
+  predicted = tokens per step / priced step (docs/algorithms.md §3, per round); predicted_run =
+  this call (the slowest of the batch's rows, new_tokens, each model's prefill)."""
+  from jax_specens import pricing
+  st = out.stats.to_dict()
+  b = int(out.tokens.shape[0])
+  alpha = pricing.alpha_from_stats(st["accepted"], st["rejections"])
+  prefill = [costs.of(k, prompt_width) for k in range(len(costs.seconds))]
+  measured = base_seconds / seconds
+  pred = pricing.speedup(alpha, gammas, costs, method)
+  run = pricing.run_speedup(alpha, gammas, costs, method, new_tokens, b, prefill)
+  return {"gamma": list(gammas), "alpha": alpha, "measured": measured, "predicted": pred,
+          "ratio": measured / pred, "predicted_run": run, "ratio_run": measured / run,
+          "steps": st["steps"],
+          "steps_predicted": pricing.expected_steps(alpha, gammas, new_tokens, b, method),
+          "step_ms_priced": 1e3 * pricing.step_seconds(gammas, costs),
+          "step_ms_measured": 1e3 * (seconds - sum(prefill)) / max(st["steps"], 1)}

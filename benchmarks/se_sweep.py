@@ -5,9 +5,12 @@
 Two models, weighted-probability ensemble `r = lambda p_q + (1 - lambda) p_p` with M_q (the proposer,
 model 0) the cheaper one. For each lambda the plain ensemble (one call per model per token) is timed
 once, then SE for each gamma (gamma_q = gamma_p = gamma); lambda is traced, so only gamma compiles.
-Next to each measured speed-up: the theoretical one of docs/algorithms.md §3,
-`(1 - a^g)(1 + c) / ((1 - a)(1 + c g - a^g c))`, from the measured acceptance rate `a` and the
-measured cost ratio `c` = step time of M_q / step time of M_p.
+Next to each measured speed-up: the docs/algorithms.md §3 prediction priced by `jax_specens.pricing`
+from the run's per-token acceptance and the measured seconds of one pass of every width the loop
+runs (`predicted`: per round; `predicted_run`: this call, prefill and the slowest row included),
+and the SPEC's closed form `(1 - a^g)(1 + c) / ((1 - a)(1 + c g - a^g c))` with `c` = step time of
+M_q / step time of M_p (which prices every width alike and assumes the proposer restarts after a
+rejection).
 
 Models: the built-in "draft" (or, if absent, "prose") and "code" models (jax_specens.builtin) on
 code prompts; when the built-in models are not installed, a converted random Llama pair (`hf_models.build_pair`: the
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, hf_models
+from jax_specens import pricing
 
 CODE_PROMPTS = ["def read_lines(path):\n", "import os\n\nclass Cache:\n", "for i in range(",
                 "    return sorted(", "if __name__ == '__main__':\n", "def parse(text):\n    ",
@@ -91,8 +95,10 @@ def main(argv=None) -> int:
     (mq, mp), prompts, lengths, what = found or random_models(Path(tmp), args.small, args.batch,
                                                               args.prompt_len)
     print(f"models: {what}; batch {args.batch}, {n_new} new tokens, T={args.temperature}")
-    context = int(np.max(lengths)) + n_new // 2
-    cost_q, cost_p = (common.step_seconds(m, args.batch, context) for m in (mq, mp))
+    t = prompts.shape[1]
+    costs = common.pass_costs([mq, mp], [(g, g) for g in gammas], args.batch,
+                              t + n_new + 2 * max(gammas), t + n_new // 2, t)
+    cost_q, cost_p = costs.of(0, 1), costs.of(1, 1)
     c = cost_q / cost_p
     print(f"step time M_q {cost_q * 1e3:.2f} ms, M_p {cost_p * 1e3:.2f} ms: c = {c:.3f}")
     rows = []
@@ -106,30 +112,31 @@ def main(argv=None) -> int:
         out = se()
         t_se = common.time_call(se, repeats=args.repeats)
         stats = out.stats.to_dict()
-        alpha = stats["acceptance_rate"] or 0.0
-        rows.append({"lambda": lam, "gamma": g, "alpha": alpha,
+        r = common.priced(out, t_se, t_ens, (g, g), costs, "se", n_new, t)
+        rows.append({"lambda": lam, **r, "gamma": g, "acceptance": stats["acceptance_rate"],
                      "mean_accepted": stats["mean_accepted_length"], "c": c,
-                     "ensemble_s": t_ens, "se_s": t_se, "speedup": t_ens / t_se,
-                     "theory": common.se_theory(alpha, c, g, g),
+                     "ensemble_s": t_ens, "se_s": t_se, "speedup": r["measured"],
+                     "closed_form": pricing.se_closed_form(r["alpha"], g, g, c),
                      "model_calls": stats["model_calls"]})
-        r = rows[-1]
-        print(f"lambda {lam} gamma {g}: alpha {alpha:.3f}, speed-up {r['speedup']:.2f} "
-              f"(theory {r['theory']:.2f})", flush=True)
+        print(f"lambda {lam} gamma {g}: alpha {r['alpha']:.3f}, speed-up {r['measured']:.2f} "
+              f"(predicted {r['predicted']:.2f}, this run {r['predicted_run']:.2f})", flush=True)
   config = dict(models=what, batch=args.batch, max_new_tokens=n_new,
                 temperature=args.temperature, gammas=gammas, lambdas=lambdas,
-                step_s={"M_q": cost_q, "M_p": cost_p}, repeats=args.repeats)
+                step_s={"M_q": cost_q, "M_p": cost_p}, pass_costs=costs.to_dict(),
+                repeats=args.repeats)
   path = common.write_results(args.out, "se_sweep", config, rows)
   series, styles = {}, {}
   for i, lam in enumerate(lambdas):
     sel = [r for r in rows if r["lambda"] == lam]
     series[f"measured, lambda={lam}"] = [r["speedup"] for r in sel]
-    series[f"theory, lambda={lam}"] = [r["theory"] for r in sel]
+    series[f"predicted, lambda={lam}"] = [r["predicted_run"] for r in sel]
     styles[f"measured, lambda={lam}"] = dict(color=f"C{i}")
-    styles[f"theory, lambda={lam}"] = dict(color=f"C{i}", linestyle="--", alpha=0.6)
+    styles[f"predicted, lambda={lam}"] = dict(color=f"C{i}", linestyle="--", alpha=0.6)
   common.line_plot(args.out / "se_sweep.png", gammas, series, "gamma",
                    "speed-up over the plain ensemble", f"Speculative Ensemble vs ensemble\n{what}",
                    styles)
-  cols = ["lambda", "gamma", "alpha", "mean_accepted", "c", "speedup", "theory"]
+  cols = ["lambda", "gamma", "alpha", "c", "speedup", "predicted", "ratio", "predicted_run",
+          "ratio_run", "closed_form"]
   print(f"\n{common.table(rows, cols)}\n\nwrote {path} and se_sweep.png")
   return 0
 
