@@ -7,6 +7,7 @@ donated. Inside a decoding loop call `forward` directly (the loop is jitted as a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -49,6 +50,14 @@ class Model:
 def from_module(module: Transformer) -> Model:
   graphdef, params = nnx.split(module)
   return Model(config=module.config, graphdef=graphdef, params=params)
+
+
+def with_attention_block(model: Model, block: int | None) -> Model:
+  """The same parameters under `config.attention_block = block` (`models/attend.py`; None:
+  always dense): only the static structure changes, so a new program is compiled for it."""
+  config = dataclasses.replace(model.config, attention_block=block)
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=model.dtype))
+  return model.replace(config=config, graphdef=nnx.split(abstract)[0])
 
 
 def create_model(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Model:

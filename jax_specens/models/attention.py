@@ -1,30 +1,16 @@
-"""Multi-head attention (MHA / GQA / MQA) over the preallocated KV cache."""
+"""Multi-head attention (MHA / GQA / MQA) over the preallocated KV cache (see `attend.py`)."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from jax_specens import cache as kv
+from jax_specens.models.attend import attend
 from jax_specens.models.config import ModelConfig
 from jax_specens.models.layers import Norm, apply_rope, inv_frequencies, linear
-
-NEG_INF = -1e30
-
-
-def attention_mask(
-    positions: Int[Array, "B W"], num_slots: int, window: int | None
-) -> Bool[Array, "B W S"]:
-  """Query at position p sees slot j iff j <= p (and p - j < window for sliding layers)."""
-  slots = jnp.arange(num_slots)[None, None, :]
-  p = positions[:, :, None]
-  mask = slots <= p
-  if window is not None:
-    mask &= slots > p - window
-  return mask
 
 
 class Attention(nnx.Module):
@@ -35,6 +21,7 @@ class Attention(nnx.Module):
     self.scale = config.scale
     self.softcap = config.attn_softcap
     self.window = config.window(layer)
+    self.block = config.attention_block
     self.use_rope = config.positions == "rope"
     self.inv_freq = (
         tuple(inv_frequencies(config.rope_for(layer), config.rotary_dim).tolist())
@@ -66,15 +53,6 @@ class Attention(nnx.Module):
     cache_k = kv.write(cache_k, k, positions[:, 0])
     cache_v = kv.write(cache_v, v, positions[:, 0])
 
-    groups = self.num_heads // self.num_kv_heads
-    qg = q.reshape(b, w, self.num_kv_heads, groups, self.head_dim)
-    scores = jnp.einsum("bwkgd,bskd->bkgws", qg, cache_k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * self.scale
-    if self.softcap is not None:
-      scores = jnp.tanh(scores / self.softcap) * self.softcap
-    mask = attention_mask(positions, cache_k.shape[1], self.window)
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgws,bskd->bwkgd", probs, cache_v.astype(v.dtype))
-    out = out.reshape(b, w, self.num_heads * self.head_dim)
-    return self.o(out), cache_k, cache_v
+    out = attend(q, cache_k, cache_v, positions, scale=self.scale, window=self.window,
+                 softcap=self.softcap, block=self.block)
+    return self.o(out.reshape(b, w, self.num_heads * self.head_dim)), cache_k, cache_v

@@ -83,6 +83,9 @@ class ModelConfig:
   query_scale: float | None = None  # None: head_dim ** -0.5
   attn_softcap: float | None = None
   final_softcap: float | None = None
+  # KV slots per block of the blocked attention (`models/attend.py`): a pass at most this wide over
+  # a longer cache reads only the blocks in use. None: always one dense pass over the whole cache.
+  attention_block: int | None = 512
   # embeddings
   embed_scale: bool = False  # Gemma: multiply embeddings by sqrt(hidden_size)
   tie_embeddings: bool = True
@@ -115,6 +118,9 @@ class ModelConfig:
       )
     if "sliding" in self.layer_types and not self.sliding_window:
       raise ValueError("sliding-window layers need sliding_window > 0")
+    if self.attention_block is not None and self.attention_block < 1:
+      raise ValueError(f"attention_block must be a positive number of slots or None; got "
+                       f"{self.attention_block}")
     if self.vocab_subset:
       ids = self.vocab_subset
       if len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= self.vocab_size:

@@ -1,0 +1,137 @@
+"""Attention of W new queries per row over the preallocated KV cache: dense or blocked.
+
+Query at position p sees cache slot j iff j <= p (and p - j < window on sliding layers); slots past
+a row's position hold stale keys of rolled-back tokens and are never visible (see `cache.py`).
+
+- `dense`: one einsum over all S slots and the mask. Its cost follows S, the preallocated length.
+- `blocked`: a `lax.fori_loop` over KV blocks of `block` slots, from the first block any query of
+  the batch can see (0; on sliding layers min over the queries of p - window + 1) to the block of
+  the largest query position of the batch, with an online (flash-style) softmax: a running
+  maximum, sum and output in float32. Its cost follows the length in use. The trip count is
+  traced, so one compiled program serves every length (and it runs inside `lax.while_loop`).
+- `attend` picks by static shapes: `blocked` when the cache holds more than one block and the pass
+  is at most one block wide (decode and verification passes), else `dense`. Small caches, prompt
+  passes over a whole cache and training (W = S) therefore keep the dense program, which is also
+  reverse-differentiable (a traced trip count is not).
+
+On GPU, `jax.nn.dot_product_attention(implementation="cudnn")` would take the place of both for
+the shapes it accepts (a per-row `key_value_seq_lengths` / mask, `local_window_size`); it is not
+wired here and has not been measured: `attend` is the one place to add it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int
+
+NEG_INF = -1e30
+
+
+def visible(
+    positions: Int[Array, "B W"], slots: Int[Array, "S"], window: int | None
+) -> Bool[Array, "B W S"]:
+  """Query at position p sees slot j iff j <= p (and p - j < window for sliding layers)."""
+  p, j = positions[:, :, None], slots[None, None, :]
+  mask = j <= p
+  if window is not None:
+    mask &= j > p - window
+  return mask
+
+
+def _scores(
+    qg: Float[Array, "B W K G Dh"], keys: Float[Array, "B S K Dh"], scale: float,
+    softcap: float | None,
+) -> Float[Array, "B K G W S"]:
+  """float32 scaled (and soft-capped) scores of the grouped queries against the keys."""
+  scores = jnp.einsum("bwkgd,bskd->bkgws", qg, keys.astype(qg.dtype),
+                      preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    scores = jnp.tanh(scores / softcap) * softcap
+  return scores
+
+
+def _grouped(q: Float[Array, "B W H Dh"], num_kv_heads: int) -> Float[Array, "B W K G Dh"]:
+  b, w, h, d = q.shape
+  return q.reshape(b, w, num_kv_heads, h // num_kv_heads, d)
+
+
+def dense(
+    q: Float[Array, "B W H Dh"], cache_k: Float[Array, "B S K Dh"],
+    cache_v: Float[Array, "B S K Dh"], positions: Int[Array, "B W"], *, scale: float,
+    window: int | None = None, softcap: float | None = None,
+) -> Float[Array, "B W H Dh"]:
+  """Softmax attention over all S slots (GQA: H = K x G query heads share a kv head)."""
+  qg = _grouped(q, cache_k.shape[2])
+  scores = _scores(qg, cache_k, scale, softcap)
+  mask = visible(positions, jnp.arange(cache_k.shape[1]), window)
+  scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bkgws,bskd->bwkgd", probs, cache_v.astype(q.dtype))
+  return out.reshape(q.shape)
+
+
+def block_range(
+    positions: Int[Array, "B W"], num_slots: int, block: int, window: int | None
+) -> tuple[Int[Array, ""], Int[Array, ""]]:
+  """[first, last] block index (inclusive) holding any slot a query of the batch can see."""
+  last = jnp.minimum(jnp.max(positions), num_slots - 1) // block
+  if window is None:
+    return jnp.zeros_like(last), last
+  first = jnp.clip(jnp.min(positions) - window + 1, 0, num_slots - 1) // block
+  return first, last
+
+
+def blocked(
+    q: Float[Array, "B W H Dh"], cache_k: Float[Array, "B S K Dh"],
+    cache_v: Float[Array, "B S K Dh"], positions: Int[Array, "B W"], *, scale: float,
+    window: int | None = None, softcap: float | None = None, block: int = 512,
+) -> Float[Array, "B W H Dh"]:
+  """`dense`, reading only the blocks of `block` slots from `block_range` (online softmax).
+
+  Block i covers slots [i * block, (i + 1) * block); when S is not a multiple of `block` the last
+  block is read from S - block and its slots before i * block (already counted) are masked.
+  """
+  b, s, k, d = cache_k.shape
+  if block > s:
+    raise ValueError(f"block={block} is larger than the cache ({s} slots)")
+  qg = _grouped(q, k)
+  g, w = qg.shape[3], qg.shape[1]
+
+  def body(i, carry):
+    run_max, run_sum, acc = carry  # B K G W; B K G W; B K G W Dh (float32)
+    start = jnp.minimum(i * block, s - block)
+    keys = lax.dynamic_slice_in_dim(cache_k, start, block, axis=1)
+    values = lax.dynamic_slice_in_dim(cache_v, start, block, axis=1)
+    slots = start + jnp.arange(block)
+    mask = (visible(positions, slots, window) & (slots >= i * block)[None, None])[:, None, None]
+    scores = _scores(qg, keys, scale, softcap)
+    new_max = jnp.maximum(run_max, jnp.max(jnp.where(mask, scores, NEG_INF), axis=-1))
+    probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
+    fix = jnp.exp(run_max - new_max)
+    run_sum = run_sum * fix + jnp.sum(probs, axis=-1)
+    acc = acc * fix[..., None] + jnp.einsum(
+        "bkgws,bskd->bkgwd", probs.astype(q.dtype), values.astype(q.dtype),
+        preferred_element_type=jnp.float32)
+    return new_max, run_sum, acc
+
+  init = (jnp.full((b, k, g, w), NEG_INF, jnp.float32), jnp.zeros((b, k, g, w), jnp.float32),
+          jnp.zeros((b, k, g, w, d), jnp.float32))
+  first, last = block_range(positions, s, block, window)
+  _, run_sum, acc = lax.fori_loop(first, last + 1, body, init)
+  out = acc / run_sum[..., None]  # every query sees at least its own slot: run_sum > 0
+  return jnp.einsum("bkgwd->bwkgd", out).reshape(q.shape).astype(q.dtype)
+
+
+def attend(
+    q: Float[Array, "B W H Dh"], cache_k: Float[Array, "B S K Dh"],
+    cache_v: Float[Array, "B S K Dh"], positions: Int[Array, "B W"], *, scale: float,
+    window: int | None = None, softcap: float | None = None, block: int | None = 512,
+) -> Float[Array, "B W H Dh"]:
+  """`blocked` when S > block >= W (static shapes), else `dense`; block None: always dense."""
+  kw = dict(scale=scale, window=window, softcap=softcap)
+  s, w = cache_k.shape[1], q.shape[1]
+  if block is not None and s > block >= w:
+    return blocked(q, cache_k, cache_v, positions, block=block, **kw)
+  return dense(q, cache_k, cache_v, positions, **kw)
