@@ -5,8 +5,9 @@
 
 A short calibration on the caller's own prompts (`PROBE_TOKENS` new tokens with a probe gamma, the
 caller's sampling parameters, a key folded from the caller's) measures the per-token acceptance
-alpha (`pricing.alpha_from_stats`), and one jitted pass of every width the candidates need is
-timed at the caller's batch and cache length (`pricing.measure_pass_costs`). The gamma in 1..8 (sd:
+alpha (`pricing.alpha_from_stats`), and one jitted pass of widths `TIMED_WIDTHS` (those between
+are interpolated; each timed width compiles a pass) is timed at the caller's batch and cache length
+(`pricing.measure_pass_costs`). The gamma in 1..8 (sd:
 the draft's; se of two models: one per model) with the highest priced speed-up
 (`pricing.best_gammas`) is then used as if the caller had passed it: the schedule is fixed before
 the real decode starts, so the output distribution is exactly that of the explicit gamma (greedy:
@@ -29,6 +30,8 @@ from jax_specens import pricing
 PROBE_GAMMA = {"sd": 4, "se": (2, 2)}
 PROBE_TOKENS = 16
 MAX_GAMMA = 8
+# widths timed (each compiles a pass); the ones between are interpolated (pricing.PassCosts.of)
+TIMED_WIDTHS = (1, 2, 3, 5, MAX_GAMMA + 1)
 _CACHE: dict[tuple, tuple[Any, "GammaChoice"]] = {}
 
 
@@ -124,8 +127,9 @@ def resolve(models, prompts, prompt_lengths, kw: dict) -> tuple[Any, GammaChoice
   st = decode(models, prompts, prompt_lengths, **probe_kw).stats.to_dict()
   alpha = pricing.alpha_from_stats(st["accepted"], st["rejections"])
   alpha = 0.0 if np.isnan(alpha) else alpha
-  costs = pricing.measure_pass_costs(ordered, pricing.needed_widths(method, MAX_GAMMA), b,
-                                     int(cache_len))
+  widths = [sorted(set(ws) & set(TIMED_WIDTHS) | {max(ws)})
+            for ws in pricing.needed_widths(method, MAX_GAMMA)]
+  costs = pricing.measure_pass_costs(ordered, widths, b, int(cache_len), context=t + n // 2)
   best, grid = pricing.best_gammas(alpha, costs, method, MAX_GAMMA)
   gamma = best[0] if method == "sd" else best
   choice = GammaChoice(method=method, gamma=gamma, alpha=alpha,

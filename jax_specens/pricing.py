@@ -69,24 +69,24 @@ class PassCosts:
 
 
 def measure_pass_costs(models, widths: Sequence[Sequence[int]], batch: int, cache_len: int,
-                       repeats: int = 5) -> PassCosts:
+                       repeats: int = 5, context: int | None = None) -> PassCosts:
   """Times `jax_specens.step.step` (one jitted forward, cache donated) of W tokens for each model
-  and each of its `widths[k]`, `batch` rows, a cache of `cache_len` slots written from
-  `cache_len // 2`. Repeats are interleaved across widths, so a busy machine slows all alike; a
-  model object given twice is measured once."""
+  and each of its `widths[k]`, `batch` rows, a cache of `cache_len` slots written from position
+  `context` (default half the cache; clipped so W tokens fit). Repeats are interleaved across
+  widths, so a busy machine slows all alike; a model object given twice is measured once."""
   from jax_specens.step import step
-  done: dict[int, dict[int, float]] = {}
-  jobs = []
+  wanted: dict[int, tuple] = {}  # id -> (model, widths): one object given twice is timed once
   for m, ws in zip(models, widths):
-    if id(m) not in done:
-      done[id(m)] = {}
-      jobs += [(m, int(w)) for w in sorted(set(ws))]
-  start = jnp.full((batch,), max(cache_len // 2 - 16, 0), jnp.int32)
+    wanted[id(m)] = (m, wanted.get(id(m), (m, set()))[1] | {int(w) for w in ws})
+  done: dict[int, dict[int, float]] = {i: {} for i in wanted}
+  jobs = [(m, w) for m, ws in wanted.values() for w in sorted(ws)]
+  context = cache_len // 2 if context is None else context
   caches = {id(m): m.init_cache(batch, cache_len) for m, _ in jobs}
   times: dict[tuple[int, int], list[float]] = {}
   for rep in range(repeats + 1):  # the first round compiles and warms up
     for m, w in jobs:
       tokens = jnp.ones((batch, w), jnp.int32)
+      start = jnp.full((batch,), max(min(context, cache_len - w), 0), jnp.int32)
       t0 = time.perf_counter()
       logits, caches[id(m)] = step(m, caches[id(m)], tokens, start)
       jax.block_until_ready(logits)

@@ -126,9 +126,10 @@ def test_best_gammas_follow_acceptance_and_cost():
 
 def test_measured_pass_costs():
   a, b, _ = dm.models()
-  costs = P.measure_pass_costs([a, b, a], widths=[[1, 3], [1, 2, 4], [1, 3]], batch=2,
+  costs = P.measure_pass_costs([a, b, a], widths=[[1, 3], [1, 2, 4], [1, 2]], batch=2,
                                cache_len=32, repeats=2)
-  assert costs.seconds[0] == costs.seconds[2]  # one object, measured once
+  assert costs.seconds[0] == costs.seconds[2]  # one object, measured once, at every width asked
+  assert [w for w, _ in costs.seconds[0]] == [1, 2, 3]
   assert [w for w, _ in costs.seconds[1]] == [1, 2, 4]
   assert all(s > 0 for m in costs.seconds for _, s in m)
   w3 = costs.of(1, 3)
