@@ -23,6 +23,8 @@ BENCHMARKS = {
     "compile": ("compile_bench", "compile time and number of compilations of decode() per method"),
     "decode": ("decode_bench", "ar / sd / ensemble / se side by side on the same models: tokens/s, "
                "ratios sd/ar and se/ensemble, model calls, acceptance"),
+    "long-context": ("long_context", "decode step time against the context in use at a fixed "
+                     "cache of 32k slots, blocked vs dense attention; Gemma 3's KV memory"),
     "sharding": ("sharding_bench", "parameter and KV cache bytes per device on data x model "
                  "meshes (1x1 .. 1x8, 2x4, 8x1), and sharded greedy decode == one device"),
 }
