@@ -26,17 +26,18 @@ DISTILL_FILE = "distill.json"
 class DraftRecipe:
   """The draft's shape and its distillation data (see `data.py`)."""
 
-  layers: tuple[int, ...] = (0, 1)  # target layers copied into the draft, in order
+  # defaults: the recipe measured on SmolLM2-135M-Instruct (README "Distilling a draft")
+  layers: tuple[int, ...] = (0, 1, 2, 3)  # target layers copied into the draft, in order
   vocab_k: int = 8192  # K: head over the K target ids most often the target's top-1
-  seq_len: int = 128
+  seq_len: int = 160
   top: int = 32  # teacher labels: the target's top-T tokens per position
-  chat_prompts: int = 96  # training prompts the target answers (greedy; labels = its tokens)
-  answer_tokens: int = 96
+  chat_prompts: int = 379  # training prompts the target answers (all the shipped ones)
+  answer_tokens: int = 128
   # the target answers every training prompt once per temperature (0: greedy, labelled by its own
   # tokens; > 0: sampled, labelled by the teacher's top-T); held-out prompts are answered greedily
-  answer_temperatures: tuple[float, ...] = (0.0,)
-  text_tokens: int = 4000  # stdlib prose + code tokens labelled by the teacher
-  eval_chat_prompts: int = 32
+  answer_temperatures: tuple[float, ...] = (0.0, 1.0)
+  text_tokens: int = 60000  # stdlib prose + code tokens labelled by the teacher
+  eval_chat_prompts: int = 27  # all the held-out ones
   eval_text_tokens: int = 3000
   harvest_batch: int = 16  # rows per teacher pass
   gen_batch: int = 32  # rows per generation call
