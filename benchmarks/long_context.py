@@ -96,6 +96,12 @@ def time_model(name, model, cache_len, contexts, blocks, repeats):
   return rows, {f"{name} {m}": s for m, s in compile_s.items()}
 
 
+def _columns(blocks) -> list[str]:
+  modes = [f"blocked@{b}" for b in blocks]
+  return (["model", "context", "KV MB read", "dense ms"] + [f"{m} ms" for m in modes]
+          + [f"dense/{m}" for m in modes])
+
+
 def main(argv=None) -> int:
   p = common.base_parser(__doc__.split("\n\n")[0])
   p.add_argument("--models", default="smollm2,gemma3",
@@ -126,6 +132,7 @@ def main(argv=None) -> int:
     if not args.small:
       model = load_model(model)
     r, c = time_model(name, model, args.cache, contexts, blocks, args.repeats)
+    print(common.table(r, _columns(blocks)), flush=True)
     rows += r
     compile_s.update(c)
     if any(model.config.window(i) for i in range(model.config.num_layers)):
@@ -133,12 +140,9 @@ def main(argv=None) -> int:
         memory.append({"model": name, "context": args.cache, "dtype": jnp.dtype(dtype).name,
                        **kv_memory(model.config, args.cache, jnp.dtype(dtype).itemsize)})
     del model
-  modes = ["dense"] + [f"blocked@{b}" for b in blocks]
-  cols = (["model", "context", "KV MB read"] + [f"{m} ms" for m in modes]
-          + [f"dense/{m}" for m in modes[1:]])
   print(f"\ndecode step (W = 1, batch 1) at a cache of {args.cache} slots; median of "
         f"{args.repeats} interleaved rounds")
-  print(common.table(rows, cols))
+  print(common.table(rows, _columns(blocks)))
   if memory:
     print(f"\nKV cache of one row at {args.cache} tokens: every layer full length vs a ring of "
           "window size on the sliding layers (computed from the config; no ring cache is built)")
