@@ -150,7 +150,7 @@ def run(args) -> int:
     if why:
       print(why)
   if not has_draft:
-    print(f"\nsd and se above use SmolLM2 as its own draft. Distil a real one (about an hour on a "
+    print(f"\nsd and se above use SmolLM2 as its own draft. Distil a real one (about 80 minutes on a "
           f"2-core CPU; README 'Distilling a draft') and the demo uses it from then on:\n"
           f"  jax-specens train-draft --target {dirs['smollm2']} --out {draft_path}")
   print(f"\ndone in {time.perf_counter() - t0:.0f}s (tokens/s measured on a second, compiled "

@@ -24,7 +24,7 @@ OUT (created only when complete) is an ordinary model directory (usable as --dra
 alpha (T=1 acceptance), loss, the draft's own bytes and its bytes read per token / the target's.
 
 example:  jax-specens train-draft --target models/smollm2 --out models/smollm2-draft
-          (defaults: the recipe measured on SmolLM2-135M-Instruct, about 20 min of labels and
+          (defaults: the recipe measured on SmolLM2-135M-Instruct, about 40 min of labels and
           40 min of training on 2 CPU cores; --time-budget 5 --chat-prompts 64
           --text-tokens 4000 for a quick try)
 use it:   jax-specens generate --model models/smollm2 --draft models/smollm2-draft \\
