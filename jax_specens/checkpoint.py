@@ -276,9 +276,10 @@ def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
   params_path = (Path(model_dir) / PARAMS_DIR).absolute()
   if not params_path.is_dir():
     raise CheckpointError(params_path, "the parameter directory is missing")
-  _check_params_files(params_path, _read_meta(model_dir).get("params_files"))
+  meta = _read_meta(model_dir)
+  _check_params_files(params_path, meta.get("params_files"))
   _check_tokenizer_files(model_dir)
-  share = _read_meta(model_dir).get(shared_params.KEY)
+  share = meta.get(shared_params.KEY)
   own = {k: v for k, v in target.items() if not share or k not in share["groups"]}
   restored = _int_keys(_restore(params_path, _string_keys(own)),
                        {k: v for k, v in nnx.to_pure_dict(abstract.params).items() if k in own})

@@ -86,14 +86,8 @@ def _layers(text: str) -> tuple[int, ...]:
   return layers
 
 
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-  try:
-    return tuple(float(x) for x in text.split(",") if x.strip())
-  except ValueError:
-    raise ValueError(f"{flag} must be comma-separated numbers such as 0,1; got {text!r}")
-
-
 def run(args: argparse.Namespace) -> int:
+  from jax_specens.cli.generate import _floats
   from jax_specens.draft.pipeline import DraftRecipe, train_draft
   from jax_specens.draft.train import TrainConfig
 
@@ -108,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
   recipe = DraftRecipe(
       layers=_layers(args.layers), vocab_k=args.vocab_k, seq_len=args.seq_len, top=args.top,
       chat_prompts=args.chat_prompts, answer_tokens=args.answer_tokens,
-      answer_temperatures=_floats(args.answer_temperatures, "--answer-temperatures"),
+      answer_temperatures=tuple(_floats(args.answer_temperatures, "--answer-temperatures")),
       text_tokens=args.text_tokens, eval_chat_prompts=args.eval_chat_prompts,
       eval_text_tokens=args.eval_text_tokens)
   config = TrainConfig(batch_size=args.batch_size, learning_rate=args.learning_rate,
