@@ -1,4 +1,4 @@
-"""`jax-specens bench {peers,se-sweep,roofline,compile} [options]`: runs a benchmark script.
+"""`jax-specens bench {peers,se-sweep,roofline,attention,compile,...} [options]`: runs a benchmark script.
 
 The scripts live in the repository's `benchmarks/` directory (not installed with the package): run
 this from a source checkout. Everything after the benchmark name goes to the script; see
@@ -25,6 +25,8 @@ BENCHMARKS = {
                "ratios sd/ar and se/ensemble, model calls, acceptance"),
     "long-context": ("long_context", "decode step time against the context in use at a fixed "
                      "cache of 32k slots, blocked vs dense attention; Gemma 3's KV memory"),
+    "attention": ("attention_kernels", "one decode-time attention: dense, blocked and "
+                  "jax.nn.dot_product_attention (xla, cudnn) side by side (GPU: 1B shapes)"),
     "sharding": ("sharding_bench", "parameter and KV cache bytes per device on data x model "
                  "meshes (1x1 .. 1x8, 2x4, 8x1), and sharded greedy decode == one device"),
 }
