@@ -62,11 +62,12 @@ def _drop_compiled_programs_when_mappings_pile_up():
 
 
 def pytest_collection_modifyitems(items):
-  """Under `pytest -n 2 --dist loadgroup` (pytest-xdist; the README's test command) a module's
+  """Under `pytest -n 2 --dist loadscope` (pytest-xdist; the README's test command) a module's
   tests stay in one worker, so module fixtures are built once (the real checkpoints are
-  converted once for all workers: tests/fixtures_real.py)."""
-  for item in items:
-    item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+  converted once for all workers: tests/fixtures_real.py). Not `--dist loadgroup` with
+  `xdist_group` marks: pytest 9 derives `nodeid` from a field that xdist 3.8 does not rename, so
+  every test was its own group and module fixtures were built in both workers (measured: the
+  75 s draft distillation of tests/test_train_draft.py twice)."""
   # the longest modules first, so that no long module is left to start last in one worker
   # while the other worker idles (minutes each on a 2-core machine; the rest keeps its order)
   first = {m: i for i, m in enumerate(LONGEST_MODULES)}
