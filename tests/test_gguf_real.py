@@ -26,7 +26,7 @@ NEW = 32
 # float32 noise floor of these models (logits up to ~38, 30 layers): on SmolLM2's prompt
 # transformers' own float32 load is 0.98e-4 from its float64 load, ours 0.89e-4, and the two
 # float32 results 1.07e-4 apart (weights bit-identical); 1e-4 would fail on rounding alone. The
-# test session compiles at LLVM -O0 (tests/conftest.py: no fused multiply-adds), which moved
+# test session compiles at LLVM -O0 (tests/conftest.py: other instruction selection), which moved
 # Gemma 3's largest difference (622 prompt positions over a 262k vocabulary) from below 2e-4 to
 # 2.02e-4: the same noise, rounded differently.
 ATOL = 3e-4
