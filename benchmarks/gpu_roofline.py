@@ -152,11 +152,14 @@ def main(argv=None) -> int:
   print(f"{roof['params'] / 1e6:.1f}M params ({nbytes / 2**20:.0f} MiB bf16), bandwidth "
         f"{roof['bandwidth_GBps']:.1f} GB/s, roofline {roof['roofline_ms']:.3f} ms/token:\n"
         f"  one jitted step per call {roof['step_ms']:.3f} ms = {roof['pct_of_roofline']:.1f}%"
-        f" of roofline\n  ar inside the on-device loop {roof['loop_token_ms']:.3f} ms/token = "
+        f" of roofline\n  ar inside the on-device loop (batch {loops[0]['batch']}) "
+        f"{roof['loop_token_ms']:.3f} ms/step = "
         f"{roof['loop_pct_of_roofline']:.1f}% of roofline", flush=True)
+  config = dict(shape=shape, dims=SHAPES[shape], max_new_tokens=n_new, prompt_len=prompt_len,
+                gamma=args.gamma, dtype="bfloat16",
+                matmul_precision=str(jax.config.jax_default_matmul_precision))
   if args.roofline_only:
-    path = common.write_results(args.out, "roofline", dict(shape=shape, dims=SHAPES[shape],
-                                max_new_tokens=n_new, prompt_len=prompt_len), [], roofline=roof)
+    path = common.write_results(args.out, "roofline", config, [], roofline=roof)
     print(f"wrote {path}")
     return 0
   methods = {"ar": dict(models=target), "sd": dict(models=target, draft=draft, gamma=args.gamma),
@@ -186,9 +189,6 @@ def main(argv=None) -> int:
       print(f"greedy {other} == {ref} at batch {batch}: {batch - len(rows_off)}/{batch} rows "
             f"identical" + "".join(f"; row {d['row']} from token {d['index']} (target margin "
                                    f"{d['margin']:.3g})" for d in rows_off), flush=True)
-  config = dict(shape=shape, dims=SHAPES[shape], max_new_tokens=n_new, prompt_len=prompt_len,
-                gamma=args.gamma, dtype="bfloat16")
-  config["matmul_precision"] = str(jax.config.jax_default_matmul_precision)
   path = common.write_results(args.out, "roofline", config, rows, roofline=roof, greedy=greedy)
   common.bar_plot(args.out / "roofline.png", [str(b) for b in args.batches],
                   {m: [r["tok_s"] for r in rows if r["method"] == m] for m in methods},
