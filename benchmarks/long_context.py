@@ -8,7 +8,10 @@ For each model (SmolLM2-135M-Instruct and Gemma-3-270M in float32, from the user
 one cache of --cache slots per attention mode:
 - dense: `attention_block=None`, every pass reads all --cache slots (the program before blocking);
 - blocked@N: `attention_block=N` (`jax_specens/models/attend.py`), a pass reads the blocks of N slots
-  up to its position (on sliding layers only those inside the window).
+  up to its position (on sliding layers only those inside the window);
+- ring+blocked@N (models with sliding layers): the same, with the sliding layers' caches as rings
+  of `window + RING_SLACK` slots (`jax_specens/cache.py`; the slack an sd decode of gamma 4 uses),
+  which is how `decode` builds them.
 Same parameters in every mode (`step.with_attention_block`). The cache is not prefilled: its K/V
 are zeros and its position is set to the context directly (`cache.rollback`), so a step at context
 c attends over c slots, which costs what it costs with real keys (no data-dependent work): this
@@ -17,9 +20,9 @@ donated (`jax_specens.step.step`); each round times one step per (context, mode)
 and the table shows the median over --repeats rounds. "KV MB read" is what blocked attention must
 read at that context (K and V of every layer, sliding layers at most their window).
 
-Then Gemma 3's KV memory at --cache tokens of context (batch 1, float32 and bfloat16), from its
-config: today every layer holds --cache slots; a ring cache of window size on its sliding layers
-would hold `window` slots there (computed, not built: the ring cache is not implemented).
+Then the KV memory of each model with sliding layers at --cache tokens of context (batch 1,
+float32 and bfloat16): every layer at --cache slots, against rings on the sliding layers
+(`cache.kv_bytes`, which the float32 caches timed here were checked against).
 Timings on a shared machine are noisy: compare the modes within one run (same rounds).
 """
 
@@ -34,6 +37,9 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from benchmarks import common
+from jax_specens import cache as kv
+
+RING_SLACK = kv.ring_slack(4)  # sd at gamma 4 writes up to 4 positions past its committed length
 
 
 def small_models():
@@ -52,12 +58,15 @@ def kv_read_mb(config, context: int, itemsize: int) -> float:
   return 2 * slots * config.num_kv_heads * config.head_dim * itemsize / 1e6
 
 
+def has_windows(config) -> bool:
+  return any(config.window(i) for i in range(config.num_layers))
+
+
 def kv_memory(config, context: int, itemsize: int) -> dict:
-  """GiB of one row's KV cache at `context`: every layer full length, and with a ring of window
-  size on the sliding layers."""
-  per_slot = 2 * config.num_kv_heads * config.head_dim * itemsize
-  full = config.num_layers * context * per_slot
-  ring = sum(min(context, config.window(i) or context) for i in range(config.num_layers)) * per_slot
+  """GiB of one row's KV cache at `context`: every layer full length, and with rings of
+  `window + RING_SLACK` slots on the sliding layers."""
+  full = kv.kv_bytes(config, 1, context, itemsize)
+  ring = kv.kv_bytes(config, 1, context, itemsize, RING_SLACK)
   return {"full_gib": full / 2**30, "ring_gib": ring / 2**30, "x_less": full / ring}
 
 
@@ -65,7 +74,13 @@ def time_model(name, model, cache_len, contexts, blocks, repeats):
   from jax_specens.step import step, with_attention_block
   modes = {"dense": with_attention_block(model, None)}
   modes.update({f"blocked@{b}": with_attention_block(model, b) for b in blocks})
-  caches = {m: x.init_cache(1, cache_len) for m, x in modes.items()}
+  if has_windows(model.config):
+    modes[f"ring+blocked@{blocks[0]}"] = modes[f"blocked@{blocks[0]}"]
+  caches = {m: x.init_cache(1, cache_len, ring_slack=RING_SLACK if m.startswith("ring") else None)
+            for m, x in modes.items()}
+  for m, c in caches.items():  # the memory table's numbers are these caches' bytes
+    assert kv.cache_bytes(c) == kv.kv_bytes(model.config, 1, cache_len, c.k[0].dtype.itemsize,
+                                            RING_SLACK if m.startswith("ring") else None)
   tok = jnp.zeros((1, 1), jnp.int32)
 
   def one(mode, context):
@@ -96,8 +111,8 @@ def time_model(name, model, cache_len, contexts, blocks, repeats):
   return rows, {f"{name} {m}": s for m, s in compile_s.items()}
 
 
-def _columns(blocks) -> list[str]:
-  modes = [f"blocked@{b}" for b in blocks]
+def _columns(blocks, ring: bool) -> list[str]:
+  modes = [f"blocked@{b}" for b in blocks] + ([f"ring+blocked@{blocks[0]}"] if ring else [])
   return (["model", "context", "KV MB read", "dense ms"] + [f"{m} ms" for m in modes]
           + [f"dense/{m}" for m in modes])
 
@@ -132,22 +147,24 @@ def main(argv=None) -> int:
     if not args.small:
       model = load_model(model)
     r, c = time_model(name, model, args.cache, contexts, blocks, args.repeats)
-    print(common.table(r, _columns(blocks)), flush=True)
+    print(common.table(r, _columns(blocks, has_windows(model.config))), flush=True)
     rows += r
     compile_s.update(c)
-    if any(model.config.window(i) for i in range(model.config.num_layers)):
+    if has_windows(model.config):
       for dtype in (jnp.float32, jnp.bfloat16):
         memory.append({"model": name, "context": args.cache, "dtype": jnp.dtype(dtype).name,
                        **kv_memory(model.config, args.cache, jnp.dtype(dtype).itemsize)})
     del model
   print(f"\ndecode step (W = 1, batch 1) at a cache of {args.cache} slots; median of "
         f"{args.repeats} interleaved rounds")
-  print(common.table(rows, _columns(blocks)))
+  print(common.table(rows, _columns(blocks, any(f"ring+blocked@{blocks[0]} ms" in r
+                                                  for r in rows))))
   if memory:
-    print(f"\nKV cache of one row at {args.cache} tokens: every layer full length vs a ring of "
-          "window size on the sliding layers (computed from the config; no ring cache is built)")
+    print(f"\nKV cache of one row at {args.cache} tokens: every layer full length vs rings of "
+          f"window + {RING_SLACK} slots on the sliding layers")
     print(common.table(memory, ["model", "dtype", "full_gib", "ring_gib", "x_less"]))
   config = {"cache": args.cache, "contexts": contexts, "blocks": blocks, "repeats": args.repeats,
+            "ring_slack": RING_SLACK,
             "small": args.small, "batch": 1, "width": 1,
             "models": {n: str(m) if not args.small else n for n, m in models.items()}}
   path = common.write_results(args.out, "long_context_small" if args.small else "long_context",

@@ -4,6 +4,15 @@ Slots `[0, pos[b])` of row b hold the keys/values of the tokens accepted so far.
 new tokens at slots `pos[b] .. pos[b] + W - 1` and attends with a causal mask on *slot index*, so
 slots past a row's position are never read before being rewritten: rolling a row back is only
 `cache.replace(pos=new_pos)` — no copy, no clearing.
+
+Ring layers. A sliding-window layer (window w) only ever reads the last w positions, so with a
+`ring_slack` it keeps `R = w + ring_slack` slots instead of the full length, and position p lives
+at slot `p mod R`. A pass attends over the ring as it was before the pass plus its own new keys
+(`models/attend.ring`), then writes the new keys. Rollback stays a move of `pos`: a decode writes
+at most `lookahead` positions past its committed length c, and never rolls back before c - 1, so a
+write at p overwrites position p - R <= c + lookahead - R < c - w: a position no query at or
+after c - 1 can see, as long as `ring_slack > lookahead` (`decode` uses lookahead + 2). Wide
+passes (a prompt longer than the ring) write only their last R valid positions.
 """
 
 from __future__ import annotations
@@ -24,11 +33,15 @@ if TYPE_CHECKING:
 
 @flax.struct.dataclass
 class KVCache:
-  """k, v: one array per layer, each `[B, S, H_kv, D]`; pos: `[B]` next write slot per row."""
+  """k, v: one array per layer, each `[B, S, H_kv, D]` (a ring layer: `[B, R, H_kv, D]`);
+  pos: `[B]` next write position per row; ring: per layer, whether it is a ring (static);
+  length: the positions a row can hold (S; static, 0: the first layer's slots)."""
 
   k: tuple[Float[Array, "B S K D"], ...]
   v: tuple[Float[Array, "B S K D"], ...]
   pos: Int[Array, "B"]
+  ring: tuple[bool, ...] = flax.struct.field(pytree_node=False, default=())
+  length: int = flax.struct.field(pytree_node=False, default=0)
 
   @property
   def batch_size(self) -> int:
@@ -36,21 +49,51 @@ class KVCache:
 
   @property
   def max_len(self) -> int:
-    return self.k[0].shape[1]
+    return self.length or self.k[0].shape[1]
+
+  def is_ring(self, layer: int) -> bool:
+    return bool(self.ring) and self.ring[layer]
 
   def rollback(self, pos: Int[Array, "B"]) -> "KVCache":
     """Moves every row's write position; the stale slots beyond are masked until rewritten."""
     return self.replace(pos=pos.astype(jnp.int32))
 
 
+def ring_slack(lookahead: int) -> int:
+  """The ring slack a decode that writes up to `lookahead` positions past its committed length
+  gives its sliding layers (module notes: it must exceed lookahead)."""
+  return lookahead + 2
+
+
+def layer_slots(config: ModelConfig, max_len: int, ring_slack: int | None = None
+                ) -> tuple[tuple[int, bool], ...]:
+  """(slots, is_ring) per layer: sliding layers get a ring of `window + ring_slack` slots when
+  that is shorter than `max_len`; every other layer (and every layer when ring_slack is None)
+  `max_len` slots."""
+  out = []
+  for i in range(config.num_layers):
+    w = config.window(i)
+    ring = ring_slack is not None and w is not None and w + ring_slack < max_len
+    out.append((w + ring_slack, True) if ring else (max_len, False))
+  return tuple(out)
+
+
 def init_cache(
-    config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32
+    config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32,
+    ring_slack: int | None = None,
 ) -> KVCache:
-  """Zero cache of `max_len` slots per row for `batch_size` rows, every position 0."""
-  shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
-  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                 pos=jnp.zeros((batch_size,), jnp.int32))
+  """Zero cache of `max_len` positions per row for `batch_size` rows, every position 0.
+
+  ring_slack: give sliding-window layers a ring of `window + ring_slack` slots (module notes:
+  it must exceed the most positions a decode writes past its committed length); None: every
+  layer keeps `max_len` slots.
+  """
+  layers = layer_slots(config, max_len, ring_slack)
+  shape = lambda n: (batch_size, n, config.num_kv_heads, config.head_dim)
+  return KVCache(k=tuple(jnp.zeros(shape(n), dtype) for n, _ in layers),
+                 v=tuple(jnp.zeros(shape(n), dtype) for n, _ in layers),
+                 pos=jnp.zeros((batch_size,), jnp.int32),
+                 ring=tuple(r for _, r in layers), length=max_len)
 
 
 def write(
@@ -63,6 +106,24 @@ def write(
   rows = jnp.arange(b)[:, None]
   cols = start[:, None] + jnp.arange(w)[None, :]
   return cache_k.at[rows, cols].set(new.astype(cache_k.dtype), mode="drop")
+
+
+def write_ring(
+    ring_k: Float[Array, "B R K D"],
+    new: Float[Array, "B W K D"],
+    start: Int[Array, "B"],
+    valid: Int[Array, "B"] | None = None,
+) -> Float[Array, "B R K D"]:
+  """Writes `new[:, i]` (position `start + i`) at ring slot `(start + i) mod R`, for the last R
+  of the row's `valid` (default: all W) tokens: the others are dropped, so no slot is written
+  twice and a prompt's padding never overwrites its tokens."""
+  b, w = new.shape[:2]
+  r = ring_k.shape[1]
+  i = jnp.arange(w)[None, :]
+  n = jnp.full((b,), w, jnp.int32) if valid is None else valid.astype(jnp.int32)
+  keep = (i < n[:, None]) & (i >= n[:, None] - r)
+  cols = jnp.where(keep, (start[:, None] + i) % r, r)
+  return ring_k.at[jnp.arange(b)[:, None], cols].set(new.astype(ring_k.dtype), mode="drop")
 
 
 def cache_bytes(cache: KVCache) -> int:
@@ -85,10 +146,12 @@ def check_fits(prompt_len, max_new_tokens: int, cache_len: int, slack: int = 0) 
         "or max_new_tokens")
 
 
-def kv_bytes(config: ModelConfig, batch_size: int, cache_len: int, itemsize: int) -> int:
-  """Bytes of the K and V caches of one model: 2 x layers x `[B, S, H_kv, D]`."""
-  return (2 * config.num_layers * batch_size * cache_len * config.num_kv_heads * config.head_dim
-          * itemsize)
+def kv_bytes(config: ModelConfig, batch_size: int, cache_len: int, itemsize: int,
+             ring_slack: int | None = None) -> int:
+  """Bytes of the K and V caches of one model: 2 x per layer `[B, slots, H_kv, D]` (slots: see
+  `layer_slots`)."""
+  slots = sum(n for n, _ in layer_slots(config, cache_len, ring_slack))
+  return 2 * slots * batch_size * config.num_kv_heads * config.head_dim * itemsize
 
 
 def available_memory() -> tuple[int | None, str]:
@@ -133,11 +196,17 @@ def check_memory(configs, itemsizes, batch_size: int, prompt_width: int, max_new
     if jax.local_devices()[0].platform == "cpu":
       devices = 1  # simulated CPU devices share the host's memory
   slots = prompt_width + max_new_tokens + lookahead if cache_len is None else cache_len
-  per_slot = sum(kv_bytes(c, batch_size, 1, s) for c, s in zip(configs, itemsizes))
-  # loop state: output tokens, the token sequence (and se's proposer ids), and per model the
-  # float32 logits of the speculation window (se's ring buffer; a pass's logits)
-  per_slot += 4 * batch_size * 3
+  slack = ring_slack(lookahead)
+  kv = sum(kv_bytes(c, batch_size, slots, s, slack) for c, s in zip(configs, itemsizes))
+  # bytes per slot of the layers that grow with the cache (ring layers are a fixed size), plus
+  # the loop state: output tokens, the token sequence (and se's proposer ids)
+  per_slot = sum(kv_bytes(c, batch_size, 1, s) * sum(not r for _, r in
+                                                      layer_slots(c, slots, slack))
+                 // c.num_layers for c, s in zip(configs, itemsizes)) + 4 * batch_size * 3
+  # per model the float32 logits of the speculation window (se's ring buffer; a pass's logits),
+  # and the ring layers
   fixed = sum(4 * batch_size * (lookahead + 2) * c.vocab_size for c in configs)
+  fixed += kv - (per_slot - 4 * batch_size * 3) * slots
   need = (per_slot * slots + fixed) // max(devices, 1)
   if need <= available:
     return

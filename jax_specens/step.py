@@ -40,8 +40,10 @@ class Model:
   def dtype(self):
     return jax.tree_util.tree_leaves(self.params)[0].dtype
 
-  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
-    return init_cache(self.config, batch_size, max_len, dtype or self.dtype)
+  def init_cache(self, batch_size: int, max_len: int, dtype=None,
+                 ring_slack: int | None = None) -> KVCache:
+    """See `jax_specens.cache.init_cache` (ring_slack: ring caches for sliding layers)."""
+    return init_cache(self.config, batch_size, max_len, dtype or self.dtype, ring_slack)
 
   def module(self) -> Transformer:
     return nnx.merge(self.graphdef, self.params)
@@ -70,16 +72,18 @@ def forward(
     cache: KVCache,
     tokens: Int[Array, "B W"],
     start: Int[Array, "B"],
+    valid: Int[Array, "B"] | None = None,
 ) -> tuple[Float[Array, "B W V"], KVCache]:
   """Scores W tokens per row placed at positions `start[b] .. start[b] + W - 1`.
 
   Writes their keys/values into those cache slots and returns float32 logits `[B, W, V]` and the
   cache with `pos = start + W`. Rows may use fewer than W of the tokens: moving `pos` back
-  (`cache.rollback`) discards the rest.
+  (`cache.rollback`) discards the rest. valid: how many of the W tokens are real per row (a
+  right-padded prompt); a cache with ring layers needs it for a pass wider than its slack.
   """
   start = start.astype(jnp.int32)
   positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-  logits, cache = nnx.merge(model.graphdef, model.params)(tokens, positions, cache)
+  logits, cache = nnx.merge(model.graphdef, model.params)(tokens, positions, cache, valid)
   return logits, cache.replace(pos=start + tokens.shape[1])
 
 
@@ -88,7 +92,7 @@ def forward_prompt(
 ) -> tuple[Float[Array, "B V"], KVCache]:
   """Prefill right-padded prompts: returns each row's logits after its last prompt token and
   the cache with `pos = lengths` (the padding written past a row's length is never read)."""
-  logits, cache = forward(model, cache, tokens, jnp.zeros_like(lengths))
+  logits, cache = forward(model, cache, tokens, jnp.zeros_like(lengths), lengths)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)
   return last[:, 0], cache.rollback(lengths)
 

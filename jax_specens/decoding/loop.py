@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jax_specens import vocab
-from jax_specens.cache import KVCache
+from jax_specens.cache import KVCache, ring_slack
 from jax_specens.decoding.outputs import (CACHE_FULL, LENGTH, RUNNING, STOP, DecodeOutput,
                                           DecodeStats)
 from jax_specens.ensemble import Ensemble
@@ -105,7 +105,8 @@ def prefill(models: tuple[Model, ...], req: Request, cfg: Config, extra=None) ->
   lengths = req.prompt_lengths.astype(jnp.int32)
   caches = []
   for m in models:
-    _, cache = forward(m, m.init_cache(b, s), req.prompts, jnp.zeros((b,), jnp.int32))
+    cache = m.init_cache(b, s, ring_slack=ring_slack(cfg.lookahead))
+    _, cache = forward(m, cache, req.prompts, jnp.zeros((b,), jnp.int32), lengths)
     caches.append(cache.rollback(lengths - 1))
   seq = jnp.zeros((b, s), jnp.int32).at[:, :min(t, s)].set(req.prompts[:, :s].astype(jnp.int32))
   return LoopState(

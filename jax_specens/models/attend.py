@@ -9,6 +9,8 @@ a row's position hold stale keys of rolled-back tokens and are never visible (se
   the largest query position of the batch, with an online (flash-style) softmax: a running
   maximum, sum and output in float32. Its cost follows the length in use. The trip count is
   traced, so one compiled program serves every length (and it runs inside `lax.while_loop`).
+- `ring`: a sliding layer's ring cache (`cache.py`) of R slots: the ring as it was before the pass
+  plus the pass's own W keys, one dense einsum over R + W keys. Its cost follows the window.
 - `attend` picks by static shapes and the backend: on CPU, `blocked` when the cache holds more
   than one block and the pass is at most one block wide (decode and verification passes), else
   `dense`. Small caches, prompt passes over a whole cache and training (W = S) therefore keep the
@@ -66,12 +68,18 @@ def dense(
     window: int | None = None, softcap: float | None = None,
 ) -> Float[Array, "B W H Dh"]:
   """Softmax attention over all S slots (GQA: H = K x G query heads share a kv head)."""
-  qg = _grouped(q, cache_k.shape[2])
-  scores = _scores(qg, cache_k, scale, softcap)
   mask = visible(positions, jnp.arange(cache_k.shape[1]), window)
-  scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+  return _masked(q, cache_k, cache_v, mask[:, None, None], scale, softcap)
+
+
+def _masked(
+    q: Float[Array, "B W H Dh"], keys: Float[Array, "B S K Dh"], values: Float[Array, "B S K Dh"],
+    mask: Bool[Array, "B 1 1 W S"], scale: float, softcap: float | None,
+) -> Float[Array, "B W H Dh"]:
+  """Softmax attention of the queries over the S keys the mask lets each see."""
+  scores = jnp.where(mask, _scores(_grouped(q, keys.shape[2]), keys, scale, softcap), NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  out = jnp.einsum("bkgws,bskd->bwkgd", probs, cache_v.astype(q.dtype))
+  out = jnp.einsum("bkgws,bskd->bwkgd", probs, values.astype(q.dtype))
   return out.reshape(q.shape)
 
 
@@ -125,6 +133,30 @@ def blocked(
   _, run_sum, acc = lax.fori_loop(first, last + 1, body, init)
   out = acc / run_sum[..., None]  # every query sees at least its own slot: run_sum > 0
   return jnp.einsum("bkgwd->bwkgd", out).reshape(q.shape).astype(q.dtype)
+
+
+def ring_positions(start: Int[Array, "B"], num_slots: int) -> Int[Array, "B R"]:
+  """The position ring slot j holds before a pass at `start`: the q in [start - R, start - 1]
+  with q = j mod R (negative: never written; `cache.py` says why the others are current)."""
+  j = jnp.arange(num_slots)[None, :]
+  back = start[:, None] - 1
+  return back - jnp.mod(back - j, num_slots)
+
+
+def ring(
+    q: Float[Array, "B W H Dh"], ring_k: Float[Array, "B R K Dh"],
+    ring_v: Float[Array, "B R K Dh"], new_k: Float[Array, "B W K Dh"],
+    new_v: Float[Array, "B W K Dh"], positions: Int[Array, "B W"], *, scale: float, window: int,
+    softcap: float | None = None,
+) -> Float[Array, "B W H Dh"]:
+  """Sliding-window attention of W queries at `positions` over a ring of R slots (read before
+  the pass writes into it) and the pass's own keys: `dense` over the R + W keys by position."""
+  keys = jnp.concatenate([ring_k.astype(new_k.dtype), new_k], axis=1)
+  values = jnp.concatenate([ring_v.astype(new_v.dtype), new_v], axis=1)
+  key_pos = jnp.concatenate([ring_positions(positions[:, 0], ring_k.shape[1]), positions], 1)
+  p, j = positions[:, :, None], key_pos[:, None, :]
+  mask = (j <= p) & (j > p - window) & (j >= 0)  # B W R+W
+  return _masked(q, keys, values, mask[:, None, None], scale, softcap)
 
 
 def attend(

@@ -8,7 +8,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jax_specens import cache as kv
-from jax_specens.models.attend import attend
+from jax_specens.models.attend import attend, ring as ring_attend
 from jax_specens.models.config import ModelConfig
 from jax_specens.models.layers import Norm, apply_rope, inv_frequencies, linear
 
@@ -40,7 +40,11 @@ class Attention(nnx.Module):
       positions: Int[Array, "B W"],
       cache_k: Float[Array, "B S K Dh"],
       cache_v: Float[Array, "B S K Dh"],
+      ring: bool = False,
+      valid: Int[Array, "B"] | None = None,
   ) -> tuple[Float[Array, "B W D"], Float[Array, "B S K Dh"], Float[Array, "B S K Dh"]]:
+    """ring: the cache is this sliding layer's ring (`cache.py`); valid: tokens per row that are
+    real (a right-padded prompt; default all W): a ring keeps only those."""
     b, w, _ = x.shape
     q = self.q(x).reshape(b, w, self.num_heads, self.head_dim)
     k = self.k(x).reshape(b, w, self.num_kv_heads, self.head_dim)
@@ -50,9 +54,26 @@ class Attention(nnx.Module):
     if self.use_rope:
       inv = np.asarray(self.inv_freq, np.float32)
       q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
-    cache_k = kv.write(cache_k, k, positions[:, 0])
-    cache_v = kv.write(cache_v, v, positions[:, 0])
-
-    out = attend(q, cache_k, cache_v, positions, scale=self.scale, window=self.window,
-                 softcap=self.softcap, block=self.block)
+    kw = dict(scale=self.scale, window=self.window, softcap=self.softcap)
+    if ring:
+      self._check_ring(cache_k.shape[1], w, valid)
+      out = ring_attend(q, cache_k, cache_v, k, v, positions, **kw)
+      cache_k = kv.write_ring(cache_k, k, positions[:, 0], valid)
+      cache_v = kv.write_ring(cache_v, v, positions[:, 0], valid)
+    else:
+      cache_k = kv.write(cache_k, k, positions[:, 0])
+      cache_v = kv.write(cache_v, v, positions[:, 0])
+      out = attend(q, cache_k, cache_v, positions, block=self.block, **kw)
     return self.o(out.reshape(b, w, self.num_heads * self.head_dim)), cache_k, cache_v
+
+  def _check_ring(self, slots: int, width: int, valid) -> None:
+    """A pass of W tokens over a ring of `window + slack` slots may leave unaccepted tokens in
+    it; that stays correct while W <= slack + 1 (`cache.py`). Wider passes name their real
+    tokens (`valid`), as a prompt does."""
+    if self.window is None:
+      raise ValueError("a ring cache was given to a global-attention layer")
+    if valid is None and width > slots - self.window + 1:
+      raise ValueError(
+          f"a pass of {width} tokens over a ring cache of {slots} slots (window {self.window}) "
+          f"could overwrite positions still in the window; pass valid= (the real tokens per row), "
+          f"or make the cache with ring_slack >= {width - 1}")

@@ -26,8 +26,8 @@ class Block(nnx.Module):
     self.post_attn_norm = Norm(d, config, dtype) if config.post_norms else None
     self.post_mlp_norm = Norm(d, config, dtype) if config.post_norms else None
 
-  def __call__(self, x, positions, cache_k, cache_v):
-    a, cache_k, cache_v = self.attn(self.attn_norm(x), positions, cache_k, cache_v)
+  def __call__(self, x, positions, cache_k, cache_v, ring=False, valid=None):
+    a, cache_k, cache_v = self.attn(self.attn_norm(x), positions, cache_k, cache_v, ring, valid)
     if self.post_attn_norm is not None:
       a = self.post_attn_norm(a)
     x = x + a
@@ -56,18 +56,21 @@ class Transformer(nnx.Module):
                                                              rngs, out_dtype=jnp.float32)
 
   def __call__(
-      self, tokens: Int[Array, "B W"], positions: Int[Array, "B W"], cache: KVCache
+      self, tokens: Int[Array, "B W"], positions: Int[Array, "B W"], cache: KVCache,
+      valid: Int[Array, "B"] | None = None,
   ) -> tuple[Float[Array, "B W V"], KVCache]:
     """Scores W tokens per row at absolute `positions` (= cache slots), writing their K/V.
 
     Returns float32 logits and the cache with its rows' K/V written; `cache.pos` is left to the
-    caller (see `jax_specens.step`).
+    caller (see `jax_specens.step`). valid: the real tokens per row of a right-padded pass (ring
+    layers keep only those; default all W).
     """
-    x, cache = self.hidden(tokens, positions, cache)
+    x, cache = self.hidden(tokens, positions, cache, valid)
     return self.head(x), cache
 
   def hidden(
-      self, tokens: Int[Array, "B W"], positions: Int[Array, "B W"], cache: KVCache
+      self, tokens: Int[Array, "B W"], positions: Int[Array, "B W"], cache: KVCache,
+      valid: Int[Array, "B"] | None = None,
   ) -> tuple[Float[Array, "B W D"], KVCache]:
     """The final-normed hidden states (what `head` scores) and the cache with K/V written."""
     x = self.embed(tokens)
@@ -77,7 +80,7 @@ class Transformer(nnx.Module):
       x = x + self.pos_embed(positions)
     ks, vs = [], []
     for i, layer in enumerate(self.layers):
-      x, k, v = layer(x, positions, cache.k[i], cache.v[i])
+      x, k, v = layer(x, positions, cache.k[i], cache.v[i], cache.is_ring(i), valid)
       ks.append(k)
       vs.append(v)
     x = self.final_norm(x)
