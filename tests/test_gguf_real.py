@@ -7,7 +7,8 @@ our `convert(FILE.gguf, ...)` (the session fixtures) against
   (b) 32 greedy tokens continuing the prompt equal `generate(do_sample=False)`'s;
   (c) the tokenizer we wrote encodes the prompt (and for SmolLM2 its chat template) to the ids of
       transformers' tokenizer built from the same GGUF.
-Gemma's prompt is longer than its 512-token sliding window. One jitted program per model.
+Gemma's prompt is longer than its 512-token sliding window, and its sliding layers decode through
+ring caches of 514 slots (`cache.py`). One jitted program per model.
 """
 
 from __future__ import annotations
@@ -55,8 +56,11 @@ def _prompt(name: str, tokenizer) -> list[int]:
 def _ours(model, prompt):
   """Logits `[1, T, V]` of the prompt, then NEW greedy tokens `[1, NEW]` through the cache."""
   t = prompt.shape[1]
-  cache = model.init_cache(1, t + NEW)
-  logits, cache = jax_specens.forward(model, cache, prompt, jnp.zeros(1, jnp.int32))
+  # Gemma 3's sliding layers as rings of 512 + 2 slots (decode's ring for W = 1), shorter than its
+  # prompt: the prompt pass keeps its last 514 positions, every greedy step goes round the ring
+  cache = model.init_cache(1, t + NEW, ring_slack=2)
+  logits, cache = jax_specens.forward(model, cache, prompt, jnp.zeros(1, jnp.int32),
+                                      jnp.full(1, t, jnp.int32))
 
   def greedy(carry, i):
     cache, token = carry

