@@ -24,6 +24,7 @@ recompiling; `bucket=False` pads to the longest prompt instead. The batch size i
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -62,14 +63,30 @@ class TextOutput:
             "finish_reasons": self.finish_reasons, "stats": self.stats}
 
 
+_TOKENIZERS: dict = {}  # (directory, its tokenizer files' stats) -> the loaded tokenizer
+
+
+def _tokenizer_beside(source):
+  """`checkpoint.load_tokenizer(source)`, loaded once per directory while its files are unchanged
+  (Gemma 3's 262k-token tokenizer takes ~5 s to load: every `generate_text` call paid it)."""
+  from jax_specens.checkpoint import load_tokenizer
+  d = Path(source).resolve()
+  stats = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(d.glob("*"))
+                if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "vocab",
+                                                      "merges")))
+  key = (str(d), stats)
+  if key not in _TOKENIZERS:
+    _TOKENIZERS[key] = load_tokenizer(d)
+  return _TOKENIZERS[key]
+
+
 def tokenizer_of(models: Model | Sequence[Model]):
   """The Hugging Face tokenizer saved beside the first model loaded from a directory."""
-  from jax_specens.checkpoint import load_tokenizer
   models = (models,) if isinstance(models, Model) else tuple(models)
   for m in models:
     source = vocab.of(m).source
     if source is not None:
-      tok = load_tokenizer(source)
+      tok = _tokenizer_beside(source)
       if tok is not None:
         return tok
   raise ValueError("none of the models has tokenizer files beside it (load them with "
@@ -149,7 +166,6 @@ def stop_ids(models: Sequence[Model], tokenizer=None, chat: bool = False) -> lis
   generation_config.json, merged at conversion), the generation_config.json beside each model
   directory, the tokenizer's EOS and, for chat, the template's end-of-turn token."""
   import json
-  from pathlib import Path
   ids = set()
   for m in models:
     ids.update(m.config.eos_token_ids)

@@ -139,6 +139,20 @@ def test_new_prompts_in_a_bucket_do_not_recompile(model_dir):
   assert programs() == before + 1
 
 
+def test_the_tokenizer_beside_a_model_is_loaded_once_until_its_files_change(model_dir, tmp_path):
+  import os
+  import shutil
+  d = shutil.copytree(model_dir, tmp_path / "copy")
+  first = text.tokenizer_of(load_model(d))
+  assert text.tokenizer_of(load_model(d)) is first  # generate_text calls: one load
+  path = d / "tokenizer_config.json"
+  conf = json.loads(path.read_text())
+  path.write_text(json.dumps({**conf, "model_max_length": 7}))
+  os.utime(path, ns=(1, 1))  # a changed file, whatever the clock's resolution
+  second = text.tokenizer_of(load_model(d))
+  assert second is not first and second.model_max_length == 7
+
+
 def test_bad_inputs(model_dir, tmp_path):
   model = load_model(model_dir)
   with pytest.raises(ValueError, match=r"wrap one string as \[text\]"):
