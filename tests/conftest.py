@@ -78,7 +78,8 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: first.get(item.module.__name__.rpartition(".")[2], len(first)))
 
 
-LONGEST_MODULES = ("test_readme", "test_cosd_cross_real", "test_pairing", "test_gguf_real",
-                   "test_notebooks", "test_lossless_more", "test_parallel_decode",
-                   "test_train_draft", "test_decode_greedy", "test_cli_plumbing",
-                   "test_cross_harvest", "test_cli_generate")
+LONGEST_MODULES = ("test_readme", "test_cosd_cross_real", "test_gguf_real", "test_train_draft",
+                   "test_parallel_decode", "test_pairing", "test_notebooks", "test_autogamma",
+                   "test_lossless_more", "test_cross_harvest", "test_cli_generate",
+                   "test_text_api", "test_attend", "test_ring_cache", "test_decode_greedy",
+                   "test_cli_plumbing")

@@ -14,6 +14,7 @@ Set JAX_SPECENS_TEST_MODELS=DIR to reuse conversions kept in DIR/{smollm2,gemma3
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -84,3 +85,24 @@ def real_smollm2(smollm2_gguf, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def real_gemma3(gemma3_gguf, tmp_path_factory) -> Path:
   return _converted("gemma3", gemma3_gguf, tmp_path_factory)
+
+
+@contextlib.contextmanager
+def gguf_parsed_once():
+  """Within the block, `gguf.GGUFReader` parses each file once. transformers builds a reader for
+  every GGUF load (the config, the tokenizer, the weights: three for one model), and for Gemma 3
+  each spends ~14 s reading its 262k tokenizer strings. Readers are read-only, so one serves all."""
+  import gguf
+  real, readers = gguf.GGUFReader, {}
+
+  def reader(path, *args, **kwargs):
+    key = (os.path.realpath(path), args, tuple(sorted(kwargs.items())))
+    if key not in readers:
+      readers[key] = real(path, *args, **kwargs)
+    return readers[key]
+
+  gguf.GGUFReader = reader
+  try:
+    yield
+  finally:
+    gguf.GGUFReader = real

@@ -69,10 +69,12 @@ def test_never_replacing_reproduces_the_drafts_text(pair):
 @pytest.mark.real
 @pytest.mark.parametrize("name, verifier, prompts", [
     ("always", ConstantVerifier(True), ["The capital of France is", ADVERSARIAL[2]]),
-    ("rule", RuleVerifier(jnp.float32(0.5), jnp.float32(0.5)), ADVERSARIAL)])
+    ("rule", RuleVerifier(jnp.float32(0.5), jnp.float32(0.5)),
+     [ADVERSARIAL[i] for i in (0, 1, 3, 4)])])
 def test_batched_program_matches_the_text_level_reference(pair, name, verifier, prompts):
   """Always-replace gives what the assistant chooses at each window; the rule, the SPEC's rule;
-  row by row, the adversarial prompts (emoji, CJK, spaces, digits, code) in one batch."""
+  row by row, adversarial prompts in one batch (always: spaces; the rule: emoji, CJK, digits,
+  code)."""
   draft, assistant, tok_d, tok_a = pair
   out = cosd_text(draft, assistant, tok_d, tok_a, prompts, max_new_tokens=NEW, window=K,
                   temperature=0.0, verifier=verifier)

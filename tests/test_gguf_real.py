@@ -20,6 +20,7 @@ import pytest
 
 import jax_specens
 from tests.fixtures_models import one_torch_thread
+from tests.fixtures_real import gguf_parsed_once
 
 pytestmark = pytest.mark.real
 
@@ -95,15 +96,15 @@ def test_gguf_matches_transformers(name, request):
   model_dir = request.getfixturevalue(f"real_{name}")
   gguf_path = request.getfixturevalue(f"{name}_gguf")
   ours_tok = jax_specens.load_tokenizer(model_dir)
-  ref_tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-  ids = _prompt(name, ours_tok)
-  assert ids == _prompt(name, ref_tok), "tokenizer written from the GGUF encodes differently"
-  if name == "gemma3":
-    assert len(ids) > 512, len(ids)
-
   model = jax_specens.load_model(model_dir)
-  logits, tokens = (np.asarray(x) for x in _ours(model, jnp.asarray([ids], jnp.int32)))
-  ref_logits, ref_tokens = _reference(gguf_path, ids)
+  with gguf_parsed_once():  # one parse serves the reference tokenizer, config and weights
+    ref_tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    ids = _prompt(name, ours_tok)
+    assert ids == _prompt(name, ref_tok), "tokenizer written from the GGUF encodes differently"
+    if name == "gemma3":
+      assert len(ids) > 512, len(ids)
+    logits, tokens = (np.asarray(x) for x in _ours(model, jnp.asarray([ids], jnp.int32)))
+    ref_logits, ref_tokens = _reference(gguf_path, ids)
 
   diff = float(np.abs(logits - ref_logits).max())
   print(f"\n{name}: prompt {len(ids)} tokens, max |logit diff| {diff:.2e}, "

@@ -113,7 +113,7 @@ def inputs(tmp_path_factory, hf_zoo):
   """What the README's user paths point to: a tiny HF checkpoint and held-out text files."""
   from jax_specens.builtin.data import documents
   root = tmp_path_factory.mktemp("readme_inputs")
-  texts = {d: "\n\n".join(doc.text for doc in documents(d, "test")[:20])[:60_000]
+  texts = {d: "\n\n".join(doc.text for doc in documents(d, "test")[:20])[:20_000]
            for d in ("code", "prose")}
   (root / "corpus.txt").write_text(texts["code"] + "\n\n" + texts["prose"])
   (root / "a.txt").write_text(texts["code"])
