@@ -200,9 +200,9 @@ def check_memory(configs, itemsizes, batch_size: int, prompt_width: int, max_new
   kv = sum(kv_bytes(c, batch_size, slots, s, slack) for c, s in zip(configs, itemsizes))
   # bytes per slot of the layers that grow with the cache (ring layers are a fixed size), plus
   # the loop state: output tokens, the token sequence (and se's proposer ids)
-  per_slot = sum(kv_bytes(c, batch_size, 1, s) * sum(not r for _, r in
-                                                      layer_slots(c, slots, slack))
-                 // c.num_layers for c, s in zip(configs, itemsizes)) + 4 * batch_size * 3
+  growing = lambda c: sum(not ring for _, ring in layer_slots(c, slots, slack))
+  per_slot = sum(2 * growing(c) * batch_size * c.num_kv_heads * c.head_dim * s
+                 for c, s in zip(configs, itemsizes)) + 4 * batch_size * 3
   # per model the float32 logits of the speculation window (se's ring buffer; a pass's logits),
   # and the ring layers
   fixed = sum(4 * batch_size * (lookahead + 2) * c.vocab_size for c in configs)

@@ -9,7 +9,8 @@ still only a move of `pos`:
   gives the same tokens with ring caches as with full-length ones (the HF parity tests of the
   sliding families, whose greedy decodes go through rings too, compare against transformers, and
   tests/test_gguf_real.py real Gemma 3 past its 512-token window);
-- the ring layers' memory is `window + slack` slots, whatever the cache length;
+- the ring layers' memory is `window + slack` slots, whatever the cache length, and the memory
+  check before a decode counts them at that size;
 - a pass too wide for the ring, without the count of its real tokens, is refused by name.
 """
 
@@ -113,3 +114,13 @@ def test_greedy_decode_with_rings_equals_full_caches(method, monkeypatch):
   monkeypatch.setattr(loop, "ring_slack", lambda lookahead: None)  # every layer full length
   jax.clear_caches()
   np.testing.assert_array_equal(with_rings, greedy(method))
+
+
+def test_the_memory_check_counts_ring_layers_at_their_size():
+  cfg, slots = tiny(0).config, 10_000
+  ring = kv.kv_bytes(cfg, 1, slots, 4, kv.ring_slack(0))
+  assert 2.9 * ring < kv.kv_bytes(cfg, 1, slots, 4)  # two of three layers are 6-slot rings
+  need = ring + 4 * 3 * slots + 4 * 2 * cfg.vocab_size  # + loop state, + a pass's logits
+  kv.check_memory([cfg], [4], 1, 10, slots - 10, available=need)
+  with pytest.raises(ValueError, match="needs about"):
+    kv.check_memory([cfg], [4], 1, 10, slots - 10, available=need - 1)
