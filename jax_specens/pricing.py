@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_specens.cache import ring_slack
 from jax_specens.decoding.se import scoring_width
 
 
@@ -72,8 +73,9 @@ def measure_pass_costs(models, widths: Sequence[Sequence[int]], batch: int, cach
                        repeats: int = 5, context: int | None = None) -> PassCosts:
   """Times `jax_specens.step.step` (one jitted forward, cache donated) of W tokens for each model
   and each of its `widths[k]`, `batch` rows, a cache of `cache_len` slots written from position
-  `context` (default half the cache; clipped so W tokens fit). Repeats are interleaved across
-  widths, so a busy machine slows all alike; a model object given twice is measured once."""
+  `context` (default half the cache; clipped so W tokens fit), sliding layers as rings as in
+  `decode`. Repeats are interleaved across widths, so a busy machine slows all alike; a model
+  object given twice is measured once."""
   from jax_specens.step import step
   wanted: dict[int, tuple] = {}  # id -> (model, widths): one object given twice is timed once
   for m, ws in zip(models, widths):
@@ -81,7 +83,9 @@ def measure_pass_costs(models, widths: Sequence[Sequence[int]], batch: int, cach
   done: dict[int, dict[int, float]] = {i: {} for i in wanted}
   jobs = [(m, w) for m, ws in wanted.values() for w in sorted(ws)]
   context = cache_len // 2 if context is None else context
-  caches = {id(m): m.init_cache(batch, cache_len) for m, _ in jobs}
+  # the caches `decode` builds: sliding layers as rings wide enough for the widest pass
+  slack = ring_slack(max(w for _, w in jobs) - 1)
+  caches = {id(m): m.init_cache(batch, cache_len, ring_slack=slack) for m, _ in jobs}
   times: dict[tuple[int, int], list[float]] = {}
   for rep in range(repeats + 1):  # the first round compiles and warms up
     for m, w in jobs:
