@@ -76,11 +76,11 @@ def time_model(name, model, cache_len, contexts, blocks, repeats):
   modes.update({f"blocked@{b}": with_attention_block(model, b) for b in blocks})
   if has_windows(model.config):
     modes[f"ring+blocked@{blocks[0]}"] = modes[f"blocked@{blocks[0]}"]
-  caches = {m: x.init_cache(1, cache_len, ring_slack=RING_SLACK if m.startswith("ring") else None)
-            for m, x in modes.items()}
+  slack = {m: RING_SLACK if m.startswith("ring") else None for m in modes}
+  caches = {m: x.init_cache(1, cache_len, ring_slack=slack[m]) for m, x in modes.items()}
   for m, c in caches.items():  # the memory table's numbers are these caches' bytes
     assert kv.cache_bytes(c) == kv.kv_bytes(model.config, 1, cache_len, c.k[0].dtype.itemsize,
-                                            RING_SLACK if m.startswith("ring") else None)
+                                            slack[m])
   tok = jnp.zeros((1, 1), jnp.int32)
 
   def one(mode, context):

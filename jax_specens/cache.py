@@ -35,13 +35,13 @@ if TYPE_CHECKING:
 class KVCache:
   """k, v: one array per layer, each `[B, S, H_kv, D]` (a ring layer: `[B, R, H_kv, D]`);
   pos: `[B]` next write position per row; ring: per layer, whether it is a ring (static);
-  length: the positions a row can hold (S; static, 0: the first layer's slots)."""
+  length: the positions a row can hold (S; static: a ring layer holds fewer slots)."""
 
   k: tuple[Float[Array, "B S K D"], ...]
   v: tuple[Float[Array, "B S K D"], ...]
   pos: Int[Array, "B"]
-  ring: tuple[bool, ...] = flax.struct.field(pytree_node=False, default=())
-  length: int = flax.struct.field(pytree_node=False, default=0)
+  ring: tuple[bool, ...] = flax.struct.field(pytree_node=False)
+  length: int = flax.struct.field(pytree_node=False)
 
   @property
   def batch_size(self) -> int:
@@ -49,10 +49,7 @@ class KVCache:
 
   @property
   def max_len(self) -> int:
-    return self.length or self.k[0].shape[1]
-
-  def is_ring(self, layer: int) -> bool:
-    return bool(self.ring) and self.ring[layer]
+    return self.length
 
   def rollback(self, pos: Int[Array, "B"]) -> "KVCache":
     """Moves every row's write position; the stale slots beyond are masked until rewritten."""
@@ -201,12 +198,13 @@ def check_memory(configs, itemsizes, batch_size: int, prompt_width: int, max_new
   # bytes per slot of the layers that grow with the cache (ring layers are a fixed size), plus
   # the loop state: output tokens, the token sequence (and se's proposer ids)
   growing = lambda c: sum(not ring for _, ring in layer_slots(c, slots, slack))
-  per_slot = sum(2 * growing(c) * batch_size * c.num_kv_heads * c.head_dim * s
-                 for c, s in zip(configs, itemsizes)) + 4 * batch_size * 3
+  kv_per_slot = sum(2 * growing(c) * batch_size * c.num_kv_heads * c.head_dim * s
+                    for c, s in zip(configs, itemsizes))
+  per_slot = kv_per_slot + 4 * batch_size * 3
   # per model the float32 logits of the speculation window (se's ring buffer; a pass's logits),
-  # and the ring layers
+  # and the ring layers (their bytes do not grow with the cache)
   fixed = sum(4 * batch_size * (lookahead + 2) * c.vocab_size for c in configs)
-  fixed += kv - (per_slot - 4 * batch_size * 3) * slots
+  fixed += kv - kv_per_slot * slots
   need = (per_slot * slots + fixed) // max(devices, 1)
   if need <= available:
     return

@@ -80,7 +80,7 @@ class Transformer(nnx.Module):
       x = x + self.pos_embed(positions)
     ks, vs = [], []
     for i, layer in enumerate(self.layers):
-      x, k, v = layer(x, positions, cache.k[i], cache.v[i], cache.is_ring(i), valid)
+      x, k, v = layer(x, positions, cache.k[i], cache.v[i], cache.ring[i], valid)
       ks.append(k)
       vs.append(v)
     x = self.final_norm(x)
