@@ -17,15 +17,25 @@ for flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimiza
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# main() of the CLI, called in-process by the tests, would otherwise turn on the persistent XLA
-# compilation cache for the whole session (tests/test_cli_plumbing.py runs it in subprocesses)
+# main() of the CLI, called in-process by the tests, would otherwise point the persistent XLA
+# compilation cache at the user's directory (tests/test_cli_plumbing.py runs it in subprocesses);
+# the session's own cache is set up in pytest_configure below
 os.environ.setdefault("JAX_SPECENS_NO_COMPILE_CACHE", "1")
-# and nothing else may turn it on in this process either (subprocesses have their own config)
-os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # what subprocesses inherit
 
 import gc
+import shutil
+import tempfile
 
 import pytest
+
+# One persistent XLA compilation cache for the whole test session, shared by both xdist workers:
+# modules drop their in-memory programs (below), and a program that an earlier module or the other
+# worker compiled is then loaded from disk instead of compiled again. The controller makes the
+# directory (pytest_configure) and removes it at the end; the workers find it in this variable
+# (set it to `off` to run without the cache).
+# Subprocesses (README, CLI) keep their own cache settings: this only configures this process.
+XLA_CACHE_ENV = "JAX_SPECENS_TEST_XLA_CACHE"
 
 pytest_plugins = [
     "tests.fixtures_models",
@@ -63,6 +73,25 @@ def _drop_compiled_programs_when_mappings_pile_up():
   yield
   if _mapped_regions() > 30000:
     _drop_compiled_programs()
+
+
+def pytest_configure(config):
+  if os.environ.get(XLA_CACHE_ENV) == "off":  # to time the suite without it
+    return
+  if not hasattr(config, "workerinput") and XLA_CACHE_ENV not in os.environ:
+    os.environ[XLA_CACHE_ENV] = tempfile.mkdtemp(prefix="jax_specens_test_xla_")
+    config._jax_specens_xla_cache = os.environ[XLA_CACHE_ENV]  # ours to remove
+  import jax
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", os.environ[XLA_CACHE_ENV])
+  # programs that compile in under half a second are cheaper to compile than to look up
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config):
+  made = getattr(config, "_jax_specens_xla_cache", None)
+  if made:
+    shutil.rmtree(made, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

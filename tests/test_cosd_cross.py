@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 from jax_specens.cache import init_cache
 from jax_specens.checkpoint import save_model
 from jax_specens.cli.main import main
-from jax_specens.fusion import ConstantVerifier, RuleVerifier, cosd_text
+from jax_specens.fusion import ConstantVerifier, RuleVerifier, SidePrompts, cosd_text
+from jax_specens.fusion.cross_rows import Row, Side
 from jax_specens.step import create_model, forward
 from tests.fixtures_fusion import tiny_config
 
@@ -70,8 +71,8 @@ def _last_logits(model, ids, length):
 
 
 def greedy_text(model, tok, prompt):
-  """The model's own greedy continuation (NEW tokens), decoded."""
-  ids = tok(prompt)["input_ids"]
+  """The model's own greedy continuation (NEW tokens) of a string or of prompt ids, decoded."""
+  ids = tok(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
   base = tok.decode(ids, skip_special_tokens=True)
   for _ in range(NEW):
     padded = jnp.asarray(np.pad(ids, (0, WIDTH - len(ids))), jnp.int32)
@@ -110,6 +111,35 @@ def test_never_replacing_gives_the_drafts_own_text(pair):
                   temperature=0.0, verifier=RuleVerifier(jnp.float32(0.0), jnp.float32(0.5)))
   assert out.texts == [greedy_text(draft, tok_d, p) for p in PROMPTS]
   assert all(st.replacements == 0 and st.draft_tokens == NEW for st in out.stats)
+
+
+def test_each_model_can_read_its_own_prompt(pair, monkeypatch):
+  """SidePrompts: the draft reads a conversation through its chat template, the assistant plain
+  text; the shared text starts empty. Never replacing gives the draft's own greedy answer to its
+  templated prompt; the assistant's prompt changes what it replaces, never the prompt tokens."""
+  draft, assistant, tok_d, tok_a, _ = pair
+  monkeypatch.setattr(tok_d, "chat_template", "{% for m in messages %}<eos>{{ m['content'] }}: "
+                      "{% endfor %}", raising=False)
+  chat = [{"role": "user", "content": "the cat"}]
+  templated = tok_d.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
+  assert templated[0] == tok_d.convert_tokens_to_ids("<eos>")  # a special token in the prompt
+  kw = dict(max_new_tokens=NEW, window=K, temperature=0.0)
+  never = cosd_text(draft, assistant, tok_d, tok_a, [SidePrompts(chat, "dogs and")],
+                    verifier=ConstantVerifier(False), **kw)
+  assert never.texts == [greedy_text(draft, tok_d, templated)]
+  always = {p: cosd_text(draft, assistant, tok_d, tok_a, [SidePrompts(chat, p)],
+                         verifier=ConstantVerifier(True), **kw) for p in ("dogs and", "sun, nap;")}
+  assert all(o.stats[0].replacements > 0 and set(o.texts[0]) <= ALPHABET
+             for o in always.values())
+  assert always["dogs and"].texts != always["sun, nap;"].texts
+  # the prompt tokens span no text: the row's assistant sequence starts with them, unchanged
+  row = Row(Side(draft, tok_d, "draft"), Side(assistant, tok_a, "assistant"),
+            SidePrompts(chat, "sun, nap;"))
+  own = tok_a("sun, nap;")["input_ids"]
+  plan = row.assistant_plan(np.asarray(tok_d(" the cat")["input_ids"][:K]))
+  assert plan.start == 0 and plan.feed[:len(own)] == own and row.a.ids[:len(own)] == own
+  assert row.d.ids == templated and row.text == b"" and row.a.text.startswith(b" the")
 
 
 def test_sampled_and_bonus_cross_cosd(pair):
@@ -157,3 +187,6 @@ def test_generate_cli_switches_to_cross_tokenizer_mode(pair, capsys):
   assert [s["replacements"] for s in got["stats"]] == [0, 0]
   assert main(args + ["--prompt-ids", "1,2"]) == 2
   assert "different tokenizers: give text with --prompt" in capsys.readouterr().err
+  # --chat: each model through its own chat template; these tokenizers have none
+  assert main(args + ["--prompt", PROMPTS[0], "--chat"]) == 2
+  assert "has no chat template" in capsys.readouterr().err

@@ -24,10 +24,17 @@ REAL = {"real_models"}  # runs SmolLM2-135M-Instruct and Gemma-3-270M (marker `r
 
 
 @pytest.mark.parametrize("path", [
-    pytest.param(p, marks=[pytest.mark.real, pytest.mark.slow] if p.stem in REAL else [])
-    for p in NOTEBOOKS],
+    pytest.param(p, marks=[pytest.mark.real] if p.stem in REAL else []) for p in NOTEBOOKS],
     ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_executes(path: Path):
+def test_notebook_executes(path: Path, request, tmp_path, monkeypatch):
+  if path.stem in REAL:
+    # the models this session converted once (tests/fixtures_real.py), where the notebook's
+    # `model_dir` finds a converted model: the kernel inherits this variable
+    models = tmp_path / "cache" / "models"
+    models.mkdir(parents=True)
+    for name in ("smollm2", "gemma3"):
+      (models / name).symlink_to(request.getfixturevalue(f"real_{name}"), target_is_directory=True)
+    monkeypatch.setenv("JAX_SPECENS_CACHE", str(tmp_path / "cache"))
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                                    resources={"metadata": {"path": str(path.parent)}})

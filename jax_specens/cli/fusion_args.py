@@ -85,7 +85,7 @@ def run_cross(args) -> int:
   import jax.numpy as jnp
 
   from jax_specens.checkpoint import load_model, load_tokenizer
-  from jax_specens.fusion.cross import cosd_text
+  from jax_specens.fusion.cross import SidePrompts, cosd_text
   if args.prompt is None:
     raise ValueError("the draft and the assistant have different tokenizers: give text with "
                      "--prompt (token ids have no common meaning)")
@@ -93,8 +93,12 @@ def run_cross(args) -> int:
   gamma = [int(x) for x in str(args.gamma).split(",")]
   if len(gamma) != 1:
     raise ValueError(f"cosd takes one window length, got --window/--gamma {args.gamma}")
+  prompts = args.prompt
+  if args.chat:  # each model reads the conversation through its own chat template
+    system = [] if args.system is None else [{"role": "system", "content": args.system}]
+    prompts = [SidePrompts(*[system + [{"role": "user", "content": p}]] * 2) for p in prompts]
   out = cosd_text(load_model(args.draft, dtype), load_model(args.model[0], dtype),
-                  load_tokenizer(args.draft), load_tokenizer(args.model[0]), args.prompt,
+                  load_tokenizer(args.draft), load_tokenizer(args.model[0]), prompts,
                   max_new_tokens=args.max_new_tokens, window=gamma[0],
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   min_p=args.min_p, key=jax.random.key(args.seed), **_cosd_options(args))
@@ -103,7 +107,8 @@ def run_cross(args) -> int:
                       "stats": [dataclasses.asdict(s) for s in out.stats]}))
     return 0
   for i, text in enumerate(out.texts):
-    print((f"[{i}] " if len(out.texts) > 1 else "") + args.prompt[i] + text)
+    head = "" if args.chat else args.prompt[i]  # a chat answer is printed alone
+    print((f"[{i}] " if len(out.texts) > 1 else "") + head + text)
   n = sum(s.windows for s in out.stats)
   r = sum(s.replacements for s in out.stats)
   print(f"-- cosd (cross-tokenizer): {n} windows, {r} replaced, "

@@ -174,9 +174,6 @@ def _run(args: argparse.Namespace) -> int:
     raise ValueError("--system needs --chat (the system message goes through the chat template)")
   if fusion_args.cross_tokenizer(args, method):
     mesh_args.refuse(args, "cosd across two tokenizers (it runs window by window from Python)")
-    if args.chat:
-      raise ValueError("--chat is not supported by cross-tokenizer cosd (each model has its own "
-                       "template); give the prompt as plain text without --chat")
     return fusion_args.run_cross(args)
   dirs = ([args.draft] if args.draft else []) + args.model
   configs = [read_config(d) for d in dirs]  # fails fast on a wrong directory

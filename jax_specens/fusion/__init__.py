@@ -1,6 +1,6 @@
 """CoSD knowledge fusion: per-position features, rule / tree / learned verifiers, fusion heads."""
 
-from jax_specens.fusion.cross import CrossOutput, CrossStats, cosd_text
+from jax_specens.fusion.cross import CrossOutput, CrossStats, SidePrompts, cosd_text
 from jax_specens.fusion.features import (argmax_features, check_features, feature_names,
                                          num_features, position_features, translated_features)
 from jax_specens.fusion.harvest import Harvest, harvest_texts, harvest_tokens

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from jax_specens.fusion.cross_rows import CrossStats, Row, Side
+from jax_specens.fusion.cross_rows import CrossStats, Row, Side, SidePrompts
 from jax_specens.fusion.cross_steps import (ASSISTANT_MIN_WIDTH, DRAFT_MIN_WIDTH,
                                             assistant_score, bucket, decide, draft_window)
 from jax_specens.fusion.verifier import as_verifier
@@ -51,11 +51,14 @@ class CrossOutput:
   stats: list[CrossStats]
 
 
-def _check(prompts, max_new_tokens, window, temperature, top_k, top_p, min_p) -> list[str]:
-  if isinstance(prompts, str):
+def _check(prompts, max_new_tokens, window, temperature, top_k, top_p, min_p
+           ) -> list[str | SidePrompts]:
+  if isinstance(prompts, (str, SidePrompts)):
     prompts = [prompts]
-  if not prompts or not all(isinstance(p, str) and p for p in prompts):
-    raise ValueError("prompts must be a non-empty list of non-empty strings")
+  if not prompts or not all((isinstance(p, str) and p) or isinstance(p, SidePrompts)
+                            for p in prompts):
+    raise ValueError("prompts must be a non-empty list of non-empty strings (shared text) or "
+                     "SidePrompts (each model's own prompt: plain text or a conversation)")
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -65,11 +68,15 @@ def _check(prompts, max_new_tokens, window, temperature, top_k, top_p, min_p) ->
 
 
 def cosd_text(draft: Model, assistant: Model, draft_tokenizer, assistant_tokenizer,
-              prompts: Sequence[str] | str, *, max_new_tokens: int, window: int = 4,
+              prompts: Sequence[str | SidePrompts] | str | SidePrompts, *, max_new_tokens: int, window: int = 4,
               verifier="rule", verifier_path=None, alpha: float = 0.5, beta: float = 0.5,
               bonus: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
               min_p: float = 0.0, key=None, progress: bool = False) -> CrossOutput:
   """CoSD for models with different tokenizers; returns the generated text of each prompt.
+
+  A string prompt is text both models continue. `SidePrompts(draft=..., assistant=...)` gives each
+  model its own prompt (each through its own chat template, or one chat model and one base model
+  reading plain text); the generated text, shared, is the answer.
 
   max_new_tokens counts emitted tokens (the draft's plus the assistant's). A row stops at either
   model's end-of-sequence token. Sampling arguments apply to the draft's drafts; the assistant's

@@ -10,6 +10,7 @@ import numpy as np
 
 from jax_specens.fusion.token_text import TokenText, complete, is_char_boundary, token_bytes
 from jax_specens.step import Model
+from jax_specens.text import encode
 
 
 @dataclasses.dataclass
@@ -99,14 +100,32 @@ class Candidates:
   replaceable: np.ndarray  # verifiable, candidates differ, x^'s text carried across whole
 
 
-class Row:
-  """One prompt's state between windows."""
+@dataclasses.dataclass(frozen=True)
+class SidePrompts:
+  """One prompt that each model reads in its own form, for models whose prompts differ (a chat
+  template on one side, plain text on the other). Each side is a string (plain text, with the
+  tokenizer's special tokens, as `text.encode` makes it) or a conversation (a list of
+  {"role", "content"} messages, formatted by that model's chat template). Both models then
+  continue one shared text that starts empty: the answer."""
 
-  def __init__(self, d: Side, a: Side, prompt: str):
+  draft: str | list[dict]
+  assistant: str | list[dict]
+
+
+class Row:
+  """One prompt's state between windows. A string prompt is the start of the shared text; with
+  `SidePrompts` each model's cache starts with its own prompt and the shared text is empty."""
+
+  def __init__(self, d: Side, a: Side, prompt: str | SidePrompts):
     self.ds, self.as_ = d, a
-    self.d = TokenText.encode(d.tok, prompt)
-    self.a = TokenText.encode(a.tok, prompt)
-    self.text = prompt.encode()
+    if isinstance(prompt, SidePrompts):
+      self.d = TokenText.after_prompt(d.tok, encode(d.tok, [prompt.draft])[0])
+      self.a = TokenText.after_prompt(a.tok, encode(a.tok, [prompt.assistant])[0])
+      self.text = b""
+    else:
+      self.d = TokenText.encode(d.tok, prompt)
+      self.a = TokenText.encode(a.tok, prompt)
+      self.text = prompt.encode()
     self.prompt_len = len(self.text)
     self.d_fed = self.a_fed = 0  # cache slots holding valid tokens of each sequence
     self.emitted, self.done, self.reason = 0, False, "length"

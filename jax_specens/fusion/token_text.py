@@ -110,13 +110,17 @@ class TokenText:
   `[ends[i-1], ends[i])`. Special tokens (BOS) span zero bytes.
   """
 
-  def __init__(self, tokenizer, table: Sequence[bytes], ids: Sequence[int], text: bytes):
+  def __init__(self, tokenizer, table: Sequence[bytes], ids: Sequence[int], text: bytes,
+               prefix: int = 0):
     self.tok, self.table = tokenizer, table
     self.ids = list(ids)
-    self.ends = list(np.cumsum([len(table[i]) for i in self.ids], dtype=np.int64).tolist())
+    # the first `prefix` tokens are this model's own prompt: they span no bytes of the text
+    lengths = [0 if i < prefix else len(table[x]) for i, x in enumerate(self.ids)]
+    self.ends = list(np.cumsum(lengths, dtype=np.int64).tolist())
     self.text = text
-    # leading tokens without text (BOS): kept when re-tokenizing
-    self.floor = next((i for i, x in enumerate(self.ids) if table[x]), len(self.ids))
+    # leading tokens without text (BOS, an own prompt): kept when re-tokenizing
+    self.floor = next((i for i in range(prefix, len(self.ids)) if table[self.ids[i]]),
+                      len(self.ids))
     if (self.ends[-1] if self.ends else 0) != len(text):
       raise ValueError(
           f"the tokenizer's tokens do not spell the text {text[:40]!r}...: it normalises the "
@@ -128,6 +132,12 @@ class TokenText:
   def encode(cls, tokenizer, text: str, special: bool = True) -> "TokenText":
     ids = tokenizer(text, add_special_tokens=special)["input_ids"]
     return cls(tokenizer, token_bytes(tokenizer), ids, text.encode())
+
+  @classmethod
+  def after_prompt(cls, tokenizer, prompt_ids: Sequence[int]) -> "TokenText":
+    """An empty text read after this model's own prompt (say, its chat template around a
+    question): the prompt's tokens span no bytes and are never re-tokenized."""
+    return cls(tokenizer, token_bytes(tokenizer), prompt_ids, b"", prefix=len(prompt_ids))
 
   def piece(self, text: bytes) -> list[int]:
     """Token ids of `text` (whole characters) on its own, no special tokens."""
