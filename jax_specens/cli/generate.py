@@ -57,7 +57,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   src.add_argument("--prompt-ids", action="append", metavar="IDS",
                    help="prompt as comma-separated token ids, e.g. 1,15,27; repeat for a batch")
   p.add_argument("--chat", action="store_true",
-                 help="apply the tokenizer's chat template: each --prompt is one user message")
+                 help="apply the tokenizer's chat template: each --prompt is one user message "
+                 "(cross-tokenizer cosd: each model's own template)")
   p.add_argument("--system", metavar="TEXT", default=None,
                  help="with --chat: a system message before each user message")
   p.add_argument("--max-new-tokens", type=int, required=True, metavar="N",

@@ -68,8 +68,9 @@ def _check(prompts, max_new_tokens, window, temperature, top_k, top_p, min_p
 
 
 def cosd_text(draft: Model, assistant: Model, draft_tokenizer, assistant_tokenizer,
-              prompts: Sequence[str | SidePrompts] | str | SidePrompts, *, max_new_tokens: int, window: int = 4,
-              verifier="rule", verifier_path=None, alpha: float = 0.5, beta: float = 0.5,
+              prompts: Sequence[str | SidePrompts] | str | SidePrompts, *,
+              max_new_tokens: int, window: int = 4, verifier="rule", verifier_path=None,
+              alpha: float = 0.5, beta: float = 0.5,
               bonus: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
               min_p: float = 0.0, key=None, progress: bool = False) -> CrossOutput:
   """CoSD for models with different tokenizers; returns the generated text of each prompt.
