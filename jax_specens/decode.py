@@ -134,13 +134,6 @@ def decode_stream(models, prompts, prompt_lengths, **kwargs) -> DecodeStream:
   return DecodeStream(models, prompts, prompt_lengths, **kwargs)
 
 
-def _concrete(x):
-  try:
-    return np.asarray(x)
-  except Exception:  # traced inside a user's jit
-    return None
-
-
 def prepare(models, prompts, prompt_lengths, *, method: str = "ar", max_new_tokens: int,
             draft=None, ensemble="wprob", weights=None, mu=0.1, plausibility=None, gamma=4,
             temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, stop_ids=None, key=None,
@@ -188,7 +181,7 @@ def prepare(models, prompts, prompt_lengths, *, method: str = "ar", max_new_toke
   if np.shape(prompt_lengths) != (b,):
     raise ValueError(f"prompt_lengths must have shape [{b}] (one length per prompt row), got "
                      f"{np.shape(prompt_lengths)}")
-  lens = _concrete(prompt_lengths)
+  lens = sampling.concrete(prompt_lengths)
   if lens is not None:
     if np.any(lens < 1):
       rows = np.nonzero(lens < 1)[0].tolist()
@@ -196,7 +189,7 @@ def prepare(models, prompts, prompt_lengths, *, method: str = "ar", max_new_toke
                        "the BOS token)")
     if np.any(lens > t):
       raise ValueError(f"prompt_lengths {lens.tolist()} exceed the padded width {t} of prompts")
-  ptoks = _concrete(prompts)
+  ptoks = sampling.concrete(prompts)
   if ptoks is not None and (np.any(ptoks < 0) or np.any(ptoks >= vocabs[0])):
     raise ValueError(f"prompt token ids must be in [0, {vocabs[0]}) (the vocabulary size); "
                      "right-pad with a valid id such as 0")

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from jax_specens.sampling import NEG_INF, SamplingParams, log_probs, normalize, one_hot_log
+from jax_specens.sampling import (NEG_INF, SamplingParams, concrete, log_probs, normalize,
+                                  one_hot_log)
 
 EnsembleFn = Callable[[Float[Array, "N B ... V"], SamplingParams], Float[Array, "B ... V"]]
 KINDS = ("wprob", "wlogit", "contrastive", "select")
@@ -121,7 +122,7 @@ def make_ensemble(kind: str | EnsembleFn, num_models: int, weights=None, mu=0.1,
     if kind == "contrastive":
       raise ValueError("weights do not apply to the contrastive ensemble (it uses mu and "
                        "plausibility); drop weights= or use ensemble='wprob'/'wlogit'")
-    w = _concrete(weights)
+    w = concrete(weights)
     if w is not None:
       w = np.asarray(w, np.float32).reshape(-1)
       if w.shape != (num_models,):
@@ -132,11 +133,11 @@ def make_ensemble(kind: str | EnsembleFn, num_models: int, weights=None, mu=0.1,
                          "normalise them, e.g. w / sum(w)")
     else:
       w = weights
-  m = _concrete(mu)
+  m = concrete(mu)
   if m is not None and (not np.isfinite(m) or m < 0):
     raise ValueError(f"mu must be a finite number >= 0, got {m}")
   beta = 0.0 if plausibility is None else plausibility
-  b = _concrete(beta)
+  b = concrete(beta)
   if b is not None and not 0.0 <= float(b) <= 1.0:
     raise ValueError(f"plausibility must be in [0, 1] (a fraction of the expert's top "
                      f"probability), got {b}")
@@ -147,10 +148,3 @@ def make_ensemble(kind: str | EnsembleFn, num_models: int, weights=None, mu=0.1,
       return Ensemble(**common, fn_tree=kind, kind="custom")
     return Ensemble(**common, kind="custom", fn=kind)
   return Ensemble(**common, kind=kind, index=index)
-
-
-def _concrete(x):
-  try:
-    return np.asarray(x)
-  except Exception:
-    return None

@@ -137,16 +137,18 @@ def _inverse_cdf(key: Array, logp: Float[Array, "B ... V"]) -> Int[Array, "B ...
   return jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), jnp.argmax(logp, axis=-1))
 
 
+def concrete(x) -> np.ndarray | None:
+  """`x` as a numpy array, or None when it is traced (inside a user's jit): what can be checked
+  before tracing is checked on the concrete values only."""
+  try:
+    return np.asarray(x)
+  except Exception:  # a tracer (jax raises several types for it)
+    return None
+
+
 def check_params(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> None:
   """Raises ValueError for out-of-range sampling parameters (concrete values only; call before
   tracing)."""
-
-  def concrete(x):
-    try:
-      return np.asarray(x)
-    except Exception:  # a tracer: cannot be checked here
-      return None
-
   t, k, p, m = (concrete(x) for x in (temperature, top_k, top_p, min_p))
   if t is not None and (np.any(t < 0) or np.any(~np.isfinite(t))):
     raise ValueError(f"temperature must be >= 0 (0 = greedy), got {t}; pass temperature=0 for "
