@@ -237,25 +237,19 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32) -> Model:
 
 
 def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
-               mesh=None, share_from=None) -> Model:
+               share_from=None) -> Model:
   """Restores a model saved by `save_model` or `jax-specens convert`, cast to `dtype`.
 
   dtype: None (default) loads the dtype the parameters are stored in (`precision.stored_dtype`).
 
   shardings: optional function `Model -> pytree of jax.sharding.Sharding` matching the params;
-  orbax then restores every array directly into its shards.
-  mesh: a `jax.sharding.Mesh` with axes `data`/`model` (`jax_specens.parallel.make_mesh`): the
-  same, with the partition rules of `jax_specens.parallel`.
+  orbax then restores every array directly into its shards (`jax_specens.parallel.load_model`
+  builds them from a mesh).
   share_from: for a directory that shares parameters with another model (a distilled draft
   shares its target's embedding, `jax_specens.shared_params`): the model, or a list of models,
   to take them from; by default the model at the recorded path is loaded for them.
   """
   model_dir = _resolve(model_dir)
-  if mesh is not None:
-    if shardings is not None:
-      raise ValueError("load_model: pass either shardings= or mesh=, not both")
-    from jax_specens.parallel.place import model_shardings
-    shardings = lambda abstract: model_shardings(abstract, mesh)  # noqa: E731
   config = read_config(model_dir)
   if dtype is None:  # unreadable metadata: the restore below raises the error
     from jax_specens.precision import stored_dtype

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -199,10 +200,13 @@ def _run(args: argparse.Namespace) -> int:
   if method != "ar" and method != "ensemble":
     kwargs["gamma"] = gamma
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  if mesh is not None:  # each array restored straight into its shards
+    from jax_specens.parallel import load_model as load_sharded
+    load_model = functools.partial(load_sharded, mesh=mesh)
   models = []  # a distilled draft takes its target's embedding from a model loaded before it
   for d in args.model:
-    models.append(load_model(d, dtype, mesh=mesh, share_from=models))
-  draft = load_model(args.draft, dtype, mesh=mesh, share_from=models) if args.draft else None
+    models.append(load_model(d, dtype, share_from=models))
+  draft = load_model(args.draft, dtype, share_from=models) if args.draft else None
   every = models + ([draft] if draft is not None else [])
   for d, m in zip(args.model + ([args.draft] if args.draft else []), every):
     print(f"-- {d}: {vocab.of(m).size} ids, {_describe(m)}", file=sys.stderr)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jax_specens import checkpoint
 from jax_specens.cache import KVCache
 from jax_specens.models.config import ModelConfig
 from jax_specens.parallel.mesh import AXES, DATA, device_ids
@@ -73,12 +74,15 @@ def shard_models(models: Sequence[Model], mesh: Mesh | Sequence[Mesh], **plan_kw
           for i, (m, s) in enumerate(zip(models, meshes))]
 
 
-def load_model(model_dir: str | os.PathLike, dtype=jnp.float32, *, mesh: Mesh,
+def load_model(model_dir: str | os.PathLike, dtype=None, *, mesh: Mesh, share_from=None,
                **plan_kwargs) -> Model:
-  """Restores a checkpoint directly into its shards on `mesh` (no full copy on any device)."""
-  from jax_specens import checkpoint  # checkpoint imports this module for its `mesh=` argument
+  """Restores a checkpoint directly into its shards on `mesh` (no full copy on any device).
+
+  `checkpoint.load_model` with the partition rules of this package as its `shardings`; dtype and
+  share_from as there, plan_kwargs as in `model_shardings`.
+  """
   return checkpoint.load_model(
-      model_dir, dtype,
+      model_dir, dtype, share_from=share_from,
       shardings=lambda abstract: model_shardings(abstract, mesh, **plan_kwargs))
 
 
