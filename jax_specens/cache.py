@@ -37,8 +37,8 @@ class KVCache:
   pos: `[B]` next write position per row; ring: per layer, whether it is a ring (static);
   length: the positions a row can hold (S; static: a ring layer holds fewer slots)."""
 
-  k: tuple[Float[Array, "B S K D"], ...]
-  v: tuple[Float[Array, "B S K D"], ...]
+  k: tuple[Float[Array, "B _S K D"], ...]  # _S: S, or R for a ring layer (not checked)
+  v: tuple[Float[Array, "B _S K D"], ...]
   pos: Int[Array, "B"]
   ring: tuple[bool, ...] = flax.struct.field(pytree_node=False)
   length: int = flax.struct.field(pytree_node=False)

@@ -112,4 +112,4 @@ LONGEST_MODULES = ("test_readme", "test_notebooks", "test_cosd_cross_real", "tes
                    "test_train_draft", "test_gguf_real", "test_lossless_more",
                    "test_parallel_decode", "test_pricing", "test_cli_generate",
                    "test_cross_harvest", "test_autogamma", "test_decode_greedy",
-                   "test_models_parity", "test_text_api", "test_cli_plumbing")
+                   "test_shape_contract", "test_models_parity", "test_text_api", "test_cli_plumbing")

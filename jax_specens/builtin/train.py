@@ -5,9 +5,13 @@
 Reads the two corpora of `jax_specens.builtin.data` (the interpreter's own standard library), trains
 one shared byte-level BPE tokenizer, then three small Llama-architecture models with optax, and
 saves each with `jax_specens.checkpoint.save_model` (orbax, bf16) into OUT/{code,prose,draft}/ — the
-same format as a converted Hugging Face model. OUT/training.json records the recipes, the wall time
-and the held-out loss of every model on both domains. The shipped models were trained with
-the defaults (1,200 steps each, no time budget) on 2 quiet CPU cores in 30 minutes (training.json);
+same format as a converted Hugging Face model. Each model is trained in two phases
+(`jax_specens.builtin.unlikelihood`): `steps` updates of cross-entropy plus a token-level
+unlikelihood term, then `repetition_steps` sequence-level unlikelihood updates on its own greedy
+text. Without them, models this small loop under greedy decoding ("the number of the number of").
+OUT/training.json records the recipes, the wall time and the held-out loss of every model on both
+domains. The shipped models were trained on 2 CPU cores with the defaults, in two commands:
+`--repetition-steps 0` (1,200 steps each, 44 minutes), then `--repetition-only` (400 updates each);
 `--steps-scale 0.01` makes a smoke run of a few seconds.
 """
 
@@ -25,11 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jaxtyping import Array, Bool, Int
 from tqdm.auto import tqdm
 
 from jax_specens.builtin import data, evaluate
+from jax_specens.builtin import unlikelihood as ul
 from jax_specens.builtin import tokenizer as tokenizers_lib
-from jax_specens.checkpoint import save_model
+from jax_specens.checkpoint import load_model, save_model
 from jax_specens.models.config import ModelConfig
 from jax_specens.step import Model, create_model, forward
 
@@ -54,6 +60,9 @@ class Recipe:
   weight_decay: float = 0.1
   seed: int = 0
   time_share: float = 1 / 3  # this model's part of a --time-budget
+  unlikelihood: float = 0.0  # weight of the token-level unlikelihood term (`loss_fn`)
+  # then this many sequence-level unlikelihood updates (`finetune_repetition`)
+  repetition_steps: int = 0
 
 
   def model_config(self, vocab_size: int, eot: int) -> ModelConfig:
@@ -67,16 +76,19 @@ class Recipe:
 
   def scaled(self, factor: float) -> "Recipe":
     steps = max(2, round(self.steps * factor))
-    return dataclasses.replace(self, steps=steps, warmup_steps=min(self.warmup_steps, steps // 2))
+    repetition = max(1, round(self.repetition_steps * factor)) if self.repetition_steps else 0
+    return dataclasses.replace(self, steps=steps, warmup_steps=min(self.warmup_steps, steps // 2),
+                               repetition_steps=repetition)
 
 
+_AGAINST_REPETITION = dict(unlikelihood=1.0, repetition_steps=400)
 RECIPES = {
     "code": Recipe(("code",), hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
-                   steps=1200, time_share=0.4),
+                   steps=1200, time_share=0.4, **_AGAINST_REPETITION),
     "prose": Recipe(("prose",), hidden_size=128, num_layers=4, num_heads=4,
-                    intermediate_size=384, steps=1200, time_share=0.4),
+                    intermediate_size=384, steps=1200, time_share=0.4, **_AGAINST_REPETITION),
     "draft": Recipe(("code", "prose"), hidden_size=96, num_layers=2, num_heads=3,
-                    intermediate_size=256, steps=1200, time_share=0.2),
+                    intermediate_size=256, steps=1200, time_share=0.2, **_AGAINST_REPETITION),
 }
 VOCAB_SIZE = 4096
 
@@ -92,12 +104,16 @@ def sample_batch(rng: np.random.Generator, streams: dict[str, np.ndarray], recip
   return np.stack(rows)
 
 
-def loss_fn(model: Model, batch: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy of `batch[:, :-1]` predicting `batch[:, 1:]`."""
+def loss_fn(model: Model, batch: Int[Array, "B T+1"], unlikelihood: float = 0.0) -> jax.Array:
+  """Mean next-token cross-entropy of `batch[:, :-1]` predicting `batch[:, 1:]`, plus
+  `unlikelihood` times the token-level unlikelihood term (`unlikelihood.token_term`)."""
   inputs, targets = batch[:, :-1], batch[:, 1:]
   cache = model.init_cache(inputs.shape[0], inputs.shape[1])
   logits, _ = forward(model, cache, inputs, jnp.zeros((inputs.shape[0],), jnp.int32))
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  if not unlikelihood:
+    return loss
+  return loss + unlikelihood * ul.token_term(logits, inputs, targets)
 
 
 def learning_rate(recipe: Recipe, step: int, progress: float) -> float:
@@ -120,9 +136,70 @@ def optimizer(recipe: Recipe) -> optax.GradientTransformation:
 @functools.partial(jax.jit, static_argnames="recipe", donate_argnames=("model", "opt_state"))
 def update(model: Model, opt_state, batch: jax.Array, recipe: Recipe):
   """One AdamW step on `batch` (compiled once per recipe; the learning rate is in `opt_state`)."""
-  loss, grads = jax.value_and_grad(loss_fn)(model, batch)
+  loss, grads = jax.value_and_grad(loss_fn)(model, batch, recipe.unlikelihood)
   updates, opt_state = optimizer(recipe).update(grads, opt_state, model)
   return optax.apply_updates(model, updates), opt_state, loss
+
+
+REPETITION_PREFIX, REPETITION_TOKENS, REPETITION_N = 32, 64, 4
+
+
+def sequence_loss_fn(model: Model, batch: Int[Array, "B T+1"], continued: Int[Array, "B P+L"],
+                     negative: Bool[Array, "B P+L"], unlikelihood: float) -> jax.Array:
+  """`loss_fn` on a training batch plus the sequence-level term on the model's own greedy
+  continuations `continued` (prefix + continuation), `negative` marking the repeats."""
+  cache = model.init_cache(continued.shape[0], continued.shape[1] - 1)
+  logits, _ = forward(model, cache, continued[:, :-1], jnp.zeros((continued.shape[0],), jnp.int32))
+  return (loss_fn(model, batch, unlikelihood)
+          + ul.sequence_term(logits, continued[:, 1:], negative[:, 1:]))
+
+
+@functools.partial(jax.jit, static_argnames="recipe", donate_argnames=("model", "opt_state"))
+def update_sequence(model: Model, opt_state, batch, continued, negative, recipe: Recipe):
+  """`update` with `sequence_loss_fn`."""
+  loss, grads = jax.value_and_grad(sequence_loss_fn)(model, batch, continued, negative,
+                                                     recipe.unlikelihood)
+  updates, opt_state = optimizer(recipe).update(grads, opt_state, model)
+  return optax.apply_updates(model, updates), opt_state, loss
+
+
+def finetune_repetition(model: Model, recipe: Recipe, streams: dict[str, np.ndarray],
+                        desc: str = "repetition", progress: bool = True
+                        ) -> tuple[Model, list[float], list[float]]:
+  """`recipe.repetition_steps` sequence-level unlikelihood updates of a trained model (a new
+  AdamW state, at the training schedule's final rate).
+
+  Each update: the model continues `batch_size` training prefixes of REPETITION_PREFIX tokens
+  greedily for REPETITION_TOKENS tokens (`decode`, the same jitted program every time: the model
+  is an argument); every continuation token that completes a REPETITION_N-gram seen earlier in
+  the continuation is a negative (`unlikelihood.repeated_ngrams`). Returns the model, the losses
+  and the share of repeated positions in each step's continuations (it falls as the loops go).
+  The model passed in is donated: use the one returned.
+  """
+  from jax_specens.decode import decode
+  if recipe.seq_len < REPETITION_PREFIX + REPETITION_TOKENS:
+    raise ValueError(f"the repetition phase decodes {REPETITION_PREFIX} + {REPETITION_TOKENS} "
+                     f"positions, past this recipe's seq_len {recipe.seq_len}: raise seq_len or "
+                     "set repetition_steps=0")
+  opt_state = optimizer(recipe).init(model)
+  opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate(recipe, recipe.steps, 1.0))
+  rng = np.random.default_rng(recipe.seed + 1)
+  prefix = dataclasses.replace(recipe, seq_len=REPETITION_PREFIX - 1)
+  lengths = np.full((recipe.batch_size,), REPETITION_PREFIX, np.int32)
+  losses, repeated = [], []
+  for i in tqdm(range(recipe.repetition_steps), desc=desc, disable=not progress, mininterval=2.0):
+    prompts = sample_batch(rng, streams, prefix)
+    out = decode(model, prompts, lengths, method="ar", max_new_tokens=REPETITION_TOKENS,
+                 temperature=0.0)
+    continued = np.concatenate([prompts, np.asarray(out.tokens)], axis=1)
+    negative = ul.repeated_ngrams(continued, REPETITION_PREFIX, REPETITION_N)
+    repeated.append(float(negative[:, REPETITION_PREFIX:].mean()))
+    model, opt_state, loss = update_sequence(
+        model, opt_state, jnp.asarray(sample_batch(rng, streams, recipe)),
+        jnp.asarray(continued), jnp.asarray(negative), recipe)
+    if i % 10 == 0 or i == recipe.repetition_steps - 1:
+      losses.append(float(loss))
+  return model, losses, repeated
 
 
 def train_model(recipe: Recipe, streams: dict[str, np.ndarray], vocab_size: int, eot: int,
@@ -204,6 +281,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="stop early when training takes longer than this many minutes in all "
                       "(each model gets its recipe's time_share of it; the learning-rate schedule "
                       "follows the elapsed time, so it always completes). Default: no limit")
+  parser.add_argument("--unlikelihood", type=float, default=None, metavar="W",
+                      help="weight of the token-level unlikelihood term against repetition "
+                      "(default: each recipe's, 1.0; 0 trains on cross-entropy alone)")
+  parser.add_argument("--repetition-steps", type=int, default=None, metavar="N",
+                      help="sequence-level unlikelihood updates after training (default: each "
+                      "recipe's, 400; 0 skips them)")
+  parser.add_argument("--repetition-only", action="store_true",
+                      help="do not train: fine-tune the models already in OUT with the recipes' "
+                      "sequence-level unlikelihood updates alone (`finetune_repetition`)")
   parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
                       help="BPE vocabulary size when a new tokenizer is trained (an existing "
                       "OUT/tokenizer is reused so that all models share one)")
@@ -220,9 +306,18 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError(f"unknown built-in model(s) {unknown}; choose from {', '.join(RECIPES)}")
   if args.steps_scale <= 0:
     raise ValueError(f"--steps-scale must be > 0, got {args.steps_scale}")
+  if args.unlikelihood is not None and args.unlikelihood < 0:
+    raise ValueError(f"--unlikelihood must be >= 0, got {args.unlikelihood}")
+  if args.repetition_steps is not None and args.repetition_steps < 0:
+    raise ValueError(f"--repetition-steps must be >= 0, got {args.repetition_steps}")
+  if args.repetition_only and args.repetition_steps == 0:
+    raise ValueError("--repetition-only with --repetition-steps 0 has nothing to do")
   out = Path(args.out)
   for name in names:
-    if (out / name).exists() and not args.overwrite:
+    if args.repetition_only and not (out / name / "jax_specens.json").is_file():
+      raise FileNotFoundError(f"--repetition-only fine-tunes a trained model, and {out / name} "
+                              "has none: train it first (without --repetition-only)")
+    if (out / name).exists() and not (args.overwrite or args.repetition_only):
       raise FileExistsError(f"{out / name} already exists; pass --overwrite to replace it")
   t0 = time.time()
   tok, tok_dir = get_tokenizer(out, args.vocab_size)
@@ -235,21 +330,36 @@ def run(args: argparse.Namespace) -> int:
   record.update(corpus=data.summary(), vocab_size=tok.get_vocab_size())
   for name in names:
     recipe = RECIPES[name].scaled(args.steps_scale)
+    if args.unlikelihood is not None:
+      recipe = dataclasses.replace(recipe, unlikelihood=args.unlikelihood)
+    if args.repetition_steps is not None:
+      recipe = dataclasses.replace(recipe, repetition_steps=args.repetition_steps)
     t = time.time()
-    budget = None if args.time_budget is None else args.time_budget * 60 * recipe.time_share
-    model, losses, steps = train_model(recipe, train_streams, tok.get_vocab_size(), eot,
-                                       desc=name, progress=not args.no_progress, seconds=budget)
+    entry = record.setdefault("models", {}).get(name, {}) if args.repetition_only else {}
+    if args.repetition_only:
+      model = load_model(out / name, jnp.float32)
+    else:
+      budget = None if args.time_budget is None else args.time_budget * 60 * recipe.time_share
+      model, losses, steps = train_model(recipe, train_streams, tok.get_vocab_size(), eot,
+                                         desc=name, progress=not args.no_progress, seconds=budget)
+      entry.update(steps_trained=steps, final_train_loss=losses[-1])
+    if recipe.repetition_steps:
+      model, seq_losses, repeated = finetune_repetition(
+          model, recipe, train_streams, desc=f"{name} repetition", progress=not args.no_progress)
+      entry.update(repetition_final_loss=seq_losses[-1],
+                   repeated_share_first_last=[repeated[0], repeated[-1]],
+                   repetition_after_saved_model=bool(args.repetition_only))
     seconds = time.time() - t
     model = to_bfloat16(model)
     held_out = {d: evaluate.mean_nll([model], evaluate.windows(
         test_streams[d], recipe.seq_len, EVAL_WINDOWS))[0] for d in data.DOMAINS}
-    save_model(model, out / name, tokenizer_dir=tok_dir, overwrite=args.overwrite)
-    record.setdefault("models", {})[name] = {
-        "recipe": dataclasses.asdict(recipe), "steps_trained": steps,
-        "train_seconds": round(seconds, 1),
-        "final_train_loss": losses[-1], "held_out_nll": held_out,
-        "held_out_ppl": {d: float(np.exp(v)) for d, v in held_out.items()}}
-    print(f"{name}: {seconds:.0f}s, train loss {losses[-1]:.3f}, held-out nll " +
+    save_model(model, out / name, tokenizer_dir=tok_dir, overwrite=True)
+    seconds_key = "repetition_seconds" if args.repetition_only else "train_seconds"
+    entry.update({"recipe": dataclasses.asdict(recipe), seconds_key: round(seconds, 1),
+                  "held_out_nll": held_out,
+                  "held_out_ppl": {d: float(np.exp(v)) for d, v in held_out.items()}})
+    record["models"][name] = entry
+    print(f"{name}: {seconds:.0f}s, held-out nll " +
           ", ".join(f"{d} {v:.3f}" for d, v in held_out.items()), flush=True)
     record_path.write_text(json.dumps(record, indent=2))
   print(f"done in {time.time() - t0:.0f}s; models in {out}")

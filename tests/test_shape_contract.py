@@ -1,0 +1,25 @@
+"""The jaxtyping annotations are a contract: every method decodes with them checked (beartype)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = Path(__file__).with_name("shape_check_worker.py")
+
+
+def test_every_method_decodes_with_its_shapes_checked():
+  proc = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  # the checker is live: a call with a wrong shape is refused, naming the argument
+  assert result["control_refused"]
+  runs = result["runs"]
+  assert len(runs) == 15  # llama greedy and sampled, mistral (ring caches) greedy
+  for name, rows in runs.items():
+    assert [len(r) for r in rows] == [10, 10], name
+  for family in ("llama", "mistral"):
+    # and the checked code is the real code: greedy speculation is lossless
+    assert runs[f"{family} sd 0.0"] == runs[f"{family} ar 0.0"]
+    assert runs[f"{family} se 0.0"] == runs[f"{family} ensemble 0.0"]
