@@ -98,6 +98,32 @@ def test_the_repetition_phase_penalizes_the_models_own_loops():
   assert any(jax.tree_util.tree_leaves(changed))
 
 
+def test_run_trains_then_fine_tunes_and_the_record_keeps_both(tmp_path, monkeypatch):
+  import dataclasses
+  import json
+  import shutil
+  shutil.copytree(train.MODELS_DIR / "tokenizer", tmp_path / "tokenizer")  # reused: no BPE run
+  rng = np.random.default_rng(0)
+  streams = {d: np.tile(rng.integers(1, 4096, size=40), 125).astype(np.int32)
+             for d in ("code", "prose")}
+  monkeypatch.setattr(train, "token_streams", lambda tok, split: streams)
+  monkeypatch.setattr(train.data, "summary", lambda: {})
+  monkeypatch.setattr(train, "RECIPES", {"draft": dataclasses.replace(
+      TINY, domains=("code", "prose"), seq_len=96, repetition_steps=2)})
+  parser = train.add_arguments(__import__("argparse").ArgumentParser())
+  common = ["--out", str(tmp_path), "--models", "draft", "--no-progress"]
+  assert train.run(parser.parse_args(common + ["--repetition-steps", "0"])) == 0
+  entry = json.loads((tmp_path / "training.json").read_text())["models"]["draft"]
+  assert entry["steps_trained"] == TINY.steps and "train_seconds" in entry
+  assert "repetition_seconds" not in entry and entry["recipe"]["repetition_steps"] == 0
+  assert train.run(parser.parse_args(common + ["--repetition-only"])) == 0
+  entry = json.loads((tmp_path / "training.json").read_text())["models"]["draft"]
+  # the fine-tune is added to the training's record, not written over it
+  assert entry["steps_trained"] == TINY.steps and "train_seconds" in entry
+  assert entry["recipe"]["repetition_steps"] == 2 and entry["repetition_after_saved_model"]
+  assert len(entry["repeated_share_first_last"]) == 2 and "repetition_seconds" in entry
+
+
 def test_bad_arguments_are_named_before_training(tmp_path):
   parser = train.add_arguments(__import__("argparse").ArgumentParser())
   with pytest.raises(ValueError, match=r"unknown built-in model\(s\) \['poetry'\]"):

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Bool, Float, Int
 from tqdm.auto import tqdm
 
 from jax_specens.builtin import data, evaluate
@@ -104,16 +104,29 @@ def sample_batch(rng: np.random.Generator, streams: dict[str, np.ndarray], recip
   return np.stack(rows)
 
 
-def loss_fn(model: Model, batch: Int[Array, "B T+1"], unlikelihood: float = 0.0) -> jax.Array:
+def logits_of(model: Model, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
+  """The model's logits at every position of `tokens` (one pass over a fresh cache)."""
+  cache = model.init_cache(tokens.shape[0], tokens.shape[1])
+  logits, _ = forward(model, cache, tokens, jnp.zeros((tokens.shape[0],), jnp.int32))
+  return logits
+
+
+def loss_fn(model: Model, batch: Int[Array, "B T+1"], unlikelihood: float = 0.0,
+            continued: Int[Array, "B P+L"] | None = None,
+            negative: Bool[Array, "B P+L"] | None = None) -> jax.Array:
   """Mean next-token cross-entropy of `batch[:, :-1]` predicting `batch[:, 1:]`, plus
-  `unlikelihood` times the token-level unlikelihood term (`unlikelihood.token_term`)."""
+  `unlikelihood` times the token-level unlikelihood term (`unlikelihood.token_term`), plus, when
+  given, the sequence-level term on the model's own greedy continuations `continued` (prefix +
+  continuation) with `negative` marking the repeats (`unlikelihood.sequence_term`)."""
   inputs, targets = batch[:, :-1], batch[:, 1:]
-  cache = model.init_cache(inputs.shape[0], inputs.shape[1])
-  logits, _ = forward(model, cache, inputs, jnp.zeros((inputs.shape[0],), jnp.int32))
+  logits = logits_of(model, inputs)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-  if not unlikelihood:
-    return loss
-  return loss + unlikelihood * ul.token_term(logits, inputs, targets)
+  if unlikelihood:
+    loss = loss + unlikelihood * ul.token_term(logits, inputs, targets)
+  if continued is not None:
+    loss = loss + ul.sequence_term(logits_of(model, continued[:, :-1]), continued[:, 1:],
+                                   negative[:, 1:])
+  return loss
 
 
 def learning_rate(recipe: Recipe, step: int, progress: float) -> float:
@@ -134,33 +147,17 @@ def optimizer(recipe: Recipe) -> optax.GradientTransformation:
 
 
 @functools.partial(jax.jit, static_argnames="recipe", donate_argnames=("model", "opt_state"))
-def update(model: Model, opt_state, batch: jax.Array, recipe: Recipe):
-  """One AdamW step on `batch` (compiled once per recipe; the learning rate is in `opt_state`)."""
-  loss, grads = jax.value_and_grad(loss_fn)(model, batch, recipe.unlikelihood)
+def update(model: Model, opt_state, batch: jax.Array, recipe: Recipe, continued=None,
+           negative=None):
+  """One AdamW step on `loss_fn` (compiled once per recipe, and once more with `continued`;
+  the learning rate is in `opt_state`)."""
+  loss, grads = jax.value_and_grad(loss_fn)(model, batch, recipe.unlikelihood, continued,
+                                            negative)
   updates, opt_state = optimizer(recipe).update(grads, opt_state, model)
   return optax.apply_updates(model, updates), opt_state, loss
 
 
 REPETITION_PREFIX, REPETITION_TOKENS, REPETITION_N = 32, 64, 4
-
-
-def sequence_loss_fn(model: Model, batch: Int[Array, "B T+1"], continued: Int[Array, "B P+L"],
-                     negative: Bool[Array, "B P+L"], unlikelihood: float) -> jax.Array:
-  """`loss_fn` on a training batch plus the sequence-level term on the model's own greedy
-  continuations `continued` (prefix + continuation), `negative` marking the repeats."""
-  cache = model.init_cache(continued.shape[0], continued.shape[1] - 1)
-  logits, _ = forward(model, cache, continued[:, :-1], jnp.zeros((continued.shape[0],), jnp.int32))
-  return (loss_fn(model, batch, unlikelihood)
-          + ul.sequence_term(logits, continued[:, 1:], negative[:, 1:]))
-
-
-@functools.partial(jax.jit, static_argnames="recipe", donate_argnames=("model", "opt_state"))
-def update_sequence(model: Model, opt_state, batch, continued, negative, recipe: Recipe):
-  """`update` with `sequence_loss_fn`."""
-  loss, grads = jax.value_and_grad(sequence_loss_fn)(model, batch, continued, negative,
-                                                     recipe.unlikelihood)
-  updates, opt_state = optimizer(recipe).update(grads, opt_state, model)
-  return optax.apply_updates(model, updates), opt_state, loss
 
 
 def finetune_repetition(model: Model, recipe: Recipe, streams: dict[str, np.ndarray],
@@ -194,9 +191,9 @@ def finetune_repetition(model: Model, recipe: Recipe, streams: dict[str, np.ndar
     continued = np.concatenate([prompts, np.asarray(out.tokens)], axis=1)
     negative = ul.repeated_ngrams(continued, REPETITION_PREFIX, REPETITION_N)
     repeated.append(float(negative[:, REPETITION_PREFIX:].mean()))
-    model, opt_state, loss = update_sequence(
-        model, opt_state, jnp.asarray(sample_batch(rng, streams, recipe)),
-        jnp.asarray(continued), jnp.asarray(negative), recipe)
+    model, opt_state, loss = update(
+        model, opt_state, jnp.asarray(sample_batch(rng, streams, recipe)), recipe,
+        jnp.asarray(continued), jnp.asarray(negative))
     if i % 10 == 0 or i == recipe.repetition_steps - 1:
       losses.append(float(loss))
   return model, losses, repeated
@@ -358,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     entry.update({"recipe": dataclasses.asdict(recipe), seconds_key: round(seconds, 1),
                   "held_out_nll": held_out,
                   "held_out_ppl": {d: float(np.exp(v)) for d, v in held_out.items()}})
-    record["models"][name] = entry
+    record.setdefault("models", {})[name] = entry
     print(f"{name}: {seconds:.0f}s, held-out nll " +
           ", ".join(f"{d} {v:.3f}" for d, v in held_out.items()), flush=True)
     record_path.write_text(json.dumps(record, indent=2))
