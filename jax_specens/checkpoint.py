@@ -336,13 +336,33 @@ def load_tokenizer(model_dir: str | os.PathLike):
       Path(model_dir) / "tokenizer_config.json").is_file():
     return None
   _check_tokenizer_files(model_dir)
-  from transformers import AutoTokenizer
   try:
+    if _generic_fast_tokenizer(model_dir):
+      # the class AutoTokenizer would pick anyway, without importing torch and transformers'
+      # model registry (~6 s of every command's start on a CPU)
+      from transformers import PreTrainedTokenizerFast
+      return PreTrainedTokenizerFast.from_pretrained(str(model_dir), local_files_only=True)
+    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True,
                                          trust_remote_code=False)
   except Exception as e:  # noqa: BLE001 - tokenizers raise many types; all mean "corrupt"
     raise CheckpointError(Path(model_dir) / "tokenizer.json",
                           f"the tokenizer cannot be loaded ({type(e).__name__}: {e})") from None
+
+
+# tokenizer_config.json's tokenizer_class values that name the generic fast tokenizer (v5 calls it
+# TokenizersBackend; our converter and the GGUF import save these): no model-specific subclass
+GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _generic_fast_tokenizer(model_dir) -> bool:
+  """Whether the directory's tokenizer is tokenizer.json read by the generic fast class (what
+  AutoTokenizer resolves `GENERIC_TOKENIZER_CLASSES` to), so no model-specific class is needed."""
+  d = Path(model_dir)
+  if not (d / "tokenizer.json").is_file() or not (d / "tokenizer_config.json").is_file():
+    return False
+  config = json.loads((d / "tokenizer_config.json").read_text())
+  return config.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES
 
 
 def _check_tokenizer_files(model_dir) -> None:

@@ -88,6 +88,17 @@ def pytest_configure(config):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def shared_xla_cache_env() -> dict[str, str]:
+  """Environment variables that point a subprocess (a README block, a notebook kernel) at this
+  session's XLA compilation cache, so what the tests or an earlier block compiled is loaded there
+  too; {} when the session runs without it."""
+  path = os.environ.get(XLA_CACHE_ENV)
+  if not path or path == "off":
+    return {}
+  return {"JAX_ENABLE_COMPILATION_CACHE": "true", "JAX_COMPILATION_CACHE_DIR": path,
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+
+
 def pytest_unconfigure(config):
   made = getattr(config, "_jax_specens_xla_cache", None)
   if made:

@@ -91,6 +91,17 @@ def test_no_torch_notice_without_torch(tmp_path):
   assert "PyTorch was not found" not in cli.stderr
 
 
+def test_generate_does_not_import_torch(tmp_path):
+  """A command's start stays seconds shorter: the tokenizer is read without AutoTokenizer, whose
+  import pulls in torch (~6 s on a 2-core CPU)."""
+  cli = subprocess.run(
+      [sys.executable, "-c", "import sys; from jax_specens.cli.main import main; "
+       f"code = main({GENERATE!r}); print('torch' in sys.modules); sys.exit(code)"],
+      capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_SPECENS_CACHE": str(tmp_path)})
+  assert cli.returncode == 0, cli.stderr
+  assert cli.stdout.strip().splitlines()[-1] == "False"
+
+
 def _subparsers():
   parser = build_parser()
   return parser, next(a for a in parser._actions if a.choices and "generate" in a.choices).choices

@@ -101,6 +101,11 @@ def test_gguf_matches_transformers(name, request):
     ref_tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     ids = _prompt(name, ours_tok)
     assert ids == _prompt(name, ref_tok), "tokenizer written from the GGUF encodes differently"
+    # load_tokenizer reads the generic fast class directly (no AutoTokenizer, no torch import)
+    for s in ["  two  spaces\n\tdef f(x):", "Emoji 🙂 日本語 3.14159"]:
+      assert ours_tok(s)["input_ids"] == ref_tok(s)["input_ids"], s
+    assert (ours_tok.bos_token_id, ours_tok.eos_token_id, len(ours_tok)) == (
+        ref_tok.bos_token_id, ref_tok.eos_token_id, len(ref_tok))
     if name == "gemma3":
       assert len(ids) > 512, len(ids)
     logits, tokens = (np.asarray(x) for x in _ours(model, jnp.asarray([ids], jnp.int32)))
@@ -111,3 +116,4 @@ def test_gguf_matches_transformers(name, request):
         f"ours {tokens[0].tolist()}\n  ref {ref_tokens.tolist()}")
   assert diff < ATOL
   np.testing.assert_array_equal(tokens[0], ref_tokens)  # NEW tokens each
+

@@ -10,6 +10,8 @@ import nbclient
 import nbformat
 import pytest
 
+from tests.conftest import shared_xla_cache_env
+
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 600
 
@@ -35,6 +37,8 @@ def test_notebook_executes(path: Path, request, tmp_path, monkeypatch):
     for name in ("smollm2", "gemma3"):
       (models / name).symlink_to(request.getfixturevalue(f"real_{name}"), target_is_directory=True)
     monkeypatch.setenv("JAX_SPECENS_CACHE", str(tmp_path / "cache"))
+  for name, value in shared_xla_cache_env().items():  # the session's compiled programs
+    monkeypatch.setenv(name, value)
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                                    resources={"metadata": {"path": str(path.parent)}})

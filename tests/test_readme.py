@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import shared_xla_cache_env
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
@@ -118,7 +120,12 @@ def inputs(tmp_path_factory, hf_zoo):
   (root / "corpus.txt").write_text(texts["code"] + "\n\n" + texts["prose"])
   (root / "a.txt").write_text(texts["code"])
   (root / "b.txt").write_text(texts["prose"])
-  return {"hf": hf_zoo["qwen2-gqa-tied"].hf_dir, "root": root, "cache": root / "cache"}
+  cache = root / "cache"
+  if shared_xla_cache_env():  # the CLI's compilation cache (cache/xla) is the session's
+    cache.mkdir()
+    (cache / "xla").symlink_to(shared_xla_cache_env()["JAX_COMPILATION_CACHE_DIR"],
+                               target_is_directory=True)
+  return {"hf": hf_zoo["qwen2-gqa-tied"].hf_dir, "root": root, "cache": cache}
 
 
 def sandbox(path: Path, inputs: dict, real: dict | None = None) -> Path:
@@ -140,8 +147,8 @@ def sandbox(path: Path, inputs: dict, real: dict | None = None) -> Path:
 
 
 def _run(args, cwd: Path, cache: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
-  env = {**os.environ, "HOME": str(cwd), "JAX_SPECENS_NO_COMPILE_CACHE": "0",
-         "JAX_ENABLE_COMPILATION_CACHE": "true",
+  env = {**os.environ, **shared_xla_cache_env(), "HOME": str(cwd),
+         "JAX_SPECENS_NO_COMPILE_CACHE": "0", "JAX_ENABLE_COMPILATION_CACHE": "true",
          "JAX_SPECENS_CACHE": str(cache),
          "PYTHONPATH": str(ROOT)}
   return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
