@@ -87,13 +87,30 @@ def forward(
   return logits, cache.replace(pos=start + tokens.shape[1])
 
 
+def forward_rows(
+    model: Model, cache: KVCache, tokens: Int[Array, "B W"], start: Int[Array, "B"],
+    rows: Int[Array, "B R"], valid: Int[Array, "B"] | None = None,
+) -> tuple[Float[Array, "B R V"], KVCache]:
+  """`forward`, but the logits only after the fed tokens `rows` (indices into the W): the
+  vocabulary head, most of a small model's work per token (and `[B, W, V]` floats of memory for a
+  long prompt over a 262k vocabulary), runs on R rows instead of W."""
+  start = start.astype(jnp.int32)
+  module = nnx.merge(model.graphdef, model.params)
+  positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+  x, cache = module.hidden(tokens, positions, cache, valid)
+  logits = module.head(jnp.take_along_axis(x, rows[:, :, None], axis=1))
+  return logits, cache.replace(pos=start + tokens.shape[1])
+
+
 def forward_prompt(
     model: Model, cache: KVCache, tokens: Int[Array, "B T"], lengths: Int[Array, "B"]
 ) -> tuple[Float[Array, "B V"], KVCache]:
-  """Prefill right-padded prompts: returns each row's logits after its last prompt token and
-  the cache with `pos = lengths` (the padding written past a row's length is never read)."""
-  logits, cache = forward(model, cache, tokens, jnp.zeros_like(lengths), lengths)
-  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)
+  """Prefill right-padded prompts: returns each row's logits after its last prompt token (the
+  head runs on that row only) and the cache with `pos = lengths` (the padding written past a
+  row's length is never read)."""
+  lengths = lengths.astype(jnp.int32)
+  last, cache = forward_rows(model, cache, tokens, jnp.zeros_like(lengths), (lengths - 1)[:, None],
+                             lengths)
   return last[:, 0], cache.rollback(lengths)
 
 

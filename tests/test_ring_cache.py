@@ -28,7 +28,7 @@ from jax_specens import create_model
 from jax_specens.decode import decode
 from jax_specens.decoding import loop
 from jax_specens.models import attend as A
-from jax_specens.step import forward
+from jax_specens.step import forward, forward_prompt
 from tests.decode_models import LENGTHS, PROMPTS, config, scaled
 
 WINDOW, SLACK, LEN = 4, 3, 64  # ring of 7 slots against 64
@@ -58,6 +58,24 @@ def test_ring_layers_hold_window_plus_slack_slots():
   assert kv.cache_bytes(ring) == kv.cache_bytes(full) * (2 * 7 + 64) // (3 * 64)
   # a cache no longer than the ring keeps full-length layers
   assert model.init_cache(2, WINDOW + SLACK, ring_slack=SLACK).ring == (False,) * 3
+
+
+def test_forward_prompt_scores_each_rows_last_token_as_the_full_pass_does():
+  """The prompt pass runs the head on each row's last token only, through a ring narrower than
+  the prompt too: those logits, and the cache, are the full pass's."""
+  model = tiny(0)
+  rng = np.random.default_rng(1)
+  lengths = np.array([12, 9, 2], np.int32)
+  prompt = rng.integers(1, 64, size=(3, 12)).astype(np.int32)
+  zero = jnp.zeros((3,), jnp.int32)
+  for slack in (None, SLACK):
+    full, want_cache = jax.jit(forward)(model, model.init_cache(3, LEN, ring_slack=slack),
+                                        jnp.asarray(prompt), zero, jnp.asarray(lengths))
+    last, cache = jax.jit(forward_prompt)(model, model.init_cache(3, LEN, ring_slack=slack),
+                                          jnp.asarray(prompt), jnp.asarray(lengths))
+    chex.assert_trees_all_close(last, full[np.arange(3), lengths - 1], atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close((cache.k, cache.v), (want_cache.k, want_cache.v), atol=1e-6)
+    np.testing.assert_array_equal(cache.pos, lengths)
 
 
 def test_passes_with_rollbacks_match_a_full_cache():

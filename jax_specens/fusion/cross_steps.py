@@ -14,13 +14,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from jax_specens.cache import KVCache
 from jax_specens.fusion.features import assemble_features, model_features
 from jax_specens.sampling import SamplingParams, log_probs, sample
-from jax_specens.step import Model, forward
+from jax_specens.step import Model, forward, forward_rows
 
 DRAFT_MIN_WIDTH = 1  # a draft feed after a window is 1 token, or a few after a replacement
 ASSISTANT_MIN_WIDTH = 4  # an assistant feed is about the window's text, re-tokenized
@@ -29,23 +28,6 @@ ASSISTANT_MIN_WIDTH = 4  # an assistant feed is about the window's text, re-toke
 def bucket(n: int, smallest: int) -> int:
   """The feed width for `n` tokens: the next power of two, at least `smallest`."""
   return max(smallest, 1 << (max(n, 1) - 1).bit_length())
-
-
-def forward_rows(
-    model: Model, cache: KVCache, tokens: Int[Array, "B W"], start: Int[Array, "B"],
-    rows: Int[Array, "B R"],
-) -> tuple[Float[Array, "B R V"], KVCache]:
-  """`step.forward`, but the logits only after the fed tokens `rows` (indices into the W): the
-  vocabulary head, most of a small model's work per token, runs on R rows instead of W."""
-  module = nnx.merge(model.graphdef, model.params)
-  positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-  if hasattr(module, "hidden"):
-    x, cache = module.hidden(tokens, positions, cache)
-    logits = module.head(jnp.take_along_axis(x, rows[:, :, None], axis=1))
-  else:
-    logits, cache = module(tokens, positions, cache)
-    logits = jnp.take_along_axis(logits, rows[:, :, None], axis=1)
-  return logits, cache.replace(pos=start + tokens.shape[1])
 
 
 @functools.partial(jax.jit, static_argnames="k", donate_argnums=1)
