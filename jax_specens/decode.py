@@ -220,14 +220,14 @@ def prepare(models, prompts, prompt_lengths, *, method: str = "ar", max_new_toke
   elif not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
 
-  extra, static_opts = (None, ())
+  extra, static_opts = (None, None)
   if m.prepare is not None:
     extra, static_opts = m.prepare(ordered, dict(options))
   elif options:
     raise ValueError(f"unknown arguments for method {method!r}: {sorted(options)}")
 
   cfg = Config(method=method, max_new_tokens=max_new_tokens, cache_len=0, gammas=gammas,
-               options=tuple(static_opts))
+               options=static_opts)
   slack = m.lookahead(cfg)
   longest = int(np.max(lens)) if lens is not None else t
   if cache_len is None:  # from the padded width only: new prompt lengths never recompile

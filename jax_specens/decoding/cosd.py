@@ -24,6 +24,8 @@ bonus tokens); rounds = windows and rejections = windows with a replacement (row
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
@@ -58,7 +60,7 @@ def _set_pending(state: LoopState, at: Int[Array, "B"], tok: Int[Array, "B"]) ->
 def _draft(models, req: Request, cfg: Config, state: LoopState):
   """K draft passes; returns the state, drafts `[B, K]` and the draft's logits `[B, K, V]`."""
   k = window(cfg)
-  bonus = bool(cfg.option("bonus", False))
+  bonus = cfg.options.bonus
   c = state.committed(req)
   # first pass: the token(s) the draft has not fed yet (1, or 2 after a bonus token)
   lag = c - 1 - state.caches[DRAFT].pos
@@ -84,7 +86,7 @@ def _draft(models, req: Request, cfg: Config, state: LoopState):
 
 def step(models, req: Request, cfg: Config, state: LoopState) -> LoopState:
   k = window(cfg)
-  bonus = bool(cfg.option("bonus", False))
+  bonus = cfg.options.bonus
   act = state.active
   c = state.committed(req)
   length0 = state.length
@@ -124,6 +126,14 @@ def step(models, req: Request, cfg: Config, state: LoopState) -> LoopState:
   return state.replace(stats=st)
 
 
+@dataclasses.dataclass(frozen=True)
+class CosdOptions:
+  """Static options of cosd. bonus: after a window with no replacement, also emit the
+  assistant's next token (its top token from the verification pass)."""
+
+  bonus: bool = False
+
+
 def prepare(models, options: dict):
   """cosd options: verifier ("rule" | "tree" | "learned" | a verifier object), verifier_path,
   alpha, beta (rule), bonus (emit the assistant's next token after a window with no replacement)."""
@@ -138,7 +148,7 @@ def prepare(models, options: dict):
                      "verifier_path, alpha, beta, bonus")
   if not isinstance(bonus, bool):
     raise ValueError(f"bonus must be True or False; got {bonus!r}")
-  return as_verifier(verifier, path=path, alpha=alpha, beta=beta), (("bonus", bonus),)
+  return as_verifier(verifier, path=path, alpha=alpha, beta=beta), CosdOptions(bonus=bonus)
 
 
 METHOD = Method(init=init, step=step, uses_draft=True, num_models=(2, 2), speculative=True,

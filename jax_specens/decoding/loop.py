@@ -54,7 +54,8 @@ class Config:
 
   gammas: speculation length per model in method order (empty for non-speculative methods).
   lookahead: slots past the committed length the method may write (cache slack).
-  options: hashable method-specific static options, as a tuple of (name, value) pairs.
+  options: the method's own static options, a frozen (hashable) dataclass its `prepare` returns
+    (`se.SpecOptions`, `cosd.CosdOptions`); None for a method without options.
   """
 
   method: str
@@ -62,10 +63,7 @@ class Config:
   cache_len: int
   gammas: tuple[int, ...] = ()
   lookahead: int = 0
-  options: tuple = ()
-
-  def option(self, name: str, default=None):
-    return dict(self.options).get(name, default)
+  options: Any = None
 
 
 @flax.struct.dataclass
@@ -195,8 +193,8 @@ class Method:
   speculative: whether `gamma` applies (cfg.gammas gets one entry per model).
   target: when set, the method's target is this model's distribution alone (`select`; -1 = the last
   model) and the `ensemble` argument of `decode` does not apply.
-  prepare(models, options: dict) -> (extra pytree, static options tuple): validates method-specific
-  keyword options of `decode` (ValueError) before tracing; None accepts no options.
+  prepare(models, options: dict) -> (extra pytree, static options dataclass): validates the
+  method-specific keyword options of `decode` (ValueError) before tracing; None accepts none.
   gammas(gamma, num_models) -> tuple: the per-model speculation lengths from `decode`'s `gamma`.
   """
 

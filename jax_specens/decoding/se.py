@@ -26,7 +26,9 @@ Static window sizes: model k feeds at most `1 + sum_{j != k} gamma_j` tokens and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import flax.struct
 import jax
@@ -123,7 +125,7 @@ def _verify(req, cfg, state: LoopState, width: int, counted) -> LoopState:
   logq = log_probs(jnp.take_along_axis(logits, src[None, :, :, None], axis=0)[0], req.sampling)
   logr = req.ensemble.target(logits, req.sampling)
   state, key = state.next_key()
-  rule = cfg.option("acceptance_rule") or acceptance.verify
+  rule = cfg.options.acceptance_rule or acceptance.verify
   v = rule(key, tokens, logq, logr, num_valid)
   a, rej = v.num_accepted, v.rejected & act
   j = jnp.arange(width)[None, :]
@@ -186,17 +188,23 @@ def _propose(req, cfg, state: LoopState, k: int) -> LoopState:
   return state.replace(seq=seq, extra=ex.replace(src=src, pending=ex.pending + can))
 
 
-def prepare(models, options: dict):
-  """se (and sd) accept `acceptance_rule=` (a function with the signature of
-  `acceptance.verify`): a replacement rule for experiments and tests; the default is the lossless
-  one."""
+@dataclasses.dataclass(frozen=True)
+class SpecOptions:
+  """Static options of se and sd. acceptance_rule: a function with the signature of
+  `acceptance.verify` replacing it (experiments and tests); None: the lossless rule."""
+
+  acceptance_rule: Callable | None = None
+
+
+def prepare(models, options: dict) -> tuple[None, SpecOptions]:
+  """se (and sd) accept `acceptance_rule=` (see `SpecOptions`)."""
   rule = options.pop("acceptance_rule", None)
   if options:
     raise ValueError(f"unknown options for method 'se' / 'sd': {sorted(options)}; they take "
                      "acceptance_rule")
   if rule is not None and not callable(rule):
     raise ValueError("acceptance_rule must be a function like jax_specens.acceptance.verify")
-  return None, (("acceptance_rule", rule),) if rule is not None else ()
+  return None, SpecOptions(acceptance_rule=rule)
 
 
 METHOD = Method(init=init, step=step, num_models=(2, None), speculative=True,
