@@ -71,7 +71,8 @@ def kv_memory(config, context: int, itemsize: int) -> dict:
 
 
 def time_model(name, model, cache_len, contexts, blocks, repeats):
-  from jax_specens.step import step, with_attention_block
+  from jax_specens.models.model import with_attention_block
+  from jax_specens.step import step
   modes = {"dense": with_attention_block(model, None)}
   modes.update({f"blocked@{b}": with_attention_block(model, b) for b in blocks})
   if has_windows(model.config):

@@ -34,7 +34,7 @@ from checkpoints_conversion.names import IGNORED, Rule, model_prefix, rules_for
 from checkpoints_conversion.tensors import TensorFiles
 from jax_specens.checkpoint import abstract_model, atomic_dir, copy_tokenizer_files, write_model_files
 from jax_specens.models.config import ModelConfig
-from jax_specens.step import Model
+from jax_specens.models.model import Model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 KEEPS_BFLOAT16 = {"BF16", "F32"}  # stored types "auto" keeps as bfloat16 (with at least one BF16)

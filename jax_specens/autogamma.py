@@ -82,7 +82,7 @@ def _bucket(n: int) -> int:
 
 def _check(models, prompts, prompt_lengths, kw: dict) -> tuple:
   """ValueError for everything gamma='auto' cannot do; returns the models in method order."""
-  from jax_specens.step import Model
+  from jax_specens.models.model import Model
   method, gamma = kw.get("method", "ar"), kw["gamma"]
   if gamma != "auto":
     raise ValueError(f"gamma must be an int, a sequence of ints (se: one per model) or 'auto', "

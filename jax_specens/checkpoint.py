@@ -28,7 +28,7 @@ from flax import nnx
 from jax_specens import shared_params
 from jax_specens.models.config import ModelConfig
 from jax_specens.models.transformer import Transformer
-from jax_specens.step import Model, from_module
+from jax_specens.models.model import Model, from_module
 
 CONFIG_FILE = "jax_specens.json"
 PARAMS_DIR = "params"

@@ -29,7 +29,7 @@ from jax_specens.decoding import METHODS
 from jax_specens.decoding.loop import Config, LoopState, Method, Request, finalize, generate
 from jax_specens.decoding.outputs import RUNNING, DecodeOutput
 from jax_specens.ensemble import make_ensemble
-from jax_specens.step import Model
+from jax_specens.models.model import Model
 
 
 def decode(models, prompts, prompt_lengths, *, method: str = "ar", max_new_tokens: int,

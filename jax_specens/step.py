@@ -1,70 +1,21 @@
 """Pure step functions: the building blocks of every decoder.
 
-A `Model` is split once (`nnx.split`): its `graphdef` and `config` are static, its `params` a pytree
-of arrays. `forward` is pure and jittable; `prefill`/`step` are its jitted forms with the cache
-donated. Inside a decoding loop call `forward` directly (the loop is jitted as a whole).
+A `Model` (`models/model.py`) is split once: its `graphdef` and `config` are static, its `params`
+a pytree of arrays. `forward` is pure and jittable; `prefill`/`step` are its jitted forms with the
+cache donated. Inside a decoding loop call `forward` directly (the loop is jitted as a whole).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from jax_specens.cache import KVCache, init_cache
-from jax_specens.models.config import ModelConfig
-from jax_specens.models.transformer import Transformer
-
-
-@flax.struct.dataclass
-class Model:
-  """A ready-to-decode model: static structure plus a pytree of parameters.
-
-  A pytree itself (params are its only leaves), so it can be passed through `jax.jit`.
-  vocab: the tokenizer it speaks (`jax_specens.vocab.Vocab`, set by `load_model`); None for a
-  model built in memory (its whole table is its vocabulary).
-  """
-
-  config: ModelConfig = flax.struct.field(pytree_node=False)
-  graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
-  params: nnx.State
-  vocab: Any = flax.struct.field(pytree_node=False, default=None)
-
-  @property
-  def dtype(self):
-    return jax.tree_util.tree_leaves(self.params)[0].dtype
-
-  def init_cache(self, batch_size: int, max_len: int, dtype=None,
-                 ring_slack: int | None = None) -> KVCache:
-    """See `jax_specens.cache.init_cache` (ring_slack: ring caches for sliding layers)."""
-    return init_cache(self.config, batch_size, max_len, dtype or self.dtype, ring_slack)
-
-  def module(self) -> Transformer:
-    return nnx.merge(self.graphdef, self.params)
-
-
-def from_module(module: Transformer) -> Model:
-  graphdef, params = nnx.split(module)
-  return Model(config=module.config, graphdef=graphdef, params=params)
-
-
-def with_attention_block(model: Model, block: int | None) -> Model:
-  """The same parameters under `config.attention_block = block` (`models/attend.py`; None:
-  always dense): only the static structure changes, so a new program is compiled for it."""
-  config = dataclasses.replace(model.config, attention_block=block)
-  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=model.dtype))
-  return model.replace(config=config, graphdef=nnx.split(abstract)[0])
-
-
-def create_model(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Model:
-  """A randomly initialised model (normal(0.02) weights)."""
-  return from_module(Transformer(config, rngs=nnx.Rngs(seed), dtype=dtype))
+from jax_specens.cache import KVCache
+from jax_specens.models.model import Model
 
 
 def forward(

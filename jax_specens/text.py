@@ -31,7 +31,7 @@ import numpy as np
 
 from jax_specens import vocab
 from jax_specens.decoding.outputs import DecodeOutput
-from jax_specens.step import Model
+from jax_specens.models.model import Model
 
 MIN_BUCKET = 32
 Messages = Sequence[dict]

@@ -24,7 +24,8 @@ import pytest
 
 from jax_specens.cache import init_cache
 from jax_specens.models.config import ModelConfig
-from jax_specens.step import create_model, forward
+from jax_specens.models.model import create_model
+from jax_specens.step import forward
 
 VOCAB = 48
 REGION = 16

@@ -14,7 +14,7 @@ with install_import_hook("jax_specens", "beartype.beartype"):
   from jax_specens import acceptance
   from jax_specens.decode import decode
   from jax_specens.models.config import ModelConfig
-  from jax_specens.step import create_model
+  from jax_specens.models.model import create_model
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,7 @@ import pytest
 
 from jax_specens.decode import decode
 from jax_specens.models import attend as A
-from jax_specens.step import with_attention_block
+from jax_specens.models.model import with_attention_block
 from tests.decode_models import LENGTHS, PROMPTS, config, scaled
 from jax_specens import create_model
 

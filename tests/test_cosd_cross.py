@@ -15,7 +15,8 @@ from jax_specens.checkpoint import save_model
 from jax_specens.cli.main import main
 from jax_specens.fusion import ConstantVerifier, RuleVerifier, SidePrompts, cosd_text
 from jax_specens.fusion.cross_rows import Row, Side
-from jax_specens.step import create_model, forward
+from jax_specens.models.model import create_model
+from jax_specens.step import forward
 from tests.fixtures_fusion import tiny_config
 
 K = 3

@@ -21,7 +21,8 @@ from flax import nnx
 from jax_specens import create_model, decode, load_model, vocab
 from jax_specens.checkpoint import CONFIG_FILE, PARAMS_DIR, abstract_model, save_model
 from jax_specens.cli.main import main
-from jax_specens.step import Model, forward_prompt
+from jax_specens.models.model import Model
+from jax_specens.step import forward_prompt
 from tests.decode_models import config, scaled
 from tests.test_text_api import save_tokenizer
 

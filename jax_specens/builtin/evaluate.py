@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jax_specens.step import Model, forward
+from jax_specens.models.model import Model
+from jax_specens.step import forward
 
 
 def windows(stream: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:

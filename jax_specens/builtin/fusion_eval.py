@@ -35,7 +35,7 @@ from jax_specens.fusion.learned import LearnedEnsemble, learned_ensemble
 from jax_specens.fusion.pipeline import FusionRecipe, train_fusion
 from jax_specens.fusion.train import TrainConfig
 from jax_specens.sampling import SamplingParams
-from jax_specens.step import Model
+from jax_specens.models.model import Model
 
 SINGLE = ("code", "prose", "draft")
 ENSEMBLES = ("ensemble wprob", "ensemble wlogit", "ensemble learned")

@@ -37,7 +37,8 @@ from jax_specens.builtin import unlikelihood as ul
 from jax_specens.builtin import tokenizer as tokenizers_lib
 from jax_specens.checkpoint import load_model, save_model
 from jax_specens.models.config import ModelConfig
-from jax_specens.step import Model, create_model, forward
+from jax_specens.models.model import Model, create_model
+from jax_specens.step import forward
 
 MODELS_DIR = Path(__file__).parent / "models"
 EVAL_WINDOWS = 32  # held-out windows per domain scored after training

@@ -28,7 +28,8 @@ from jax_specens.decoding.outputs import (CACHE_FULL, LENGTH, RUNNING, STOP, Dec
                                           DecodeStats)
 from jax_specens.ensemble import Ensemble
 from jax_specens.sampling import SamplingParams
-from jax_specens.step import Model, forward
+from jax_specens.models.model import Model
+from jax_specens.step import forward
 
 
 @flax.struct.dataclass

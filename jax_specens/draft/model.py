@@ -18,7 +18,7 @@ from flax import nnx
 
 from jax_specens.checkpoint import abstract_model
 from jax_specens.models.config import ModelConfig
-from jax_specens.step import Model
+from jax_specens.models.model import Model
 
 # parameter groups shared with the target unchanged (not trained, not needed in a slim copy)
 SHARED = ("embed", "pos_embed")

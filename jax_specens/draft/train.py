@@ -30,7 +30,7 @@ from jax_specens import resume
 from jax_specens.cache import init_cache
 from jax_specens.draft.data import Harvest
 from jax_specens.draft.model import SHARED
-from jax_specens.step import Model
+from jax_specens.models.model import Model
 
 
 @dataclasses.dataclass(frozen=True)

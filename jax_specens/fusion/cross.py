@@ -39,7 +39,7 @@ from jax_specens.fusion.cross_steps import (ASSISTANT_MIN_WIDTH, DRAFT_MIN_WIDTH
                                             assistant_score, bucket, decide, draft_window)
 from jax_specens.fusion.verifier import as_verifier
 from jax_specens.sampling import SamplingParams, check_params
-from jax_specens.step import Model
+from jax_specens.models.model import Model
 
 
 @dataclasses.dataclass

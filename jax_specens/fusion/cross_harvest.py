@@ -36,7 +36,8 @@ from jax_specens.fusion.cross_steps import bucket
 from jax_specens.fusion.features import assemble_features, model_features
 from jax_specens.fusion.harvest import IGNORE, Harvest
 from jax_specens.fusion.token_text import TokenText, is_char_boundary
-from jax_specens.step import Model, forward
+from jax_specens.models.model import Model
+from jax_specens.step import forward
 from jax_specens.text import pad
 
 

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 
 from jax_specens.fusion.token_text import TokenText, complete, is_char_boundary, token_bytes
-from jax_specens.step import Model
+from jax_specens.models.model import Model
 from jax_specens.text import encode
 
 

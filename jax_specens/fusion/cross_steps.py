@@ -19,7 +19,8 @@ from jaxtyping import Array, Bool, Float, Int
 from jax_specens.cache import KVCache
 from jax_specens.fusion.features import assemble_features, model_features
 from jax_specens.sampling import SamplingParams, log_probs, sample
-from jax_specens.step import Model, forward, forward_rows
+from jax_specens.models.model import Model
+from jax_specens.step import forward, forward_rows
 
 DRAFT_MIN_WIDTH = 1  # a draft feed after a window is 1 token, or a few after a replacement
 ASSISTANT_MIN_WIDTH = 4  # an assistant feed is about the window's text, re-tokenized

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from jax_specens.cache import init_cache
 from jax_specens.fusion import features as F
-from jax_specens.step import Model, forward
+from jax_specens.models.model import Model
+from jax_specens.step import forward
 
 IGNORE = -1
 

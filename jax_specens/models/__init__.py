@@ -2,5 +2,7 @@
 
 from jax_specens.models.config import SUPPORTED_FAMILIES, ModelConfig, RopeConfig
 from jax_specens.models.transformer import Transformer
+from jax_specens.models.model import Model, create_model, from_module
 
-__all__ = ["SUPPORTED_FAMILIES", "ModelConfig", "RopeConfig", "Transformer"]
+__all__ = ["SUPPORTED_FAMILIES", "Model", "ModelConfig", "RopeConfig", "Transformer", "create_model",
+           "from_module"]

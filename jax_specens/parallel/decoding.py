@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax_specens.parallel.multihost import to_host
 from jax_specens.parallel.place import kv_axes_of, shard_batch, shard_model
 from jax_specens.parallel.rules import check_batch, make_plan
-from jax_specens.step import Model
+from jax_specens.models.model import Model
 
 
 def on_mesh(model: Model, mesh: Mesh) -> bool:

@@ -29,7 +29,7 @@ from jax_specens.models.config import ModelConfig
 from jax_specens.parallel.mesh import AXES, DATA, device_ids
 from jax_specens.parallel.rules import (batch_spec, cache_spec, check_batch, make_plan,
                                         param_path, param_shardings)
-from jax_specens.step import Model
+from jax_specens.models.model import Model
 
 
 def model_shardings(model: Model, mesh: Mesh, *, tensor_parallel: bool = True,
