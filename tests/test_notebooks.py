@@ -10,6 +10,7 @@ import nbclient
 import nbformat
 import pytest
 
+from jax_specens.cli.demo_real import DRAFT_NAME
 from tests.conftest import shared_xla_cache_env
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
@@ -25,6 +26,22 @@ def test_there_are_notebooks():
 REAL = {"real_models"}  # runs SmolLM2-135M-Instruct and Gemma-3-270M (marker `real`)
 
 
+def save_draft(target_dir: Path, out: Path) -> None:
+  """Where the notebook looks for a distilled SmolLM2 draft, a draft of `train-draft`'s shape
+  (the recipe's target layers, a head over the first K ids: BPE's most frequent merges), copied
+  from the target untrained: a user who ran `train-draft` gets this branch, and its programs
+  compile 30 + 4 layers where SmolLM2 as its own draft compiles 30 + 30."""
+  import numpy as np
+
+  from jax_specens import load_model
+  from jax_specens.checkpoint import save_model
+  from jax_specens.draft.model import init_from_target
+  from jax_specens.draft.pipeline import DraftRecipe
+  recipe = DraftRecipe()
+  draft = init_from_target(load_model(target_dir), recipe.layers, np.arange(recipe.vocab_k))
+  save_model(draft, out, tokenizer_dir=target_dir)
+
+
 @pytest.mark.parametrize("path", [
     pytest.param(p, marks=[pytest.mark.real] if p.stem in REAL else []) for p in NOTEBOOKS],
     ids=[p.stem for p in NOTEBOOKS])
@@ -36,6 +53,7 @@ def test_notebook_executes(path: Path, request, tmp_path, monkeypatch):
     models.mkdir(parents=True)
     for name in ("smollm2", "gemma3"):
       (models / name).symlink_to(request.getfixturevalue(f"real_{name}"), target_is_directory=True)
+    save_draft(request.getfixturevalue("real_smollm2"), models / DRAFT_NAME)
     monkeypatch.setenv("JAX_SPECENS_CACHE", str(tmp_path / "cache"))
   for name, value in shared_xla_cache_env().items():  # the session's compiled programs
     monkeypatch.setenv(name, value)
