@@ -5,6 +5,7 @@ work, with a message naming the fix."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -124,7 +125,9 @@ def test_cli_gamma_auto_reports_its_choice(model_dirs, capsys):
   code, out, err = cli(capsys, "--model", model_dirs[1], "--draft", model_dirs[0], "--method", "sd",
                        "--gamma", "auto", "--prompt-ids", "1,2,3", "--max-new-tokens", "6",
                        "--temperature", "0")
-  assert code == 0 and f"-- gamma auto: {g['gamma']} (acceptance alpha" in err
+  # the choice is timed: a second calibration on a loaded machine may pick another gamma
+  chosen = re.search(r"-- gamma auto: (\d+) \(acceptance alpha", err)
+  assert code == 0 and chosen and 1 <= int(chosen.group(1)) <= autogamma.MAX_GAMMA, err
 
 
 @pytest.mark.parametrize("argv,message", [
