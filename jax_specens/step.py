@@ -11,7 +11,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jax_specens.cache import KVCache
@@ -32,10 +31,15 @@ def forward(
   (`cache.rollback`) discards the rest. valid: how many of the W tokens are real per row (a
   right-padded prompt); a cache with ring layers needs it for a pass wider than its slack.
   """
-  start = start.astype(jnp.int32)
-  positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-  logits, cache = nnx.merge(model.graphdef, model.params)(tokens, positions, cache, valid)
+  start, positions = _positions(start, tokens.shape[1])
+  logits, cache = model.module()(tokens, positions, cache, valid)
   return logits, cache.replace(pos=start + tokens.shape[1])
+
+
+def _positions(start: Int[Array, "B"], width: int) -> tuple[Int[Array, "B"], Int[Array, "B W"]]:
+  """int32 `start` and the positions `start[b] + i` of a pass of `width` tokens."""
+  start = start.astype(jnp.int32)
+  return start, start[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]
 
 
 def forward_rows(
@@ -45,9 +49,8 @@ def forward_rows(
   """`forward`, but the logits only after the fed tokens `rows` (indices into the W): the
   vocabulary head, most of a small model's work per token (and `[B, W, V]` floats of memory for a
   long prompt over a 262k vocabulary), runs on R rows instead of W."""
-  start = start.astype(jnp.int32)
-  module = nnx.merge(model.graphdef, model.params)
-  positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+  start, positions = _positions(start, tokens.shape[1])
+  module = model.module()
   x, cache = module.hidden(tokens, positions, cache, valid)
   logits = module.head(jnp.take_along_axis(x, rows[:, :, None], axis=1))
   return logits, cache.replace(pos=start + tokens.shape[1])

@@ -120,11 +120,10 @@ def inputs(tmp_path_factory, hf_zoo):
   (root / "corpus.txt").write_text(texts["code"] + "\n\n" + texts["prose"])
   (root / "a.txt").write_text(texts["code"])
   (root / "b.txt").write_text(texts["prose"])
-  cache = root / "cache"
-  if shared_xla_cache_env():  # the CLI's compilation cache (cache/xla) is the session's
+  cache, shared = root / "cache", shared_xla_cache_env()
+  if shared:  # the CLI's compilation cache (cache/xla) is the session's
     cache.mkdir()
-    (cache / "xla").symlink_to(shared_xla_cache_env()["JAX_COMPILATION_CACHE_DIR"],
-                               target_is_directory=True)
+    (cache / "xla").symlink_to(shared["JAX_COMPILATION_CACHE_DIR"], target_is_directory=True)
   return {"hf": hf_zoo["qwen2-gqa-tied"].hf_dir, "root": root, "cache": cache}
 
 
