@@ -34,14 +34,20 @@ if TYPE_CHECKING:
 @flax.struct.dataclass
 class KVCache:
   """k, v: one array per layer, each `[B, S, H_kv, D]` (a ring layer: `[B, R, H_kv, D]`);
-  pos: `[B]` next write position per row; ring: per layer, whether it is a ring (static);
-  length: the positions a row can hold (S; static: a ring layer holds fewer slots)."""
+  pos: `[B]` next write position per row; ring: per entry, whether it is a ring (static);
+  length: the positions a row can hold (S; static: a ring layer holds fewer slots).
 
-  k: tuple[Float[Array, "B _S K D"], ...]  # _S: S, or R for a ring layer (not checked)
-  v: tuple[Float[Array, "B _S K D"], ...]
+  stacked: for a model whose layers are scanned (`models/layout.py`, period P, n repeats), the
+  first P entries are stacked `[n, B, S, H_kv, D]`: entry j holds layers j, j + P, ...; the
+  others are the tail layers `n * P ..` one array each. 0: one entry per layer.
+  """
+
+  k: tuple[Float[Array, "..."], ...]  # [B, _S, K, D], or [n, B, _S, K, D] when stacked
+  v: tuple[Float[Array, "..."], ...]
   pos: Int[Array, "B"]
   ring: tuple[bool, ...] = flax.struct.field(pytree_node=False)
   length: int = flax.struct.field(pytree_node=False)
+  stacked: int = flax.struct.field(pytree_node=False, default=0)
 
   @property
   def batch_size(self) -> int:
@@ -77,50 +83,67 @@ def layer_slots(config: ModelConfig, max_len: int, ring_slack: int | None = None
 
 def init_cache(
     config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32,
-    ring_slack: int | None = None,
+    ring_slack: int | None = None, stack: tuple[int, int] | None = None,
 ) -> KVCache:
   """Zero cache of `max_len` positions per row for `batch_size` rows, every position 0.
 
   ring_slack: give sliding-window layers a ring of `window + ring_slack` slots (module notes:
   it must exceed the most positions a decode writes past its committed length); None: every
   layer keeps `max_len` slots.
+  stack: (period P, repeats n) of a model with scanned layers (`models/layout.py`): its first
+  n * P layers are kept as P stacked entries; None: one entry per layer.
   """
   layers = layer_slots(config, max_len, ring_slack)
-  shape = lambda n: (batch_size, n, config.num_kv_heads, config.head_dim)
-  return KVCache(k=tuple(jnp.zeros(shape(n), dtype) for n, _ in layers),
-                 v=tuple(jnp.zeros(shape(n), dtype) for n, _ in layers),
+  period, repeats = stack or (0, 0)
+  entries = [(repeats,) + (n, r) for n, r in layers[:period]]  # layer j stands for j + i * P
+  entries += [(None, n, r) for n, r in layers[period * repeats:]]
+
+  def zeros(lead, n):
+    shape = (batch_size, n, config.num_kv_heads, config.head_dim)
+    return jnp.zeros(shape if lead is None else (lead,) + shape, dtype)
+
+  return KVCache(k=tuple(zeros(lead, n) for lead, n, _ in entries),
+                 v=tuple(zeros(lead, n) for lead, n, _ in entries),
                  pos=jnp.zeros((batch_size,), jnp.int32),
-                 ring=tuple(r for _, r in layers), length=max_len)
+                 ring=tuple(r for _, _, r in entries), length=max_len, stacked=period)
 
 
 def write(
-    cache_k: Float[Array, "B S K D"],
+    cache_k: Float[Array, "*L B S K D"],
     new: Float[Array, "B W K D"],
     start: Int[Array, "B"],
-) -> Float[Array, "B S K D"]:
-  """Writes `new` at slots `start[b] + i`; writes past the end of the cache are dropped."""
+    layer: Int[Array, ""] | None = None,
+) -> Float[Array, "*L B S K D"]:
+  """Writes `new` at slots `start[b] + i`; writes past the end of the cache are dropped.
+
+  layer: for a stacked cache `[n, B, S, K, D]`, the layer written (in place: only the W slots
+  per row move)."""
   b, w = new.shape[:2]
   rows = jnp.arange(b)[:, None]
   cols = start[:, None] + jnp.arange(w)[None, :]
-  return cache_k.at[rows, cols].set(new.astype(cache_k.dtype), mode="drop")
+  at = cache_k.at[rows, cols] if layer is None else cache_k.at[layer, rows, cols]
+  return at.set(new.astype(cache_k.dtype), mode="drop")
 
 
 def write_ring(
-    ring_k: Float[Array, "B R K D"],
+    ring_k: Float[Array, "*L B R K D"],
     new: Float[Array, "B W K D"],
     start: Int[Array, "B"],
     valid: Int[Array, "B"] | None = None,
-) -> Float[Array, "B R K D"]:
+    layer: Int[Array, ""] | None = None,
+) -> Float[Array, "*L B R K D"]:
   """Writes `new[:, i]` (position `start + i`) at ring slot `(start + i) mod R`, for the last R
   of the row's `valid` (default: all W) tokens: the others are dropped, so no slot is written
-  twice and a prompt's padding never overwrites its tokens."""
+  twice and a prompt's padding never overwrites its tokens. layer: as in `write`."""
   b, w = new.shape[:2]
-  r = ring_k.shape[1]
+  r = ring_k.shape[-3]
   i = jnp.arange(w)[None, :]
   n = jnp.full((b,), w, jnp.int32) if valid is None else valid.astype(jnp.int32)
   keep = (i < n[:, None]) & (i >= n[:, None] - r)
   cols = jnp.where(keep, (start[:, None] + i) % r, r)
-  return ring_k.at[jnp.arange(b)[:, None], cols].set(new.astype(ring_k.dtype), mode="drop")
+  rows = jnp.arange(b)[:, None]
+  at = ring_k.at[rows, cols] if layer is None else ring_k.at[layer, rows, cols]
+  return at.set(new.astype(ring_k.dtype), mode="drop")
 
 
 def cache_bytes(cache: KVCache) -> int:

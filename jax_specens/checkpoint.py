@@ -165,8 +165,9 @@ def write_model_files(directory: Path, config: ModelConfig, params: dict, *,
 def save_model(model: Model, out_dir: str | os.PathLike, *, tokenizer_dir=None,
                overwrite: bool = False) -> Path:
   """Saves `model` (and the tokenizer files found in `tokenizer_dir`) atomically to `out_dir`."""
+  from jax_specens.models.layout import unrolled
   with atomic_dir(out_dir, overwrite) as tmp:
-    write_model_files(tmp, model.config, nnx.to_pure_dict(model.params))
+    write_model_files(tmp, model.config, nnx.to_pure_dict(unrolled(model).params))
     if tokenizer_dir is not None:
       copy_tokenizer_files(tokenizer_dir, tmp)
   return Path(out_dir)
@@ -237,10 +238,12 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32) -> Model:
 
 
 def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
-               share_from=None) -> Model:
+               share_from=None, scan_layers: bool = False) -> Model:
   """Restores a model saved by `save_model` or `jax-specens convert`, cast to `dtype`.
 
   dtype: None (default) loads the dtype the parameters are stored in (`precision.stored_dtype`).
+  scan_layers: stack the layers for `lax.scan` (`models/layout.py`: compiles in a fraction of
+  the time; on CPU each step is slower). The checkpoint is the same either way.
 
   shardings: optional function `Model -> pytree of jax.sharding.Sharding` matching the params;
   orbax then restores every array directly into its shards (`jax_specens.parallel.load_model`
@@ -283,8 +286,15 @@ def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
   params = abstract.params
   nnx.replace_by_pure_dict(params, restored)
   from jax_specens import vocab
-  return Model(config=config, graphdef=abstract.graphdef, params=params,
-               vocab=vocab.identify(model_dir, config.vocab_size))
+  model = Model(config=config, graphdef=abstract.graphdef, params=params,
+                vocab=vocab.identify(model_dir, config.vocab_size))
+  if not scan_layers:
+    return model
+  from jax_specens.models.layout import scanned
+  model = scanned(model, donate=not share)  # shared arrays belong to another model too
+  if shardings is None:
+    return model
+  return model.replace(params=jax.device_put(model.params, shardings(model)))
 
 
 def _place(groups: dict, target: dict) -> dict:

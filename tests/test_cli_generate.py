@@ -103,6 +103,14 @@ def test_se_json_reports_stats(model_dirs, capsys):
   assert all(0 < n <= N for n in got["lengths"])
 
 
+def test_scan_layers_decodes_the_same_tokens(model_dirs, capsys):
+  argv = ["--model", model_dirs[0], "--draft", model_dirs[1], "--method", "sd", "--gamma", "3",
+          "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", str(N),
+          "--temperature", "0", "--no-stop", "--json"]
+  unrolled, scanned = (json.loads(cli(capsys, *argv, *more)[1]) for more in ([], ["--scan-layers"]))
+  assert scanned["tokens"] == unrolled["tokens"] and scanned["texts"] == unrolled["texts"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--method", "sd"], "--draft"),
     (["--weights", "0.5,0.2", "--method", "ensemble", "--model", "{m1}"], "sum to 1"),

@@ -88,6 +88,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--no-stop", action="store_true", help="ignore EOS ids; always generate N tokens")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="compute dtype the parameters are loaded in (default float32)")
+  p.add_argument("--scan-layers", action="store_true",
+                 help="scan each model's layers (one compiled block per layer kind): the first "
+                 "call compiles several times faster; on CPU each token is slower "
+                 "(benchmarks/README.md, compile time). Default: layers unrolled")
   p.add_argument("--allow-long", action="store_true",
                  help="allow prompt + --max-new-tokens past a model's max_position_embeddings "
                  "(its trained context; refused otherwise)")
@@ -203,6 +207,7 @@ def _run(args: argparse.Namespace) -> int:
   if mesh is not None:  # each array restored straight into its shards
     from jax_specens.parallel import load_model as load_sharded
     load_model = functools.partial(load_sharded, mesh=mesh)
+  load_model = functools.partial(load_model, scan_layers=args.scan_layers)
   models = []  # a distilled draft takes its target's embedding from a model loaded before it
   for d in args.model:
     models.append(load_model(d, dtype, share_from=models))

@@ -18,6 +18,7 @@ from flax import nnx
 
 from jax_specens.checkpoint import abstract_model
 from jax_specens.models.config import ModelConfig
+from jax_specens.models.layout import unrolled
 from jax_specens.models.model import Model
 
 # parameter groups shared with the target unchanged (not trained, not needed in a slim copy)
@@ -52,7 +53,7 @@ def target_head_rows(target: Model, ids: np.ndarray) -> jax.Array:
 def init_from_target(target: Model, layers: Sequence[int], vocab_subset: Sequence[int]) -> Model:
   """A draft whose every weight is copied from `target` (see the module docstring)."""
   config = draft_config(target.config, layers, vocab_subset)
-  pure = nnx.to_pure_dict(target.params)
+  pure = nnx.to_pure_dict(unrolled(target).params)
   abstract = abstract_model(config, target.dtype)
   new = {k: pure[k] for k in SHARED if k in pure}
   new["final_norm"] = pure["final_norm"]

@@ -30,7 +30,6 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
-from jax_specens.cache import init_cache
 from jax_specens.fusion.cross_rows import Side, carry
 from jax_specens.fusion.cross_steps import bucket
 from jax_specens.fusion.features import assemble_features, model_features
@@ -111,7 +110,7 @@ def segments(text: str, max_bytes: int) -> list[tuple[str, int]]:
 def _pass(model: Model, tokens: Int[Array, "B W"]) -> tuple[Float[Array, "B W V"], Int[Array, "B W"]]:
   """Logits after every token of each row and their argmax (one forward pass from position 0)."""
   b, w = tokens.shape
-  logits, _ = forward(model, init_cache(model.config, b, w, model.dtype), tokens,
+  logits, _ = forward(model, model.init_cache(b, w), tokens,
                       jnp.zeros((b,), jnp.int32))
   return logits, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 

@@ -22,7 +22,6 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
-from jax_specens.cache import init_cache
 from jax_specens.fusion import features as F
 from jax_specens.models.model import Model
 from jax_specens.step import forward
@@ -113,7 +112,7 @@ def harvest_batch(
   b, length = tokens.shape
   logits = []
   for m in models:
-    cache = init_cache(m.config, b, length, m.dtype)
+    cache = m.init_cache(b, length)
     out, _ = forward(m, cache, tokens, jnp.zeros((b,), jnp.int32))
     logits.append(out[:, :-1])
   ref = tokens[:, 1:]

@@ -38,13 +38,16 @@ class Attention(nnx.Module):
       self,
       x: Float[Array, "B W D"],
       positions: Int[Array, "B W"],
-      cache_k: Float[Array, "B S K Dh"],
-      cache_v: Float[Array, "B S K Dh"],
+      cache_k: Float[Array, "*L B S K Dh"],
+      cache_v: Float[Array, "*L B S K Dh"],
       ring: bool = False,
       valid: Int[Array, "B"] | None = None,
-  ) -> tuple[Float[Array, "B W D"], Float[Array, "B S K Dh"], Float[Array, "B S K Dh"]]:
+      layer: Int[Array, ""] | None = None,
+  ) -> tuple[Float[Array, "B W D"], Float[Array, "*L B S K Dh"], Float[Array, "*L B S K Dh"]]:
     """ring: the cache is this sliding layer's ring (`cache.py`); valid: tokens per row that are
-    real (a right-padded prompt; default all W): a ring keeps only those."""
+    real (a right-padded prompt; default all W): a ring keeps only those. layer: the caches are
+    stacked `[n, B, S, K, Dh]` (scanned layers, `models/layout.py`) and this is layer `layer` of
+    them: its K/V are written in place and read from that slice."""
     b, w, _ = x.shape
     q = self.q(x).reshape(b, w, self.num_heads, self.head_dim)
     k = self.k(x).reshape(b, w, self.num_kv_heads, self.head_dim)
@@ -55,15 +58,16 @@ class Attention(nnx.Module):
       inv = np.asarray(self.inv_freq, np.float32)
       q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
     kw = dict(scale=self.scale, window=self.window, softcap=self.softcap)
+    own = (lambda c: c) if layer is None else (lambda c: c[layer])
     if ring:
-      self._check_ring(cache_k.shape[1], w, valid)
-      out = ring_attend(q, cache_k, cache_v, k, v, positions, **kw)
-      cache_k = kv.write_ring(cache_k, k, positions[:, 0], valid)
-      cache_v = kv.write_ring(cache_v, v, positions[:, 0], valid)
+      self._check_ring(cache_k.shape[-3], w, valid)
+      out = ring_attend(q, own(cache_k), own(cache_v), k, v, positions, **kw)
+      cache_k = kv.write_ring(cache_k, k, positions[:, 0], valid, layer)
+      cache_v = kv.write_ring(cache_v, v, positions[:, 0], valid, layer)
     else:
-      cache_k = kv.write(cache_k, k, positions[:, 0])
-      cache_v = kv.write(cache_v, v, positions[:, 0])
-      out = attend(q, cache_k, cache_v, positions, block=self.block, **kw)
+      cache_k = kv.write(cache_k, k, positions[:, 0], layer)
+      cache_v = kv.write(cache_v, v, positions[:, 0], layer)
+      out = attend(q, own(cache_k), own(cache_v), positions, block=self.block, **kw)
     return self.o(out.reshape(b, w, self.num_heads * self.head_dim)), cache_k, cache_v
 
   def _check_ring(self, slots: int, width: int, valid) -> None:

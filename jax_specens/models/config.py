@@ -132,6 +132,16 @@ class ModelConfig:
   def layer_type(self, i: int) -> LayerType:
     return self.layer_types[i] if self.layer_types else "full"
 
+  def layer_stack(self) -> tuple[int, int]:
+    """(period P, repeats n) for scanning the layers (`models/layout.py`): the shortest P with
+    every layer of the same type as layer `i mod P` (window and RoPE follow the type), and
+    n = num_layers // P. Llama-style models: (1, L); Gemma 3 (five sliding, one global): (6, L // 6).
+    """
+    kinds = [self.layer_type(i) for i in range(self.num_layers)]
+    period = next(p for p in range(1, self.num_layers + 1)
+                  if all(kinds[i] == kinds[i % p] for i in range(self.num_layers)))
+    return period, self.num_layers // period
+
   def window(self, i: int) -> int | None:
     """Sliding window of layer i (keys j visible from query p iff p - window < j <= p)."""
     return self.sliding_window if self.layer_type(i) == "sliding" else None

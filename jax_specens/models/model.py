@@ -27,12 +27,14 @@ class Model:
   A pytree itself (params are its only leaves), so it can be passed through `jax.jit`.
   vocab: the tokenizer it speaks (`jax_specens.vocab.Vocab`, set by `load_model`); None for a
   model built in memory (its whole table is its vocabulary).
+  stack: (period, repeats) when its layers are scanned (`models/layout.py`); None: unrolled.
   """
 
   config: ModelConfig = flax.struct.field(pytree_node=False)
   graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
   params: nnx.State
   vocab: Any = flax.struct.field(pytree_node=False, default=None)
+  stack: tuple[int, int] | None = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def dtype(self):
@@ -41,7 +43,8 @@ class Model:
   def init_cache(self, batch_size: int, max_len: int, dtype=None,
                  ring_slack: int | None = None) -> KVCache:
     """See `jax_specens.cache.init_cache` (ring_slack: ring caches for sliding layers)."""
-    return init_cache(self.config, batch_size, max_len, dtype or self.dtype, ring_slack)
+    return init_cache(self.config, batch_size, max_len, dtype or self.dtype, ring_slack,
+                      self.stack)
 
   def module(self) -> Transformer:
     return nnx.merge(self.graphdef, self.params)
@@ -56,10 +59,16 @@ def with_attention_block(model: Model, block: int | None) -> Model:
   """The same parameters under `config.attention_block = block` (`models/attend.py`; None:
   always dense): only the static structure changes, so a new program is compiled for it."""
   config = dataclasses.replace(model.config, attention_block=block)
-  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=model.dtype))
-  return model.replace(config=config, graphdef=nnx.split(abstract)[0])
+  return model.replace(config=config, graphdef=structure(config, model.dtype, model.stack)[0])
+
+
+def structure(config: ModelConfig, dtype, stack: tuple[int, int] | None = None):
+  """`(graphdef, abstract params)` of a transformer (`stack`: with scanned layers, whose
+  abstract params are per layer: `models/layout.py` stacks them); nothing is allocated."""
+  return nnx.split(nnx.eval_shape(
+      lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype, scan=stack is not None)))
 
 
 def create_model(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Model:
-  """A randomly initialised model (normal(0.02) weights)."""
+  """A randomly initialised model (normal(0.02) weights; `models.layout.scanned` scans it)."""
   return from_module(Transformer(config, rngs=nnx.Rngs(seed), dtype=dtype))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
@@ -26,8 +27,9 @@ class Block(nnx.Module):
     self.post_attn_norm = Norm(d, config, dtype) if config.post_norms else None
     self.post_mlp_norm = Norm(d, config, dtype) if config.post_norms else None
 
-  def __call__(self, x, positions, cache_k, cache_v, ring=False, valid=None):
-    a, cache_k, cache_v = self.attn(self.attn_norm(x), positions, cache_k, cache_v, ring, valid)
+  def __call__(self, x, positions, cache_k, cache_v, ring=False, valid=None, layer=None):
+    a, cache_k, cache_v = self.attn(self.attn_norm(x), positions, cache_k, cache_v, ring, valid,
+                                    layer)
     if self.post_attn_norm is not None:
       a = self.post_attn_norm(a)
     x = x + a
@@ -38,9 +40,16 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Embeddings → blocks → final norm → LM head (tied to the embeddings or its own)."""
+  """Embeddings → blocks → final norm → LM head (tied to the embeddings or its own).
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  scan: the structure of scanned layers (`models/layout.py`, which fills it): with the layer
+  period P and n = L // P repeats, `stack[j]` holds layers j, j + P, ... with every parameter
+  stacked on a leading axis of n, and `layers` only the L - n * P tail layers; one `lax.scan`
+  step runs P layers, so a pass compiles P blocks instead of L.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               scan: bool = False):
     self.config = config
     d = config.hidden_size
     self.embed = nnx.Embed(config.vocab_size, d, embedding_init=INIT, param_dtype=dtype,
@@ -50,7 +59,10 @@ class Transformer(nnx.Module):
                   dtype=dtype, rngs=rngs)
         if config.positions == "learned" else None
     )
-    self.layers = nnx.List([Block(config, i, dtype, rngs) for i in range(config.num_layers)])
+    period, repeats = config.layer_stack() if scan else (0, 0)
+    self.stack = nnx.List([Block(config, j, dtype, rngs) for j in range(period)]) if scan else None
+    self.layers = nnx.List([Block(config, i, dtype, rngs)
+                            for i in range(period * repeats, config.num_layers)])
     self.final_norm = Norm(d, config, dtype)
     self.lm_head = None if config.tie_embeddings else linear(d, config.head_size, False, dtype,
                                                              rngs, out_dtype=jnp.float32)
@@ -78,13 +90,38 @@ class Transformer(nnx.Module):
       x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
     if self.pos_embed is not None:
       x = x + self.pos_embed(positions)
+    period = len(self.stack) if self.stack is not None else 0
+    if cache.stacked != period:
+      raise ValueError(
+          f"a cache with {cache.stacked} stacked entries was given to a model with "
+          f"{period} (scanned layers: models/layout.py); make it with the model's own "
+          "`init_cache`")
     ks, vs = [], []
-    for i, layer in enumerate(self.layers):
+    if self.stack is not None:
+      x, ks, vs = self._scan(x, positions, cache, valid)
+    for i, layer in enumerate(self.layers, len(ks)):
       x, k, v = layer(x, positions, cache.k[i], cache.v[i], cache.ring[i], valid)
       ks.append(k)
       vs.append(v)
     x = self.final_norm(x)
     return x, cache.replace(k=tuple(ks), v=tuple(vs))
+
+  def _scan(self, x, positions, cache, valid):
+    """The stacked layers (cache entries 0 .. P - 1 stacked alike): scan step r runs layers
+    r * P .. r * P + P - 1, each writing its K/V in place at index r of its stacked entry."""
+    period = len(self.stack)
+    graphdef, params = nnx.split(self.stack)
+
+    def body(carry, params_r):
+      x, ks, vs, r = carry
+      ks, vs = list(ks), list(vs)
+      for j, block in enumerate(nnx.merge(graphdef, params_r)):
+        x, ks[j], vs[j] = block(x, positions, ks[j], vs[j], cache.ring[j], valid, r)
+      return (x, tuple(ks), tuple(vs), r + 1), None
+
+    carry = (x, cache.k[:period], cache.v[:period], jnp.zeros((), jnp.int32))
+    (x, ks, vs, _), _ = jax.lax.scan(body, carry, params)
+    return x, list(ks), list(vs)
 
   def head(self, x: Float[Array, "B W D"], full: bool = True) -> Float[Array, "B W V"]:
     """float32 logits over the full vocabulary (`full=False`: the K head logits, unscattered).

@@ -75,22 +75,27 @@ def shard_models(models: Sequence[Model], mesh: Mesh | Sequence[Mesh], **plan_kw
 
 
 def load_model(model_dir: str | os.PathLike, dtype=None, *, mesh: Mesh, share_from=None,
-               **plan_kwargs) -> Model:
+               scan_layers: bool = False, **plan_kwargs) -> Model:
   """Restores a checkpoint directly into its shards on `mesh` (no full copy on any device).
 
   `checkpoint.load_model` with the partition rules of this package as its `shardings`; dtype and
   share_from as there, plan_kwargs as in `model_shardings`.
   """
   return checkpoint.load_model(
-      model_dir, dtype, share_from=share_from,
+      model_dir, dtype, share_from=share_from, scan_layers=scan_layers,
       shardings=lambda abstract: model_shardings(abstract, mesh, **plan_kwargs))
 
 
 def _cache_shardings(cache: KVCache, config: ModelConfig, mesh, **plan_kwargs):
   check_batch(cache.batch_size, mesh)
-  kv = cache_spec(make_plan(config, mesh, **plan_kwargs))
-  return cache.replace(k=tuple(kv for _ in cache.k), v=tuple(kv for _ in cache.v),
-                       pos=batch_spec(1))
+  return _per_entry(cache, cache_spec(make_plan(config, mesh, **plan_kwargs)))
+
+
+def _per_entry(cache: KVCache, kv: P) -> KVCache:
+  """`cache` with the spec `kv` of a `[B, S, Hkv, Dh]` array for every K/V entry (stacked
+  entries of scanned layers get an unsplit leading axis) and the batch spec for `pos`."""
+  specs = tuple(P(None, *kv) if i < cache.stacked else kv for i in range(len(cache.k)))
+  return cache.replace(k=specs, v=specs, pos=batch_spec(1))
 
 
 def shard_cache(cache: KVCache, config: ModelConfig, mesh: Mesh, **plan_kwargs) -> KVCache:
@@ -137,7 +142,8 @@ def kv_axes_of(models: Sequence[Model]):
     for path, x in jax.tree_util.tree_leaves_with_path(m.params):
       if param_path(path).endswith("attn/k/kernel") and isinstance(
           getattr(x, "sharding", None), NamedSharding):
-        found = x.sharding.spec[1] if len(x.sharding.spec) > 1 else None
+        spec = x.sharding.spec  # [D, Hkv * Dh], or [n, D, Hkv * Dh] for scanned layers
+        found = spec[x.ndim - 1] if len(spec) >= x.ndim else None
         break
     axes.append(found)
   token = _KV_AXES.set(tuple(axes))
@@ -161,9 +167,7 @@ def pin_state(state, models: Sequence[Model]):
   axes = _KV_AXES.get()
   if axes is None or len(axes) != len(models):
     axes = [cache_spec(make_plan(m.config, mesh))[2] for m in models]
-  caches = tuple(c.replace(k=tuple(P(DATA, None, a, None) for _ in c.k),
-                           v=tuple(P(DATA, None, a, None) for _ in c.v), pos=batch_spec(1))
-                 for c, a in zip(state.caches, axes))
+  caches = tuple(_per_entry(c, P(DATA, None, a, None)) for c, a in zip(state.caches, axes))
 
   def rest(x):
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) or jnp.issubdtype(x.dtype,

@@ -60,6 +60,10 @@ def param_path(path) -> str:
 
 
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+  """The logical axes of parameter `path`; a scanned layer's (`stack/...`, `models/layout.py`)
+  has the per-layer axes after an unsplit leading axis of its layers."""
+  if path.startswith("stack/"):
+    return (None,) + logical_axes(path[len("stack"):], ndim - 1)
   for pattern, axes in PARAM_RULES:
     if re.search(pattern, path):
       if len(axes) != ndim:
