@@ -104,9 +104,8 @@ def test_se_json_reports_stats(model_dirs, capsys):
 
 
 def test_scan_layers_decodes_the_same_tokens(model_dirs, capsys):
-  argv = ["--model", model_dirs[0], "--draft", model_dirs[1], "--method", "sd", "--gamma", "3",
-          "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", str(N),
-          "--temperature", "0", "--no-stop", "--json"]
+  argv = ["--model", model_dirs[0], "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+          "--max-new-tokens", str(N), "--temperature", "0", "--no-stop", "--json"]
   unrolled, scanned = (json.loads(cli(capsys, *argv, *more)[1]) for more in ([], ["--scan-layers"]))
   assert scanned["tokens"] == unrolled["tokens"] and scanned["texts"] == unrolled["texts"]
 

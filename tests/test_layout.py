@@ -110,7 +110,6 @@ CASES = {
     "ar": lambda t, o, d: dict(models=t),
     "sd": lambda t, o, d: dict(models=t, draft=d, gamma=3),
     "se": lambda t, o, d: dict(models=[t, o], gamma=(3, 1)),
-    "cosd": lambda t, o, d: dict(models=t, draft=d, gamma=3, verifier="rule"),
 }
 
 
@@ -129,7 +128,7 @@ def _every_method(target, other, draft, prompts, lengths, methods=tuple(CASES)):
 def test_every_method_decodes_the_unrolled_tokens():
   """Gemma-like target (scanned: one period + tail), Llama-like second member and draft of 3
   layers; scanned and unrolled members mixed. Greedy tokens identical, and varied. (ensemble is
-  se's target distribution: se equal to its unrolled self covers it.)"""
+  se's target distribution and CoSD calls its models as sd does: se and sd cover them.)"""
   target, other, draft = spread(GEMMA, 1), spread(dataclasses.replace(
       LLAMA, num_layers=2, attention_block=None), 2), spread(LLAMA, 3)
   prompts = jnp.asarray(np.random.default_rng(1).integers(0, 64, (4, 7)), jnp.int32)
