@@ -95,7 +95,7 @@ def init_cache(
   """
   layers = layer_slots(config, max_len, ring_slack)
   period, repeats = stack or (0, 0)
-  entries = [(repeats,) + (n, r) for n, r in layers[:period]]  # layer j stands for j + i * P
+  entries = [(repeats, n, r) for n, r in layers[:period]]  # layer j stands for j + i * P
   entries += [(None, n, r) for n, r in layers[period * repeats:]]
 
   def zeros(lead, n):

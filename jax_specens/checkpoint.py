@@ -27,8 +27,7 @@ from flax import nnx
 
 from jax_specens import shared_params
 from jax_specens.models.config import ModelConfig
-from jax_specens.models.transformer import Transformer
-from jax_specens.models.model import Model, from_module
+from jax_specens.models.model import Model, structure
 
 CONFIG_FILE = "jax_specens.json"
 PARAMS_DIR = "params"
@@ -234,7 +233,8 @@ def _check_params_files(params_path: Path, files) -> None:
 
 def abstract_model(config: ModelConfig, dtype=jnp.float32) -> Model:
   """The model's structure with `jax.ShapeDtypeStruct` leaves: no memory is allocated."""
-  return from_module(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype)))
+  graphdef, params = structure(config, dtype)
+  return Model(config=config, graphdef=graphdef, params=params)
 
 
 def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,

@@ -34,7 +34,7 @@ def scanned(model: Model, donate: bool = False) -> Model:
   """
   if model.stack is not None:
     return model
-  period, repeats = stack = model.config.layer_stack()
+  period, repeats = model.config.layer_stack()
   pure = nnx.to_pure_dict(model.params)
   layers = pure.pop("layers")
 
@@ -50,7 +50,7 @@ def scanned(model: Model, donate: bool = False) -> Model:
                    for j in range(period)}
   tail = range(period * repeats, model.config.num_layers)
   pure["layers"] = {i: layers[layer] for i, layer in enumerate(tail)}
-  return _rebuild(model, stack, pure)
+  return _rebuild(model, True, pure)
 
 
 def unrolled(model: Model) -> Model:
@@ -64,10 +64,10 @@ def unrolled(model: Model) -> Model:
             for j in range(period) for r in range(repeats)}
   layers.update({period * repeats + i: t for i, t in tail.items()})
   pure["layers"] = {i: layers[i] for i in range(model.config.num_layers)}
-  return _rebuild(model, None, pure)
+  return _rebuild(model, False, pure)
 
 
-def _rebuild(model: Model, stack, pure: dict) -> Model:
-  graphdef, params = structure(model.config, model.dtype, stack)
+def _rebuild(model: Model, scan: bool, pure: dict) -> Model:
+  graphdef, params = structure(model.config, model.dtype, scan)
   nnx.replace_by_pure_dict(params, pure)
-  return model.replace(graphdef=graphdef, params=params, stack=stack)
+  return model.replace(graphdef=graphdef, params=params)

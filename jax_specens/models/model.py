@@ -27,14 +27,18 @@ class Model:
   A pytree itself (params are its only leaves), so it can be passed through `jax.jit`.
   vocab: the tokenizer it speaks (`jax_specens.vocab.Vocab`, set by `load_model`); None for a
   model built in memory (its whole table is its vocabulary).
-  stack: (period, repeats) when its layers are scanned (`models/layout.py`); None: unrolled.
   """
 
   config: ModelConfig = flax.struct.field(pytree_node=False)
   graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
   params: nnx.State
   vocab: Any = flax.struct.field(pytree_node=False, default=None)
-  stack: tuple[int, int] | None = flax.struct.field(pytree_node=False, default=None)
+
+  @property
+  def stack(self) -> tuple[int, int] | None:
+    """(period, repeats) of `config.layer_stack()` when the layers are scanned (the params hold
+    a `stack` group: `models/layout.py`); None: unrolled."""
+    return self.config.layer_stack() if "stack" in self.params else None
 
   @property
   def dtype(self):
@@ -59,14 +63,15 @@ def with_attention_block(model: Model, block: int | None) -> Model:
   """The same parameters under `config.attention_block = block` (`models/attend.py`; None:
   always dense): only the static structure changes, so a new program is compiled for it."""
   config = dataclasses.replace(model.config, attention_block=block)
-  return model.replace(config=config, graphdef=structure(config, model.dtype, model.stack)[0])
+  return model.replace(config=config,
+                       graphdef=structure(config, model.dtype, model.stack is not None)[0])
 
 
-def structure(config: ModelConfig, dtype, stack: tuple[int, int] | None = None):
-  """`(graphdef, abstract params)` of a transformer (`stack`: with scanned layers, whose
+def structure(config: ModelConfig, dtype, scan: bool = False):
+  """`(graphdef, abstract params)` of a transformer (`scan`: with scanned layers, whose
   abstract params are per layer: `models/layout.py` stacks them); nothing is allocated."""
   return nnx.split(nnx.eval_shape(
-      lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype, scan=stack is not None)))
+      lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype, scan=scan)))
 
 
 def create_model(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Model:
