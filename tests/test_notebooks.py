@@ -24,6 +24,11 @@ def test_there_are_notebooks():
 
 
 REAL = {"real_models"}  # runs SmolLM2-135M-Instruct and Gemma-3-270M (marker `real`)
+# marker `slow` (deselected by the test command, to keep CI within its time; `pytest -m slow`
+# runs it, ~3 min): each of its calls is run on the same real models by a CI test: the chat
+# (tests/test_cli_generate.py), sd / se with a draft of train-draft's shape
+# (tests/test_train_draft.py), cross-tokenizer `cosd_text` (tests/test_cosd_cross_real.py)
+SLOW = {"real_models"}
 
 
 def save_draft(target_dir: Path, out: Path) -> None:
@@ -43,7 +48,8 @@ def save_draft(target_dir: Path, out: Path) -> None:
 
 
 @pytest.mark.parametrize("path", [
-    pytest.param(p, marks=[pytest.mark.real] if p.stem in REAL else []) for p in NOTEBOOKS],
+    pytest.param(p, marks=([pytest.mark.real] if p.stem in REAL else [])
+                 + ([pytest.mark.slow] if p.stem in SLOW else [])) for p in NOTEBOOKS],
     ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path: Path, request, tmp_path, monkeypatch):
   if path.stem in REAL:

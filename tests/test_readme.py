@@ -46,7 +46,9 @@ SLOW = {"train-draft": "trains for its --time-budget", "train_draft(": "trains f
         "g.assemble()": "converts both real models (tests/test_gguf_real.py converts them too)",
         "benchmarks.peers_bench": "four benchmarks end to end, about 4 minutes even with --small",
         "benchmarks.cosd_real_fusion": "harvests, trains and generates on both real models "
-        "(tests/test_cross_harvest.py checks the harvest against decoding)"}
+        "(tests/test_cross_harvest.py checks the harvest against decoding)",
+        "generate --model models/smollm2 --chat": "the real chat CLI, which "
+        "tests/test_cli_generate.py runs with the same flags against transformers' generate()"}
 
 
 def readme_blocks() -> list[tuple[str, int, str]]:
