@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_specens.cache import init_cache
 from jax_specens.fusion.features import translated_features
 from jax_specens.fusion.token_text import complete, is_char_boundary, token_bytes
 from jax_specens.step import forward
@@ -21,7 +20,7 @@ WIDTH = 64  # the longest prompt here is 32 tokens, + 12 new tokens (all_logits 
 
 @jax.jit
 def _all_logits(model, ids):
-  cache = init_cache(model.config, 1, WIDTH)
+  cache = model.init_cache(1, WIDTH)  # unrolled or scanned layers
   return forward(model, cache, ids[None], jnp.zeros((1,), jnp.int32))[0][0]
 
 

@@ -1,5 +1,10 @@
 """Cross-tokenizer CoSD on the real pair: SmolLM2-135M-Instruct (draft, byte-level BPE) and
-Gemma-3-270M (assistant, SentencePiece with byte fallback)."""
+Gemma-3-270M (assistant, SentencePiece with byte fallback).
+
+Both are loaded with their layers scanned (`models/layout.py`: SmolLM2's 30 layers one scanned
+block, Gemma 3's 18 three steps of its 6-layer period), which compiles each program several
+times faster; the scanned models compute the unrolled logits (tests/test_gguf_real.py,
+tests/test_layout.py), and what is checked here is the text carried between the tokenizers."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +29,8 @@ ADVERSARIAL = [
 
 @pytest.fixture(scope="module")
 def pair(real_smollm2, real_gemma3):
-  return (load_model(real_smollm2), load_model(real_gemma3), load_tokenizer(real_smollm2),
-          load_tokenizer(real_gemma3))
+  return (load_model(real_smollm2, scan_layers=True), load_model(real_gemma3, scan_layers=True),
+          load_tokenizer(real_smollm2), load_tokenizer(real_gemma3))
 
 
 @pytest.mark.parametrize("which", ["draft", "assistant"])

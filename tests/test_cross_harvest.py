@@ -136,7 +136,8 @@ def test_train_fusion_cli_on_a_cross_pair_refuses_weights_and_bad_sizes(tiny_pai
 
 @pytest.mark.real
 def test_harvest_matches_decode_time_features_real(real_smollm2, real_gemma3, monkeypatch):
-  pair = (load_model(real_smollm2), load_model(real_gemma3), load_tokenizer(real_smollm2),
-          load_tokenizer(real_gemma3))
+  # layers scanned: each program compiles one block per layer kind (as tests/test_cosd_cross_real)
+  pair = (load_model(real_smollm2, scan_layers=True), load_model(real_gemma3, scan_layers=True),
+          load_tokenizer(real_smollm2), load_tokenizer(real_gemma3))
   got = check_harvest_matches_decode(pair, "The capital of France is", 16, 4, monkeypatch)
   assert len(got) >= 8
