@@ -27,6 +27,8 @@ BENCHMARKS = {
                      "cache of 32k slots, blocked vs dense attention; Gemma 3's KV memory"),
     "attention": ("attention_kernels", "one decode-time attention: dense, blocked and "
                   "jax.nn.dot_product_attention (xla, cudnn) side by side (GPU: 1B shapes)"),
+    "cpu-kernel": ("cpu_kernel_bench", "XLA's CPU matrix product vs the opt-in kernel "
+                   "(JAX_SPECENS_CPU_KERNELS=1): pass cost by width and dtype, ar / se decode"),
     "sharding": ("sharding_bench", "parameter and KV cache bytes per device on data x model "
                  "meshes (1x1 .. 1x8, 2x4, 8x1), and sharded greedy decode == one device"),
 }

@@ -37,10 +37,15 @@ def weight_dot(x: Array, w: Array, dims, precision=None, preferred_element_type=
   low-precision `w` is therefore converted only after `x` exists (a data dependency), and a
   2-D `w` larger than `CHUNK_BYTES` in float32 in pieces along its output dimension, each after
   the previous piece's product: the converted copies are small and reused, and stay in cache.
-  Elsewhere (GPU, TPU) the product reads `w` as it is.
+  Elsewhere (GPU, TPU) the product reads `w` as it is. With `JAX_SPECENS_CPU_KERNELS=1` the
+  products of decode passes (at most 16 rows) run in `jax_specens/kernels/cpu.py`'s kernel.
   """
   out = preferred_element_type or x.dtype
   (xc, wc), batch = dims
+  if out_sharding is None and _cpu_kernel(x, w, dims, precision):
+    from jax_specens.kernels import cpu
+    y = cpu.small_matmul(x.reshape(-1, x.shape[-1]), w, transposed=wc[0] == 1)
+    return y.reshape(x.shape[:-1] + y.shape[-1:]).astype(out)
   if w.dtype == jnp.float32 or jax.default_backend() != "cpu":
     return jax.lax.dot_general(x, w, dims, precision, preferred_element_type=jnp.float32,
                                out_sharding=out_sharding).astype(out)
@@ -58,6 +63,14 @@ def weight_dot(x: Array, w: Array, dims, precision=None, preferred_element_type=
                                preferred_element_type=jnp.float32)
     pieces.append(prev)
   return jnp.concatenate(pieces, -1).astype(out)
+
+
+def _cpu_kernel(x, w, dims, precision) -> bool:
+  """Whether this product goes to the opt-in CPU kernel (`jax_specens/kernels/cpu.py`:
+  `JAX_SPECENS_CPU_KERNELS=1`, decode passes of at most 16 rows)."""
+  from jax_specens.kernels import cpu
+  return (cpu.requested() and jax.default_backend() == "cpu" and cpu.fits(x, w, dims, precision)
+          and cpu.available())
 
 
 def linear(d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs,

@@ -1,0 +1,1 @@
+"""Hand-written kernels behind `jax.ffi` (opt-in; see `cpu.py`)."""

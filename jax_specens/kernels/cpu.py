@@ -1,0 +1,122 @@
+"""An opt-in CPU kernel for the matrix products of decode passes (`small_matmul.cc`, via jax.ffi).
+
+XLA's CPU matrix product reads a weight at about half the memory bandwidth as soon as the
+activations have more than one row (a W-token verification pass, or a batch), and converts
+bfloat16 weights to float32 copies before reading them (`models/layers.weight_dot`). The kernel
+reads every weight byte once per call for up to `MAX_ROWS` rows, float32 or bfloat16 (converted in
+registers, float32 accumulation), split over the calling thread and XLA's intra-op pool.
+
+Opt-in: `JAX_SPECENS_CPU_KERNELS=1` (read when a model's pass is traced). It needs an x86 CPU
+with AVX-512 and a C++ compiler (`$CXX`, else `g++`); it is built once into the user cache
+(`~/.cache/jax_specens/kernels/`, keyed by the source, the flags and jaxlib's version). Where it
+cannot be used, `weight_dot` keeps XLA's product and says why once. Inference only: the product
+has no gradient rule, and on a mesh XLA gathers the operands of the call (use it on one device).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+ENV = "JAX_SPECENS_CPU_KERNELS"
+MAX_ROWS = 16  # rows (batch x pass width) the kernel takes; wider products stay with XLA
+SOURCE = Path(__file__).with_name("small_matmul.cc")
+TARGET = "jax_specens_small_matmul"
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC", "-std=c++17", "-w")
+
+
+def requested() -> bool:
+  return os.environ.get(ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@functools.cache
+def available() -> bool:
+  """Builds (once per source and jaxlib) and registers the kernel; False, with one warning
+  naming the reason, where it cannot run here."""
+  try:
+    _register(_build())
+    return True
+  except Exception as e:  # noqa: BLE001 (any failure means: use XLA's product)
+    warnings.warn(f"{ENV}=1 but the CPU kernel is not used: {e}; decoding keeps XLA's matrix "
+                  "product", stacklevel=2)
+    return False
+
+
+def _build() -> Path:
+  if "avx512f" not in _cpu_flags():
+    raise RuntimeError("this CPU has no AVX-512 (avx512f)")
+  cxx = os.environ.get("CXX") or shutil.which("g++")
+  if not cxx:
+    raise RuntimeError("no C++ compiler (set $CXX or install g++)")
+  import jaxlib
+  from jax_specens.cli.user_cache import user_cache_dir
+  key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()
+                       + jaxlib.__version__.encode()).hexdigest()[:16]
+  out = user_cache_dir() / "kernels" / f"small_matmul-{key}.so"
+  if out.is_file():
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, then renamed in place
+    part = Path(tmp) / out.name
+    r = subprocess.run([cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(part)],
+                       capture_output=True, text=True)
+    if r.returncode:
+      raise RuntimeError(f"{cxx} failed: {r.stderr.strip()[-500:]}")
+    os.replace(part, out)
+  return out
+
+
+def _cpu_flags() -> set[str]:
+  try:
+    text = Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return set()
+  line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+  return set(line.partition(":")[2].split())
+
+
+_REGISTERED: list[Path] = []  # a target name registers once per process
+
+
+def _register(path: Path) -> None:
+  if _REGISTERED:
+    return
+  import ctypes
+  lib = ctypes.cdll.LoadLibrary(str(path))
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxSpecensSmallMatmul),
+                              platform="cpu")
+  _REGISTERED.append(path)
+
+
+def small_matmul(x: Float[Array, "M K"], w: Array, transposed: bool) -> Float[Array, "M N"]:
+  """`x @ w` (`transposed`: `x @ w.T`, w `[N, K]`) in float32, for M <= MAX_ROWS rows; w float32
+  or bfloat16 with N (and, transposed, K) a multiple of 16. Call `available()` first."""
+  n = w.shape[0] if transposed else w.shape[1]
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
+                          vmap_method="sequential")
+  return call(x.astype(jnp.float32), w, transposed=bool(transposed))
+
+
+def fits(x: Array, w: Array, dims, precision) -> bool:
+  """Whether `lax.dot_general(x, w, dims)` is a product the kernel computes: x's last axis
+  contracted with either axis of a 2-D w, no batch axes, at most MAX_ROWS rows."""
+  (xc, wc), batch = dims
+  if w.ndim != 2 or batch != ((), ()) or tuple(xc) != (x.ndim - 1,) or len(wc) != 1:
+    return False
+  if precision is not None or w.dtype not in (jnp.float32, jnp.bfloat16):
+    return False
+  rows = 1
+  for d in x.shape[:-1]:
+    rows *= d
+  k, n = (w.shape[1], w.shape[0]) if wc[0] == 1 else w.shape
+  return rows <= MAX_ROWS and n % 16 == 0 and k % 16 == 0

@@ -1,0 +1,111 @@
+"""The opt-in CPU kernel for decode-pass products (`jax_specens/kernels/cpu.py`).
+
+Specified against XLA's own product: the same values (float32 rounding) for both weight layouts,
+float32 and bfloat16 weights, every row count it takes; products it does not take stay with XLA;
+a model decodes the same tokens with it, and speculative decoding stays lossless (greedy sd ==
+ar). Skipped where it cannot run (no AVX-512 or no C++ compiler: it then warns and decoding keeps
+XLA's product, also tested)."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_specens import ModelConfig, create_model
+from jax_specens.decode import decode
+from jax_specens.kernels import cpu
+from jax_specens.models import layers
+
+
+@pytest.fixture
+def kernel_on(monkeypatch):
+  """The kernel requested; programs traced without it are dropped before and after."""
+  if not cpu.available():
+    pytest.skip("the CPU kernel cannot be built here (no AVX-512 or no C++ compiler)")
+  monkeypatch.setenv(cpu.ENV, "1")
+  jax.clear_caches()
+  yield
+  jax.clear_caches()
+
+
+def _xla(x, w, dims):
+  return jax.lax.dot_general(x.astype(jnp.float32), w.astype(jnp.float32), dims,
+                             precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16])
+def test_products_equal_xla_for_both_layouts_and_dtypes(kernel_on, dtype, transposed, rows):
+  rng = np.random.default_rng(rows)
+  k, n = 320, 2064  # n > 2048: the column-block path; n = 160 below: rows split over K
+  if rows % 2:
+    n = 160
+  w = jnp.asarray(rng.standard_normal((n, k) if transposed else (k, n)), dtype)
+  x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+  dims = (((1,), (1 if transposed else 0,)), ((), ()))
+  got = jax.jit(cpu.small_matmul, static_argnums=2)(x, w, transposed)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(_xla(x, w, dims)), rtol=2e-5, atol=2e-4)
+
+
+def test_weight_dot_routes_only_the_products_the_kernel_takes(kernel_on):
+  w = jnp.ones((64, 32), jnp.float32)
+  nn = (((2,), (0,)), ((), ()))
+  assert cpu.fits(jnp.ones((2, 8, 64)), w, nn, None)  # 16 rows
+  assert not cpu.fits(jnp.ones((2, 9, 64)), w, nn, None)  # 18 rows: XLA (a prompt, training)
+  assert not cpu.fits(jnp.ones((1, 1, 64)), jnp.ones((64, 24)), nn, None)  # N % 16
+  assert not cpu.fits(jnp.ones((1, 1, 64)), w, nn, jax.lax.Precision.HIGHEST)
+  assert not cpu.fits(jnp.ones((1, 1, 64)), w.astype(jnp.float16), nn, None)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 64)), jnp.float32)
+  hlo = jax.jit(lambda x, w: layers.weight_dot(x, w, nn)).lower(x, w).as_text()
+  assert cpu.TARGET in hlo
+  out = jax.jit(lambda x, w: layers.weight_dot(x, w, nn))(x, w)
+  assert out.shape == (2, 3, 32) and out.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out), np.asarray(_xla(x, w, nn)), rtol=1e-5, atol=1e-4)
+
+
+CFG = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
+                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+
+
+def test_a_model_decodes_the_same_tokens_and_sd_stays_lossless(kernel_on, monkeypatch):
+  target = create_model(CFG, seed=0)
+  draft = create_model(CFG, seed=1)
+  prompts = jnp.asarray(np.random.default_rng(3).integers(0, 128, (3, 6)), jnp.int32)
+  lengths = jnp.asarray([6, 2, 4], jnp.int32)
+  kw = dict(max_new_tokens=12, temperature=0.0)
+  with_kernel = decode(target, prompts, lengths, **kw).to_lists()
+  sd = decode(target, prompts, lengths, method="sd", draft=draft, gamma=3, **kw).to_lists()
+  se = decode([target, draft], prompts, lengths, method="se", gamma=(2, 1), **kw).to_lists()
+  ens = decode([target, draft], prompts, lengths, method="ensemble", **kw).to_lists()
+  monkeypatch.setenv(cpu.ENV, "0")
+  jax.clear_caches()
+  without = decode(target, prompts, lengths, **kw).to_lists()
+  assert with_kernel == without
+  assert sd == with_kernel and se == ens  # lossless with the kernel in every pass
+  assert len({tuple(r) for r in with_kernel}) == 3
+
+
+def test_where_the_kernel_cannot_be_built_xla_computes_and_says_why(monkeypatch, tmp_path):
+  monkeypatch.setenv(cpu.ENV, "1")
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  monkeypatch.setenv("JAX_SPECENS_CACHE", str(tmp_path / "cache"))  # nothing built there yet
+  cpu.available.cache_clear()
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      ok = cpu.available()
+    if "avx512f" in cpu._cpu_flags():
+      assert not ok and any("no-such-compiler" in str(w.message) or "failed" in str(w.message)
+                            for w in caught)
+    x, w = jnp.ones((1, 64)), jnp.ones((64, 32))
+    jax.clear_caches()
+    out = jax.jit(lambda x, w: layers.weight_dot(x, w, (((1,), (0,)), ((), ()))))(x, w)
+    np.testing.assert_allclose(np.asarray(out), 64.0)
+  finally:
+    cpu.available.cache_clear()
+    jax.clear_caches()
