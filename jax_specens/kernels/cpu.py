@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -115,8 +116,5 @@ def fits(x: Array, w: Array, dims, precision) -> bool:
     return False
   if precision is not None or w.dtype not in (jnp.float32, jnp.bfloat16):
     return False
-  rows = 1
-  for d in x.shape[:-1]:
-    rows *= d
   k, n = (w.shape[1], w.shape[0]) if wc[0] == 1 else w.shape
-  return rows <= MAX_ROWS and n % 16 == 0 and k % 16 == 0
+  return math.prod(x.shape[:-1]) <= MAX_ROWS and n % 16 == 0 and k % 16 == 0
