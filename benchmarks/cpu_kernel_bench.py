@@ -114,15 +114,17 @@ def main(argv=None) -> int:
     return 2
   if args.small:
     from jax_specens import ModelConfig, create_model
-    model = create_model(ModelConfig(family="llama", vocab_size=256, hidden_size=64,
-                                     intermediate_size=128, num_layers=2, num_heads=4,
-                                     num_kv_heads=2, head_dim=16))
+    cfg = ModelConfig(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    make = lambda dtype: create_model(cfg, dtype=dtype)  # noqa: E731
     args.tokens, args.repeats, what = 8, 2, "a tiny random model (--small)"
   else:
     args.model = common.real_model(args.model, "smollm2")
-    model, what = load_model(args.model), str(args.model)
-  models = {"float32": model, "bfloat16": jax.tree.map(
-      lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, model)}
+    make = lambda dtype: load_model(args.model, dtype=dtype)  # noqa: E731
+    what = str(args.model)
+  # the model built in each dtype (its layers compute in it), not float32 modules over cast arrays
+  models = {"float32": make(jnp.float32), "bfloat16": make(jnp.bfloat16)}
+  model = models["float32"]
   bw = bandwidth(256 << 20, repeats=5)
   before = os.environ.get(cpu.ENV)
   try:
