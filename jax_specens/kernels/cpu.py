@@ -3,8 +3,10 @@
 XLA's CPU matrix product reads a weight at about half the memory bandwidth as soon as the
 activations have more than one row (a W-token verification pass, or a batch), and converts
 bfloat16 weights to float32 copies before reading them (`models/layers.weight_dot`). The kernel
-reads every weight byte once per call for up to `MAX_ROWS` rows, float32 or bfloat16 (converted in
-registers, float32 accumulation), split over the calling thread and XLA's intra-op pool.
+takes products of up to `MAX_ROWS` rows, float32 or bfloat16 weights (converted in registers,
+float32 accumulation), split over the calling thread and XLA's intra-op pool; it reads a weight
+once per 4 rows of activations (a `[K, N]` kernel) or 8 (a `[N, K]` tied head), so a batch-1 pass
+of up to 4 tokens reads each weight once.
 
 Opt-in: `JAX_SPECENS_CPU_KERNELS=1` (read when a model's pass is traced). It needs an x86 CPU
 with AVX-512 and a C++ compiler (`$CXX`, else `g++`); it is built once into the user cache

@@ -2,9 +2,11 @@
 // converted exactly to float32 in registers, float32 accumulation. Weight layouts:
 //   "nn": w[K, N] (a Linear kernel), rows of w streamed four at a time;
 //   "nt": w[N, K] (a tied embedding used as the head), one dot product per row of w.
-// Every weight byte is read once per call whatever M is, which XLA's CPU matrix product does not
-// do for M > 1 (measured: a 4-row product costs 2x a 1-row one there). Work is split into tasks
-// of output columns shared by the calling thread and XLA's intra-op thread pool.
+// A task reads its part of w once for every 4 rows of x ("nn") or 8 ("nt"): once per call for
+// the 1-4 rows of a batch-1 decode pass, while XLA's CPU matrix product reads a weight at about
+// half the bandwidth as soon as M > 1 (measured: a 4-row product costs 2x a 1-row one there).
+// More rows re-read it (M = 8: twice for "nn"). Tasks (column blocks, or ranges of w's rows whose
+// partial sums are added) are shared by the calling thread and XLA's intra-op thread pool.
 // Built by jax_specens/kernels/cpu.py with -O3 -mavx512f -mfma; called through jax.ffi.
 #include <immintrin.h>
 
