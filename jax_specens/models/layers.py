@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from jax_specens.kernels import cpu
 from jax_specens.models.config import ModelConfig, RopeConfig
 
 INIT = nnx.initializers.normal(0.02)
@@ -43,7 +44,6 @@ def weight_dot(x: Array, w: Array, dims, precision=None, preferred_element_type=
   out = preferred_element_type or x.dtype
   (xc, wc), batch = dims
   if out_sharding is None and _cpu_kernel(x, w, dims, precision):
-    from jax_specens.kernels import cpu
     y = cpu.small_matmul(x.reshape(-1, x.shape[-1]), w, transposed=wc[0] == 1)
     return y.reshape(x.shape[:-1] + y.shape[-1:]).astype(out)
   if w.dtype == jnp.float32 or jax.default_backend() != "cpu":
@@ -68,7 +68,6 @@ def weight_dot(x: Array, w: Array, dims, precision=None, preferred_element_type=
 def _cpu_kernel(x, w, dims, precision) -> bool:
   """Whether this product goes to the opt-in CPU kernel (`jax_specens/kernels/cpu.py`:
   `JAX_SPECENS_CPU_KERNELS=1`, decode passes of at most 16 rows)."""
-  from jax_specens.kernels import cpu
   return (cpu.requested() and jax.default_backend() == "cpu" and cpu.fits(x, w, dims, precision)
           and cpu.available())
 
