@@ -15,6 +15,9 @@ machine:
   `predicted_run` this call (the slowest row of the batch, --max-new-tokens, the prefills);
   `ratio` = measured / predicted;
 - the greedy output of sd equals ar's and se's equals ensemble's (checked).
+--gamma takes a list (`1,2,3`: a row per gamma, sharing the ar / ensemble timings), and
+`--kernels xla,cpu` times every row with XLA's products and with the opt-in CPU kernel
+(`JAX_SPECENS_CPU_KERNELS`, `jax_specens/kernels`), one setting after the other in this process.
 Writes benchmarks/results/draft.json (draft_identical.json with --identical).
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +36,9 @@ import numpy as np
 from benchmarks import common, hf_models
 from jax_specens.checkpoint import load_model, load_tokenizer
 from jax_specens.decode import decode
+from jax_specens.kernels import cpu
 
-COLUMNS = ["batch", "method", "gamma", "alpha", "c", "measured", "predicted", "ratio",
+COLUMNS = ["batch", "kernel", "method", "gamma", "alpha", "c", "measured", "predicted", "ratio",
            "predicted_run", "ratio_run", "steps", "steps_predicted", "step_ms_priced",
            "step_ms_measured"]
 
@@ -61,59 +66,90 @@ def load_pair(args, tmp: Path):
   return target, draft, toks, lens, what
 
 
+def _ints(s: str) -> list[int]:
+  return [int(x) for x in s.split(",")]
+
+
+def batch_rows(args, target, draft, toks, lens, n: int, repeats: int) -> tuple[list[dict], dict]:
+  """At one batch (the rows of `toks`): ar, ensemble, and sd / se at every gamma, compiled first
+  and then timed side by side; greedy sd == ar and se == ensemble checked; each speed-up priced
+  from the decode's acceptance and the pass costs measured here."""
+  b, t = toks.shape
+
+  def run(models, method, **kw):
+    return decode(models, toks, lens, method=method, max_new_tokens=n, temperature=0.0,
+                  key=jax.random.key(0), **kw)
+
+  calls = {"ar": lambda: run(target, "ar")}
+  calls |= {("sd", g): (lambda g=g: run(target, "sd", draft=draft, gamma=g)) for g in args.gamma}
+  if not args.no_se:
+    calls["ensemble"] = lambda: run([draft, target], "ensemble", weights=(0.5, 0.5))
+    calls |= {("se", g): (lambda g=g: run([draft, target], "se", weights=(0.5, 0.5),
+                                          gamma=(g, 1))) for g in args.gamma}
+  secs, outs = {}, {}
+  for f in calls.values():  # compile every program first, then time them side by side
+    jax.block_until_ready(f())
+  for _ in range(repeats):
+    for k, f in calls.items():
+      t0 = time.perf_counter()
+      outs[k] = jax.block_until_ready(f())
+      secs[k] = min(secs.get(k, np.inf), time.perf_counter() - t0)
+  costs = common.pass_costs([draft, target], [(g, 1) for g in args.gamma], b,
+                            t + n + max(args.gamma) + 1, t + n // 2, t, repeats=max(repeats, 3))
+  c = costs.of(0, 1) / costs.of(1, 1)
+  rows = []
+  for (method, g) in [k for k in calls if isinstance(k, tuple)]:
+    base = "ar" if method == "sd" else "ensemble"
+    np.testing.assert_array_equal(np.asarray(outs[method, g].tokens), np.asarray(outs[base].tokens))
+    rows.append({"batch": b, "method": method, "c": c, **common.priced(
+        outs[method, g], secs[method, g], secs[base], (g, 1), costs, method, n, t)})
+  seconds = {k if isinstance(k, str) else f"{k[0]}{k[1]}": v for k, v in secs.items()}
+  return rows, {"seconds": seconds, "pass_costs": costs.to_dict()}
+
+
 def main(argv=None) -> int:
   ap = common.base_parser(__doc__.split("\n\n")[0])
   ap.add_argument("--target", default=None, help="target model dir (default: SmolLM2 from the "
                   "user cache `jax-specens demo` fills)")
   ap.add_argument("--draft", default=None, help="draft model dir (or --identical)")
   ap.add_argument("--identical", action="store_true", help="the target is its own draft")
-  ap.add_argument("--gamma", type=int, default=4)
+  ap.add_argument("--gamma", type=_ints, default=[4], help="one gamma or a list: 1,2,3")
+  ap.add_argument("--kernels", type=lambda s: s.split(","), default=["xla"],
+                  help="xla, cpu or xla,cpu: the matrix products of every decode by XLA, by the "
+                  "opt-in CPU kernel (JAX_SPECENS_CPU_KERNELS=1), or each in turn")
   ap.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (--small: 12)")
-  ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+  ap.add_argument("--batches", type=_ints, default=[1, 8])
   ap.add_argument("--no-se", action="store_true", help="skip the se / ensemble rows")
   args = ap.parse_args(argv)
   if not (args.draft or args.identical or args.small):
     ap.error("give --draft DIR, or --identical (draft = target)")
-  g, n = args.gamma, args.max_new_tokens or (12 if args.small else 64)
+  if not set(args.kernels) <= {"xla", "cpu"}:
+    ap.error(f"--kernels takes xla, cpu or xla,cpu; got {','.join(args.kernels)}")
+  if "cpu" in args.kernels and not cpu.available():
+    ap.error("--kernels cpu: the CPU kernel is not available here (see the warning above)")
+  if min(args.gamma) < 1:
+    ap.error(f"--gamma must be >= 1, got {args.gamma}")
+  n = args.max_new_tokens or (12 if args.small else 64)
   repeats = 1 if args.small else args.repeats
   rows, record = [], {}
+  before = os.environ.get(cpu.ENV)
   with tempfile.TemporaryDirectory() as tmp:
     target, draft, all_toks, all_lens, what = load_pair(args, Path(tmp))
-    print(f"models: {what}; gamma {g}, {n} new tokens, greedy", flush=True)
-    for b in args.batches:
-      toks, lens = all_toks[:b], all_lens[:b]
-      t = toks.shape[1]
-
-      def run(models, method, **kw):
-        return decode(models, toks, lens, method=method, max_new_tokens=n, temperature=0.0,
-                      key=jax.random.key(0), **kw)
-
-      calls = {"ar": lambda: run(target, "ar"),
-               "sd": lambda: run(target, "sd", draft=draft, gamma=g)}
-      if not args.no_se:
-        calls["ensemble"] = lambda: run([draft, target], "ensemble", weights=(0.5, 0.5))
-        calls["se"] = lambda: run([draft, target], "se", weights=(0.5, 0.5), gamma=(g, 1))
-      secs, outs = {}, {}
-      for f in calls.values():  # compile every program first, then time them side by side
-        jax.block_until_ready(f())
-      for _ in range(repeats):
-        for k, f in calls.items():
-          t0 = time.perf_counter()
-          outs[k] = jax.block_until_ready(f())
-          secs[k] = min(secs.get(k, np.inf), time.perf_counter() - t0)
-      np.testing.assert_array_equal(np.asarray(outs["sd"].tokens), np.asarray(outs["ar"].tokens))
-      costs = common.pass_costs([draft, target], [(g, 1)], b, t + n + g + 1, t + n // 2, t,
-                                repeats=max(repeats, 3))
-      c = costs.of(0, 1) / costs.of(1, 1)
-      rows.append({"batch": b, "method": "sd", "c": c, **common.priced(
-          outs["sd"], secs["sd"], secs["ar"], (g, 1), costs, "sd", n, t)})
-      if not args.no_se:
-        np.testing.assert_array_equal(np.asarray(outs["se"].tokens),
-                                      np.asarray(outs["ensemble"].tokens))
-        rows.append({"batch": b, "method": "se", "c": c, **common.priced(
-            outs["se"], secs["se"], secs["ensemble"], (g, 1), costs, "se", n, t)})
-      record[f"batch{b}"] = {"seconds": secs, "pass_costs": costs.to_dict()}
-      print(common.table(rows[-2:], COLUMNS), flush=True)
+    print(f"models: {what}; gamma {args.gamma}, {n} new tokens, greedy", flush=True)
+    try:
+      for b in args.batches:
+        for kernel in args.kernels:
+          os.environ[cpu.ENV] = "1" if kernel == "cpu" else "0"
+          jax.clear_caches()  # the setting is read when a program is traced
+          new, measured = batch_rows(args, target, draft, all_toks[:b], all_lens[:b], n, repeats)
+          rows += [{"kernel": kernel, **r} for r in new]
+          record[f"batch{b}_{kernel}"] = measured
+          print(common.table(rows[-len(new):], COLUMNS), flush=True)
+    finally:
+      if before is None:
+        os.environ.pop(cpu.ENV, None)
+      else:
+        os.environ[cpu.ENV] = before
   print("\n" + common.table(rows, COLUMNS))
   distill = Path(args.draft) / "distill.json" if args.draft else None
   extra = {"measurements": record,
@@ -122,8 +158,9 @@ def main(argv=None) -> int:
     extra["distill"].pop("evals", None)
   name = "draft_identical" if args.identical else "draft"
   path = common.write_results(args.out, name + ("_small" if args.small else ""),
-                              {"models": what, "gamma": g, "max_new_tokens": n,
-                               "batches": args.batches, "repeats": repeats,
+                              {"models": what, "gamma": args.gamma, "max_new_tokens": n,
+                               "batches": args.batches, "kernels": args.kernels,
+                               "repeats": repeats,
                                "prompts": "random" if args.small else "draft.prompts test split"},
                               rows, **extra)
   print(f"wrote {path}")
