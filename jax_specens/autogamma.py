@@ -12,7 +12,7 @@ the draft's; se of two models: one per model) with the highest priced speed-up
 (`pricing.best_gammas`) is then used as if the caller had passed it: the schedule is fixed before
 the real decode starts, so the output distribution is exactly that of the explicit gamma (greedy:
 the same tokens). The choice is cached in this process per (method, models, batch, cache-length
-bucket, greedy or sampled, ensemble kind): a second call with the same models and shapes does not
+bucket, greedy or sampled, ensemble kind, whether `JAX_SPECENS_CPU_KERNELS` is on): a second call with the same models and shapes does not
 recalibrate (`GammaChoice.cached`).
 """
 
@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from jax_specens import pricing
+from jax_specens.kernels import cpu as cpu_kernels
 
 PROBE_GAMMA = {"sd": 4, "se": (2, 2)}
 PROBE_TOKENS = 16
@@ -114,7 +115,7 @@ def resolve(models, prompts, prompt_lengths, kw: dict) -> tuple[Any, GammaChoice
   temperature = np.asarray(kw.get("temperature", 1.0))
   ens = kw.get("ensemble", "wprob")
   key = (method, tuple(id(m) for m in ordered), b, _bucket(cache_len), bool(np.all(temperature == 0)),
-         ens if isinstance(ens, str) else id(ens))
+         ens if isinstance(ens, str) else id(ens), cpu_kernels.requested())  # pass costs differ
   if key in _CACHE:
     return _CACHE[key][1].gamma, dataclasses.replace(_CACHE[key][1], cached=True)
 

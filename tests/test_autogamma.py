@@ -35,7 +35,7 @@ def count_calibrations(monkeypatch):
   return calls
 
 
-def test_sd_auto_greedy_is_ar_and_the_chosen_gamma(count_calibrations):
+def test_sd_auto_greedy_is_ar_and_the_chosen_gamma(count_calibrations, monkeypatch):
   a, b, _ = dm.models()
   kw = dict(max_new_tokens=N, temperature=0.0)
   auto = decode(b, dm.PROMPTS, dm.LENGTHS, method="sd", draft=a, gamma="auto", **kw)
@@ -54,6 +54,10 @@ def test_sd_auto_greedy_is_ar_and_the_chosen_gamma(count_calibrations):
   # another batch size is another shape: calibrated anew
   decode(b, dm.PROMPTS[:2], dm.LENGTHS[:2], method="sd", draft=a, gamma="auto", **kw)
   assert len(count_calibrations) == 2
+  # the opt-in CPU kernel prices passes differently: its own entry
+  monkeypatch.setenv("JAX_SPECENS_CPU_KERNELS", "1")
+  decode(b, dm.PROMPTS, dm.LENGTHS, method="sd", draft=a, gamma="auto", **kw)
+  assert len(count_calibrations) == 3
 
 
 def test_identical_models_accept_everything_and_the_json_says_so():

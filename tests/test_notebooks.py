@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 from jax_specens.cli.demo_real import DRAFT_NAME
-from tests.conftest import shared_xla_cache_env
+from tests.conftest import shared_xla_cache_env, tiny_models_xla_env
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 600
@@ -61,7 +61,8 @@ def test_notebook_executes(path: Path, request, tmp_path, monkeypatch):
       (models / name).symlink_to(request.getfixturevalue(f"real_{name}"), target_is_directory=True)
     save_draft(request.getfixturevalue("real_smollm2"), models / DRAFT_NAME)
     monkeypatch.setenv("JAX_SPECENS_CACHE", str(tmp_path / "cache"))
-  for name, value in shared_xla_cache_env().items():  # the session's compiled programs
+  tiny = {} if path.stem in REAL else tiny_models_xla_env()
+  for name, value in {**shared_xla_cache_env(), **tiny}.items():  # the session's compiled programs
     monkeypatch.setenv(name, value)
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import shared_xla_cache_env
+from tests.conftest import shared_xla_cache_env, tiny_models_xla_env
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -152,8 +152,11 @@ def sandbox(path: Path, inputs: dict, real: dict | None = None) -> Path:
   return path
 
 
-def _run(args, cwd: Path, cache: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
-  env = {**os.environ, **shared_xla_cache_env(), "HOME": str(cwd),
+def _run(args, cwd: Path, cache: Path, tiny: bool, timeout: int = 1800
+         ) -> subprocess.CompletedProcess:
+  """The block's script in `cwd`; tiny: it builds tiny models only (not a `real` block)."""
+  env = {**os.environ, **shared_xla_cache_env(), **(tiny_models_xla_env() if tiny else {}),
+         "HOME": str(cwd),
          "JAX_SPECENS_NO_COMPILE_CACHE": "0", "JAX_ENABLE_COMPILATION_CACHE": "true",
          "JAX_SPECENS_CACHE": str(cache),
          "PYTHONPATH": str(ROOT)}
@@ -172,9 +175,9 @@ def test_readme_block_runs_as_written(lang, code, inputs, tmp_path, request):
   cwd = sandbox(tmp_path, inputs, real)
   if lang == "python":
     (cwd / "block.py").write_text(code)
-    r = _run([sys.executable, "block.py"], cwd, inputs["cache"])
+    r = _run([sys.executable, "block.py"], cwd, inputs["cache"], tiny=real is None)
   else:
-    r = _run(["bash", "-euo", "pipefail", "-c", code], cwd, inputs["cache"])
+    r = _run(["bash", "-euo", "pipefail", "-c", code], cwd, inputs["cache"], tiny=real is None)
   assert r.returncode == 0, f"{code}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}"
 
 
