@@ -233,7 +233,9 @@ def priced(out, seconds: float, base_seconds: float, gammas, costs, method: str,
   """The measured speed-up of a decode (`base_seconds / seconds`, ar or ensemble as the base) next
   to its `jax_specens.pricing` predictions from the decode's own acceptance and `costs`:
   predicted = tokens per step / priced step (docs/algorithms.md §3, per round); predicted_run =
-  this call (the slowest of the batch's rows, new_tokens, each model's prefill)."""
+  this call (the slowest of the batch's rows, new_tokens, each model's prefill); predicted_loop =
+  `predicted` with the baseline's token priced from its own loop ((base_seconds - its prefill) /
+  new_tokens) instead of a 1-token pass timed alone, which can cost more than a step of the loop."""
   from jax_specens import pricing
   st = out.stats.to_dict()
   b = int(out.tokens.shape[0])
@@ -241,9 +243,13 @@ def priced(out, seconds: float, base_seconds: float, gammas, costs, method: str,
   prefill = [costs.of(k, prompt_width) for k in range(len(costs.seconds))]
   measured = base_seconds / seconds
   pred = pricing.speedup(alpha, gammas, costs, method)
+  base_prefill = prefill[-1] if method == "sd" else sum(prefill)
+  loop_token = (base_seconds - base_prefill) / new_tokens
+  pred_loop = pred * loop_token / pricing.baseline_seconds(costs, method)
   run = pricing.run_speedup(alpha, gammas, costs, method, new_tokens, b, prefill)
   return {"gamma": list(gammas), "alpha": alpha, "measured": measured, "predicted": pred,
           "ratio": measured / pred, "predicted_run": run, "ratio_run": measured / run,
+          "predicted_loop": pred_loop, "ratio_loop": measured / pred_loop,
           "steps": st["steps"],
           "steps_predicted": pricing.expected_steps(alpha, gammas, new_tokens, b, method),
           "step_ms_priced": 1e3 * pricing.step_seconds(gammas, costs),

@@ -13,7 +13,8 @@ machine:
   one jitted pass of every width the loop runs (sd: a width-2 and g - 1 width-1 draft passes, one
   width-(g+1) target pass per step). `predicted` is per round (tokens per step / priced step),
   `predicted_run` this call (the slowest row of the batch, --max-new-tokens, the prefills);
-  `ratio` = measured / predicted;
+  `ratio` = measured / predicted; `predicted_loop` prices the baseline's token from the ar /
+  ensemble loop's own time instead of a 1-token pass timed alone (`benchmarks/common.priced`);
 - the greedy output of sd equals ar's and se's equals ensemble's (checked).
 --gamma takes a list (`1,2,3`: a row per gamma, sharing the ar / ensemble timings), and
 `--kernels xla,cpu` times every row with XLA's products and with the opt-in CPU kernel
@@ -39,7 +40,7 @@ from jax_specens.decode import decode
 from jax_specens.kernels import cpu
 
 COLUMNS = ["batch", "kernel", "method", "gamma", "alpha", "c", "measured", "predicted", "ratio",
-           "predicted_run", "ratio_run", "steps", "steps_predicted", "step_ms_priced",
+           "predicted_run", "ratio_run", "predicted_loop", "ratio_loop", "steps", "steps_predicted", "step_ms_priced",
            "step_ms_measured"]
 
 
