@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -27,6 +28,19 @@ DEFAULT_OUT = Path("benchmarks") / "results"
 def block(x):
   """Waits for every array in `x` (jax or torch results alike)."""
   return jax.block_until_ready(x)
+
+
+@contextlib.contextmanager
+def restored_env(name: str):
+  """Whatever the body sets `os.environ[name]` to, it is as before afterwards (unset if it was)."""
+  before = os.environ.get(name)
+  try:
+    yield
+  finally:
+    if before is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = before
 
 
 def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
@@ -243,8 +257,7 @@ def priced(out, seconds: float, base_seconds: float, gammas, costs, method: str,
   prefill = [costs.of(k, prompt_width) for k in range(len(costs.seconds))]
   measured = base_seconds / seconds
   pred = pricing.speedup(alpha, gammas, costs, method)
-  base_prefill = prefill[-1] if method == "sd" else sum(prefill)
-  loop_token = (base_seconds - base_prefill) / new_tokens
+  loop_token = (base_seconds - pricing.baseline_prefill(prefill, method)) / new_tokens
   pred_loop = pred * loop_token / pricing.baseline_seconds(costs, method)
   run = pricing.run_speedup(alpha, gammas, costs, method, new_tokens, b, prefill)
   return {"gamma": list(gammas), "alpha": alpha, "measured": measured, "predicted": pred,

@@ -125,17 +125,11 @@ def main(argv=None) -> int:
   models = {"float32": make(jnp.float32), "bfloat16": make(jnp.bfloat16)}
   model = models["float32"]
   bw = bandwidth(256 << 20, repeats=5)
-  before = os.environ.get(cpu.ENV)
-  try:
+  with common.restored_env(cpu.ENV):
     passes = pass_rows(models, args.repeats, bw, cache_len=256,
                        passes=[(1, 1), (1, 4)] if args.small else PASSES)
     decodes = decode_rows(model, args.tokens, max(1, args.repeats // 3),
                           rounds=1 if args.small else 2)
-  finally:
-    if before is None:
-      os.environ.pop(cpu.ENV, None)
-    else:
-      os.environ[cpu.ENV] = before
   print(f"bandwidth {bw / 1e9:.1f} GB/s; model {what}")
   print(common.table(passes, ["dtype", "product", "batch", "W", "ms", "x W=1", "share",
                               "kernel / xla"]))

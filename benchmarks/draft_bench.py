@@ -40,8 +40,8 @@ from jax_specens.decode import decode
 from jax_specens.kernels import cpu
 
 COLUMNS = ["batch", "kernel", "method", "gamma", "alpha", "c", "measured", "predicted", "ratio",
-           "predicted_run", "ratio_run", "predicted_loop", "ratio_loop", "steps", "steps_predicted", "step_ms_priced",
-           "step_ms_measured"]
+           "predicted_run", "ratio_run", "predicted_loop", "ratio_loop", "steps", "steps_predicted",
+           "step_ms_priced", "step_ms_measured"]
 
 
 def load_pair(args, tmp: Path):
@@ -133,24 +133,17 @@ def main(argv=None) -> int:
   n = args.max_new_tokens or (12 if args.small else 64)
   repeats = 1 if args.small else args.repeats
   rows, record = [], {}
-  before = os.environ.get(cpu.ENV)
-  with tempfile.TemporaryDirectory() as tmp:
+  with tempfile.TemporaryDirectory() as tmp, common.restored_env(cpu.ENV):
     target, draft, all_toks, all_lens, what = load_pair(args, Path(tmp))
     print(f"models: {what}; gamma {args.gamma}, {n} new tokens, greedy", flush=True)
-    try:
-      for b in args.batches:
-        for kernel in args.kernels:
-          os.environ[cpu.ENV] = "1" if kernel == "cpu" else "0"
-          jax.clear_caches()  # the setting is read when a program is traced
-          new, measured = batch_rows(args, target, draft, all_toks[:b], all_lens[:b], n, repeats)
-          rows += [{"kernel": kernel, **r} for r in new]
-          record[f"batch{b}_{kernel}"] = measured
-          print(common.table(rows[-len(new):], COLUMNS), flush=True)
-    finally:
-      if before is None:
-        os.environ.pop(cpu.ENV, None)
-      else:
-        os.environ[cpu.ENV] = before
+    for b in args.batches:
+      for kernel in args.kernels:
+        os.environ[cpu.ENV] = "1" if kernel == "cpu" else "0"
+        jax.clear_caches()  # the setting is read when a program is traced
+        new, measured = batch_rows(args, target, draft, all_toks[:b], all_lens[:b], n, repeats)
+        rows += [{"kernel": kernel, **r} for r in new]
+        record[f"batch{b}_{kernel}"] = measured
+        print(common.table(rows[-len(new):], COLUMNS), flush=True)
   print("\n" + common.table(rows, COLUMNS))
   distill = Path(args.draft) / "distill.json" if args.draft else None
   extra = {"measurements": record,

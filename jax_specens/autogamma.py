@@ -12,8 +12,8 @@ the draft's; se of two models: one per model) with the highest priced speed-up
 (`pricing.best_gammas`) is then used as if the caller had passed it: the schedule is fixed before
 the real decode starts, so the output distribution is exactly that of the explicit gamma (greedy:
 the same tokens). The choice is cached in this process per (method, models, batch, cache-length
-bucket, greedy or sampled, ensemble kind, whether `JAX_SPECENS_CPU_KERNELS` is on): a second call with the same models and shapes does not
-recalibrate (`GammaChoice.cached`).
+bucket, greedy or sampled, ensemble kind, whether `JAX_SPECENS_CPU_KERNELS` is on): a second call
+with the same models and shapes does not recalibrate (`GammaChoice.cached`).
 """
 
 from __future__ import annotations

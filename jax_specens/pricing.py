@@ -192,6 +192,12 @@ def baseline_seconds(costs: PassCosts, method: str) -> float:
   return costs.of(n - 1, 1) if method == "sd" else sum(costs.of(k, 1) for k in range(n))
 
 
+def baseline_prefill(prefill: Sequence[float], method: str) -> float:
+  """Prefill seconds of the baseline (ar: the target's, the last model; ensemble: every model's)
+  from each model's prefill seconds in method order."""
+  return prefill[-1] if method == "sd" else sum(prefill)
+
+
 def speedup(alpha, gammas: Sequence[int], costs: PassCosts, method: str) -> float:
   """SPEC §3 expected speed-up of sd over ar / se over ensemble: tokens per step over the priced
   step, against the baseline's seconds per token."""
@@ -205,8 +211,7 @@ def run_speedup(alpha, gammas: Sequence[int], costs: PassCosts, method: str, new
   slowest row; ar / ensemble need exactly new_tokens steps), plus each model's prefill seconds
   (sd: the draft's prefill is extra; ensemble and se prefill the same models)."""
   steps = expected_steps(alpha, gammas, new_tokens, batch, method)
-  base = new_tokens * baseline_seconds(costs, method) + (prefill[-1] if method == "sd"
-                                                          else sum(prefill))
+  base = new_tokens * baseline_seconds(costs, method) + baseline_prefill(prefill, method)
   return base / (steps * step_seconds(gammas, costs) + sum(prefill))
 
 
