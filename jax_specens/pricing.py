@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_specens.cache import ring_slack
-from jax_specens.decoding.se import scoring_width
+from jax_specens.decoding.se import passes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,11 +103,8 @@ def measure_pass_costs(models, widths: Sequence[Sequence[int]], batch: int, cach
 
 
 def step_passes(gammas: Sequence[int]) -> list[tuple[int, int]]:
-  """(model, width) of every pass of one loop step, in order (as `decoding.se.step` runs them)."""
-  out = []
-  for k, g in enumerate(gammas):
-    out += [(k, scoring_width(gammas, k))] + [(k, 1)] * (g - 1)
-  return out
+  """(model, width) of every pass of one loop step, in order (`decoding.se.passes`)."""
+  return [(p.k, p.width) for p in passes(gammas)]
 
 
 def step_seconds(gammas: Sequence[int], costs: PassCosts) -> float:

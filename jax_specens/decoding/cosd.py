@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
+from jax_specens import vocab
 from jax_specens.decoding.loop import (Config, LoopState, Method, Request, advance, emit, feed,
                                        prefill)
 from jax_specens.fusion.features import position_features
@@ -60,18 +61,20 @@ def _set_pending(state: LoopState, at: Int[Array, "B"], tok: Int[Array, "B"]) ->
 def _draft(models, req: Request, cfg: Config, state: LoopState):
   """K draft passes; returns the state, drafts `[B, K]` and the draft's logits `[B, K, V]`."""
   k = window(cfg)
-  bonus = cfg.options.bonus
   c = state.committed(req)
-  # first pass: the token(s) the draft has not fed yet (1, or 2 after a bonus token)
-  lag = c - 1 - state.caches[DRAFT].pos
-  state, logits, start = feed(state, models, DRAFT, 1 + bonus, lag + 1)
-  first = jnp.take_along_axis(logits, (c - 1 - start)[:, None, None], axis=1)[:, 0]
-  state, key = state.next_key()
-  tok = sample(key, log_probs(first, req.sampling))
-  state = _set_pending(state, c, tok)
-  b, v = first.shape
-  d_logits = jnp.zeros((b, k, v), jnp.float32).at[:, 0].set(first)
-  drafts = jnp.zeros((b, k), jnp.int32).at[:, 0].set(tok)
+  b, v = c.shape[0], vocab.shared_size(models)
+  d_logits, drafts = jnp.zeros((b, k, v), jnp.float32), jnp.zeros((b, k), jnp.int32)
+  if cfg.options.bonus:
+    # first pass: the tokens the draft has not fed yet (1, or 2 after a bonus token); without
+    # bonus tokens it is one token like the others, so the loop below makes it (one compiled
+    # sampling site instead of two)
+    lag = c - 1 - state.caches[DRAFT].pos
+    state, logits, start = feed(state, models, DRAFT, 2, lag + 1)
+    first = jnp.take_along_axis(logits, (c - 1 - start)[:, None, None], axis=1)[:, 0]
+    state, key = state.next_key()
+    tok = sample(key, log_probs(first, req.sampling))
+    state = _set_pending(state, c, tok)
+    d_logits, drafts = d_logits.at[:, 0].set(first), drafts.at[:, 0].set(tok)
 
   def body(j, carry):
     state, d_logits, drafts = carry
@@ -81,7 +84,7 @@ def _draft(models, req: Request, cfg: Config, state: LoopState):
     state = _set_pending(state, c + j, tok)
     return state, d_logits.at[:, j].set(logits[:, 0]), drafts.at[:, j].set(tok)
 
-  return jax.lax.fori_loop(1, k, body, (state, d_logits, drafts))
+  return jax.lax.fori_loop(int(cfg.options.bonus), k, body, (state, d_logits, drafts))
 
 
 def step(models, req: Request, cfg: Config, state: LoopState) -> LoopState:

@@ -6,7 +6,7 @@ positions `committed .. cache.pos` in a ring buffer (`ring[k][:, s % R]` holds p
 "has scored" pending position s iff `s <= cache.pos` (its queue).
 
 One loop step is a fixed round-robin cycle shared by all rows: for model k = 0..n-1, one *scoring
-pass* followed by `gamma_k - 1` *drafting passes*. Every pass of model k:
+pass* followed by `gamma_k - 1` *drafting passes* (`passes`). Every pass of model k:
   1. feeds the tokens model k has not fed yet (the last committed one and/or pending proposals),
      storing the distributions it gets;
   2. (scoring pass) verifies, oldest first, the pending tokens every model has scored, against
@@ -22,6 +22,13 @@ ensemble distribution exactly. Plain speculative decoding is the case (draft, ta
 
 Static window sizes: model k feeds at most `1 + sum_{j != k} gamma_j` tokens and verifies at most
 `sum_{j != k} gamma_j`; at most `sum(gamma)` tokens are ever pending (the cache lookahead).
+
+Compiled once per step, whatever the number of models and gammas: the passes run in one
+`lax.fori_loop` whose body picks the pass's feed (`lax.switch` over the distinct (model, width)
+pairs) and then runs the one verification (padded to the widest, skipped by `lax.cond` on drafting
+passes) and the one proposal, with the model index traced. The sampling and acceptance math, most
+of a small model's program, is thus compiled once instead of once per pass kind (a 2-layer sd
+program: see `benchmarks/compile_bench.py`).
 """
 
 from __future__ import annotations
@@ -43,10 +50,10 @@ from jax_specens.sampling import log_probs, sample
 
 @flax.struct.dataclass
 class SpecState:
-  """ring: per model `[B, R, V]` raw logits by position mod R; src `[B, S]` proposer of each
+  """ring `[N, B, R, V]`: each model's raw logits by position mod R; src `[B, S]` proposer of each
   pending position; pending `[B]` number of pending proposals."""
 
-  ring: tuple[Float[Array, "B R V"], ...]
+  ring: Float[Array, "N B R V"]
   src: Int[Array, "B S"]
   pending: Int[Array, "B"]
 
@@ -69,25 +76,59 @@ def init(models, req: Request, cfg: Config) -> LoopState:
   state = prefill(models, req, cfg)
   b, s = state.seq.shape
   r = ring_size(cfg)
-  ring = tuple(jnp.zeros((b, r, vocab.shared_size(models)), jnp.float32) for _ in models)
+  ring = jnp.zeros((len(models), b, r, vocab.shared_size(models)), jnp.float32)
   return state.replace(extra=SpecState(ring=ring, src=jnp.zeros((b, s), jnp.int32),
                                        pending=jnp.zeros((b,), jnp.int32)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Pass:
+  """One pass of a loop step: model k feeds up to `width` tokens, then verifies up to
+  `verify_width` pending proposals (0: a drafting pass, which verifies nothing)."""
+
+  k: int
+  width: int
+  verify_width: int
+
+
+def passes(gammas) -> tuple[Pass, ...]:
+  """The passes of one loop step in order: per model its scoring pass, then `gamma_k - 1` drafting
+  passes of one token (`jax_specens.pricing` prices a step from these)."""
+  out = []
+  for k, g in enumerate(gammas):
+    width = scoring_width(gammas, k)
+    out += [Pass(k, width, width - 1)] + [Pass(k, 1, 0)] * (g - 1)
+  return tuple(out)
+
+
 def step(models, req: Request, cfg: Config, state: LoopState, counted=None) -> LoopState:
-  """One round-robin cycle. counted: models whose proposals count in stats (default all)."""
-  for k, g in enumerate(cfg.gammas):
-    width = scoring_width(cfg.gammas, k)
-    state = _pass(models, req, cfg, state, k, width=width, verify_width=width - 1,
-                  counted=counted)
-    if g > 1:  # drafting passes: one program, looped (keeps compile time flat in gamma)
-      state = jax.lax.fori_loop(0, g - 1, lambda _, s, k=k: _pass(
-          models, req, cfg, s, k, width=1, verify_width=0, counted=counted), state)
-  return state
+  """One round-robin cycle (`passes`), as one loop over the passes. counted: models whose
+  proposals count in stats (default all)."""
+  order = passes(cfg.gammas)
+  feeds = sorted({(p.k, p.width) for p in order})
+  branch = jnp.array([feeds.index((p.k, p.width)) for p in order], jnp.int32)
+  model = jnp.array([p.k for p in order], jnp.int32)
+  limit = jnp.array([p.verify_width for p in order], jnp.int32)
+  width = max(p.verify_width for p in order)
+
+  def one_pass(i, s: LoopState) -> LoopState:
+    for j, (k, w) in enumerate(feeds):
+      s = _when(branch[i] == j, functools.partial(_feed, models, req, cfg, k, w), s)
+    s = _when(limit[i] > 0, lambda s: _verify(req, cfg, s, width, limit[i], counted), s)
+    return _propose(req, cfg, s, model[i])
+
+  return jax.lax.fori_loop(0, len(order), one_pass, state)
 
 
-def _pass(models, req, cfg, state: LoopState, k: int, width: int, verify_width: int, counted
-          ) -> LoopState:
+def _when(pred: Array, fn: Callable[[LoopState], LoopState], state: LoopState) -> LoopState:
+  """`fn(state)` if pred else `state`, as a loop run 0 or 1 times: a loop updates the caches it
+  carries in place, where XLA copies every buffer that a `lax.cond` / `lax.switch` branch passes
+  through unchanged (the other models' KV caches, once per pass)."""
+  return jax.lax.fori_loop(0, pred.astype(jnp.int32), lambda _, s: fn(s), state)
+
+
+def _feed(models, req, cfg, k: int, width: int, state: LoopState) -> LoopState:
+  """Model k feeds the tokens it has not fed yet (at most `width`) and keeps their logits."""
   ex: SpecState = state.extra
   r = ring_size(cfg)
   c = state.committed(req)
@@ -96,11 +137,8 @@ def _pass(models, req, cfg, state: LoopState, k: int, width: int, verify_width: 
   b = logits.shape[0]
   i = jnp.arange(width)[None, :]
   slots = jnp.where((i < todo[:, None]) & state.active[:, None], (start[:, None] + i + 1) % r, r)
-  ring_k = ex.ring[k].at[jnp.arange(b)[:, None], slots].set(logits, mode="drop")
-  state = state.replace(extra=ex.replace(ring=ex.ring[:k] + (ring_k,) + ex.ring[k + 1:]))
-  if verify_width:
-    state = _verify(req, cfg, state, verify_width, counted)
-  return _propose(req, cfg, state, k)
+  ring = ex.ring.at[k, jnp.arange(b)[:, None], slots].set(logits, mode="drop")
+  return state.replace(extra=ex.replace(ring=ring))
 
 
 def _gather(x: Array, pos: Int[Array, "B G"]) -> Array:
@@ -109,17 +147,20 @@ def _gather(x: Array, pos: Int[Array, "B G"]) -> Array:
   return jnp.take_along_axis(x, pos.reshape(pos.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _verify(req, cfg, state: LoopState, width: int, counted) -> LoopState:
+def _verify(req, cfg, state: LoopState, width: int, limit: Int[Array, ""], counted
+            ) -> LoopState:
+  """Verifies up to `limit` (traced, <= the static `width`) of the pending proposals that every
+  model has scored."""
   ex: SpecState = state.extra
   r = ring_size(cfg)
-  n = len(ex.ring)
+  n = ex.ring.shape[0]
   act = state.active
   c = state.committed(req)
   m = ex.pending
   scored = jnp.min(jnp.stack([cache.pos for cache in state.caches]), axis=0) - c + 1
-  num_valid = jnp.where(act, jnp.clip(scored, 0, jnp.minimum(m, width)), 0)
+  num_valid = jnp.where(act, jnp.clip(scored, 0, jnp.minimum(m, limit)), 0)
   pos = c[:, None] + jnp.arange(width)[None, :]
-  logits = jnp.stack([_gather(ring, pos % r) for ring in ex.ring])  # [N, B, G, V]
+  logits = jnp.take_along_axis(ex.ring, (pos % r)[None, :, :, None], axis=2)  # [N, B, G, V]
   tokens = _gather(state.seq, pos)
   src = _gather(ex.src, pos)
   logq = log_probs(jnp.take_along_axis(logits, src[None, :, :, None], axis=0)[0], req.sampling)
@@ -169,19 +210,20 @@ def _count(state, cfg, c, m, a, rej, num_valid, counted, n) -> LoopState:
   return state.replace(stats=st)
 
 
-def _propose(req, cfg, state: LoopState, k: int) -> LoopState:
-  """Model k samples its proposal at the position after the pending tokens, when it has scored
-  that position (not on a row it just rejected in, nor a finished one)."""
+def _propose(req, cfg, state: LoopState, k: Int[Array, ""]) -> LoopState:
+  """Model k (traced) samples its proposal at the position after the pending tokens, when it has
+  scored that position (not on a row it just rejected in, nor a finished one)."""
   ex: SpecState = state.extra
   r = ring_size(cfg)
   c = state.committed(req)
   end = c + ex.pending
-  can = state.active & (state.caches[k].pos == end)
-  logits = _gather(ex.ring[k], (end % r)[:, None])[:, 0]
-  state, key = state.next_key()
-  tok = sample(key, log_probs(logits, req.sampling))
+  fed = jnp.stack([cache.pos for cache in state.caches])[k]
+  can = state.active & (fed == end)
   b, s = state.seq.shape
   rows = jnp.arange(b)
+  logits = ex.ring[k, rows, end % r]  # [B, V]
+  state, key = state.next_key()
+  tok = sample(key, log_probs(logits, req.sampling))
   at = jnp.where(can, end, s)
   seq = state.seq.at[rows, at].set(tok, mode="drop")
   src = ex.src.at[rows, at].set(k, mode="drop")
