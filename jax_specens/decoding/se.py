@@ -23,12 +23,11 @@ ensemble distribution exactly. Plain speculative decoding is the case (draft, ta
 Static window sizes: model k feeds at most `1 + sum_{j != k} gamma_j` tokens and verifies at most
 `sum_{j != k} gamma_j`; at most `sum(gamma)` tokens are ever pending (the cache lookahead).
 
-Compiled once per step, whatever the number of models and gammas: the passes run in one
-`lax.fori_loop` whose body picks the pass's feed (`lax.switch` over the distinct (model, width)
-pairs) and then runs the one verification (padded to the widest, skipped by `lax.cond` on drafting
-passes) and the one proposal, with the model index traced. The sampling and acceptance math, most
-of a small model's program, is thus compiled once instead of once per pass kind (a 2-layer sd
-program: see `benchmarks/compile_bench.py`).
+The passes run in one `lax.fori_loop` whose body runs the pass's feed (one program per distinct
+(model, width)), its verification (one program per distinct width: padding the draft's 1-token
+verification to the target's gamma would filter unused rows at every step) and the one proposal,
+with the model index traced. The proposal's sampling is thus compiled once per step instead of
+once per pass kind; it and the acceptance math are most of a small model's program.
 """
 
 from __future__ import annotations
@@ -109,12 +108,13 @@ def step(models, req: Request, cfg: Config, state: LoopState, counted=None) -> L
   branch = jnp.array([feeds.index((p.k, p.width)) for p in order], jnp.int32)
   model = jnp.array([p.k for p in order], jnp.int32)
   limit = jnp.array([p.verify_width for p in order], jnp.int32)
-  width = max(p.verify_width for p in order)
+  widths = sorted({p.verify_width for p in order} - {0})
 
   def one_pass(i, s: LoopState) -> LoopState:
     for j, (k, w) in enumerate(feeds):
       s = _when(branch[i] == j, functools.partial(_feed, models, req, cfg, k, w), s)
-    s = _when(limit[i] > 0, lambda s: _verify(req, cfg, s, width, limit[i], counted), s)
+    for w in widths:  # one program per distinct width: padding would sort unused rows (top-p)
+      s = _when(limit[i] == w, functools.partial(_verify, req, cfg, width=w, counted=counted), s)
     return _propose(req, cfg, s, model[i])
 
   return jax.lax.fori_loop(0, len(order), one_pass, state)
@@ -147,10 +147,8 @@ def _gather(x: Array, pos: Int[Array, "B G"]) -> Array:
   return jnp.take_along_axis(x, pos.reshape(pos.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _verify(req, cfg, state: LoopState, width: int, limit: Int[Array, ""], counted
-            ) -> LoopState:
-  """Verifies up to `limit` (traced, <= the static `width`) of the pending proposals that every
-  model has scored."""
+def _verify(req, cfg, state: LoopState, width: int, counted) -> LoopState:
+  """Verifies up to `width` of the pending proposals that every model has scored."""
   ex: SpecState = state.extra
   r = ring_size(cfg)
   n = ex.ring.shape[0]
@@ -158,7 +156,7 @@ def _verify(req, cfg, state: LoopState, width: int, limit: Int[Array, ""], count
   c = state.committed(req)
   m = ex.pending
   scored = jnp.min(jnp.stack([cache.pos for cache in state.caches]), axis=0) - c + 1
-  num_valid = jnp.where(act, jnp.clip(scored, 0, jnp.minimum(m, limit)), 0)
+  num_valid = jnp.where(act, jnp.clip(scored, 0, jnp.minimum(m, width)), 0)
   pos = c[:, None] + jnp.arange(width)[None, :]
   logits = jnp.take_along_axis(ex.ring, (pos % r)[None, :, :, None], axis=2)  # [N, B, G, V]
   tokens = _gather(state.seq, pos)
