@@ -42,6 +42,45 @@ def test_top_k_top_p_min_p():
                              rtol=1e-5)
 
 
+def sorted_filter_reference(logp: np.ndarray, k: int, p: float, m: float) -> np.ndarray:
+  """The filters' definition on one row, by sorting (float64): top-k keeps the first k sorted
+  tokens and every tie of the k-th; top-p keeps the sorted prefix whose preceding mass (over the
+  top-k tokens, renormalised) is < p, and every tie of its last value; min-p; the argmax always."""
+  srt = np.sort(logp)[::-1].astype(np.float64)
+  n = srt.size
+  in_k = np.arange(n) < (k if 0 < k < n else n)
+  pk = np.where(in_k, np.exp(srt - srt[0]) if np.isfinite(srt[0]) else 0.0, 0.0)
+  pk = pk / pk.sum() if pk.sum() > 0 else pk
+  kept = in_k & ((p >= 1.0) | (np.cumsum(pk) - pk < p))
+  kept[0] = True
+  keep = logp >= srt[kept].min()
+  if m > 0:
+    keep &= logp >= logp.max() + np.log(m)
+  return (keep | (logp == logp.max())) & np.isfinite(logp)
+
+
+def test_filters_equal_the_sorted_definition_with_ties_and_removed_tokens():
+  """The filter finds its cut-offs without sorting (bisection over the values' order); on rows
+  with tied values, removed (-inf) tokens and every parameter mix it keeps exactly the tokens the
+  sorted definition keeps."""
+  rs = np.random.RandomState(0)
+  for trial in range(60):
+    v = int(rs.choice([5, 8, 64, 700]))
+    x = rs.randn(6, v) * rs.choice([0.1, 1.0, 5.0])
+    if trial % 2 == 0:
+      x = np.round(x, 1)  # many ties
+    x[0, : v // 2] = -np.inf
+    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(x, jnp.float32)))
+    k = rs.randint(0, v + 2, 6)
+    p = rs.choice([1.0, 0.9, 0.5, 0.3, 0.01], 6)
+    m = rs.choice([0.0, 0.0, 0.05], 6)
+    out = sampling._filter(jnp.asarray(logp), SamplingParams.make(6, 1.0, k, p, m))
+    for r in range(6):
+      np.testing.assert_array_equal(np.isfinite(np.asarray(out[r])),
+                                    sorted_filter_reference(logp[r], k[r], p[r], m[r]),
+                                    err_msg=f"trial {trial} row {r}: k {k[r]} p {p[r]} m {m[r]}")
+
+
 def test_per_row_parameters_in_one_call():
   logits = jnp.tile(jnp.asarray(LOGITS), (3, 1))
   params = SamplingParams.make(3, temperature=[0.0, 1.0, 2.0], top_k=[0, 2, 0])
