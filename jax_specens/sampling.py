@@ -80,7 +80,7 @@ def _filter(logp: Float[Array, "B ... V"], params: SamplingParams) -> Float[Arra
   top-k keeps every value >= the k-th largest (ties included) and renormalises over exactly k
   tokens; top-p keeps the values whose strictly larger survivors hold less than p of that mass.
   """
-  nd = logp.shape[-1]
+  vocab_size = logp.shape[-1]
   k = per_row(params.top_k, logp.ndim)
   p = per_row(params.top_p, logp.ndim)
   keys = _order_key(logp)
@@ -89,7 +89,7 @@ def _filter(logp: Float[Array, "B ... V"], params: SamplingParams) -> Float[Arra
   lowest = _order_key(jnp.full_like(top, NEG_INF))
   highest = jnp.max(keys, axis=-1, keepdims=True)
   # top-k: the largest value with at least k values >= it (every value when k is off or >= V)
-  use_k = (k > 0) & (k < nd)
+  use_k = (k > 0) & (k < vocab_size)
   kth = jax.lax.cond(jnp.any(use_k), lambda: jnp.where(use_k, _largest_key_where(
       lambda v: jnp.sum(keys >= v, axis=-1, keepdims=True) >= k, lowest, highest), lowest),
       lambda: jnp.broadcast_to(lowest, highest.shape))
@@ -101,9 +101,9 @@ def _filter(logp: Float[Array, "B ... V"], params: SamplingParams) -> Float[Arra
                      jnp.sum(e, axis=-1, keepdims=True))
   # top-p: keep v iff the mass strictly above v is < p * mass_k; the largest v failing that
   # (at least one exists below the k-th value, as p <= 1) bounds the kept ones from below
-  last_out = _largest_key_where(
+  last_out = jax.lax.cond(jnp.any(p < 1.0), lambda: _largest_key_where(
       lambda v: jnp.sum(jnp.where(keys > v, e, 0.0), axis=-1, keepdims=True) >= p * mass_k,
-      kth - 1, highest)
+      kth - 1, highest), lambda: kth - 1)
   keep = jnp.where(p >= 1.0, keys >= kth, keys > last_out)
   mp = per_row(params.min_p, logp.ndim)
   keep &= (mp <= 0) | (logp >= top + jnp.log(jnp.maximum(mp, 1e-38)))
@@ -138,7 +138,7 @@ def _largest_key_where(pred, lo: Array, hi: Array) -> Array:
 def log_probs(logits: Float[Array, "B ... V"], params: SamplingParams) -> Float[Array, "B ... V"]:
   """The sampling distribution defined by `params`, as log-probabilities (batch axis first).
 
-  Greedy rows get the one-hot distribution at `argmax(logits)`. Filtering (a sort over V) is skipped
+  Greedy rows get the one-hot distribution at `argmax(logits)`. Filtering (`_filter`) is skipped
   at run time when no row uses top-k, top-p or min-p.
   """
   nd = logits.ndim

@@ -21,6 +21,8 @@ BENCHMARKS = {
                  "bandwidth roofline, and tokens/s of every method at batch 1 and 16 (--small on "
                  "CPU)"),
     "compile": ("compile_bench", "compile time and number of compilations of decode() per method"),
+    "sampling": ("sampling_bench", "the cost of a sampling distribution per filter (greedy, "
+                 "temperature, top-k, top-p, min-p) next to a sort of the same logits"),
     "decode": ("decode_bench", "ar / sd / ensemble / se side by side on the same models: tokens/s, "
                "ratios sd/ar and se/ensemble, model calls, acceptance"),
     "long-context": ("long_context", "decode step time against the context in use at a fixed "

@@ -113,7 +113,7 @@ def step(models, req: Request, cfg: Config, state: LoopState, counted=None) -> L
   def one_pass(i, s: LoopState) -> LoopState:
     for j, (k, w) in enumerate(feeds):
       s = _when(branch[i] == j, functools.partial(_feed, models, req, cfg, k, w), s)
-    for w in widths:  # one program per distinct width: padding would sort unused rows (top-p)
+    for w in widths:  # one program per distinct width: padding would filter unused rows (top-p)
       s = _when(limit[i] == w, functools.partial(_verify, req, cfg, width=w, counted=counted), s)
     return _propose(req, cfg, s, model[i])
 
