@@ -59,6 +59,9 @@ def sorted_filter_reference(logp: np.ndarray, k: int, p: float, m: float) -> np.
   return (keep | (logp == logp.max())) & np.isfinite(logp)
 
 
+FILTER = jax.jit(sampling._filter)  # one program per vocabulary size
+
+
 def test_filters_equal_the_sorted_definition_with_ties_and_removed_tokens():
   """The filter finds its cut-offs without sorting (bisection over the values' order); on rows
   with tied values, removed (-inf) tokens and every parameter mix it keeps exactly the tokens the
@@ -74,7 +77,7 @@ def test_filters_equal_the_sorted_definition_with_ties_and_removed_tokens():
     k = rs.randint(0, v + 2, 6)
     p = rs.choice([1.0, 0.9, 0.5, 0.3, 0.01], 6)
     m = rs.choice([0.0, 0.0, 0.05], 6)
-    out = sampling._filter(jnp.asarray(logp), SamplingParams.make(6, 1.0, k, p, m))
+    out = FILTER(jnp.asarray(logp), SamplingParams.make(6, 1.0, k, p, m))
     for r in range(6):
       np.testing.assert_array_equal(np.isfinite(np.asarray(out[r])),
                                     sorted_filter_reference(logp[r], k[r], p[r], m[r]),
