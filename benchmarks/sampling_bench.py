@@ -12,9 +12,6 @@ bisection that replaced it keeps the same tokens, `tests/test_sampling.py`). Wri
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,16 +22,6 @@ FILTERS = {"greedy": dict(temperature=0.0), "temperature 0.7": dict(temperature=
            "top-k 50": dict(temperature=0.7, top_k=50), "top-p 0.9": dict(temperature=0.7, top_p=0.9),
            "min-p 0.05": dict(temperature=0.7, min_p=0.05),
            "top-k 50 + top-p 0.9": dict(temperature=0.7, top_k=50, top_p=0.9)}
-
-
-def _median_ms(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1000 * statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -50,9 +37,11 @@ def main(argv=None) -> int:
   fn = jax.jit(log_probs)
   results = []
   for name, kw in FILTERS.items():
-    ms = _median_ms(fn, logits, SamplingParams.make(rows, **kw), repeats=args.repeats)
+    params = SamplingParams.make(rows, **kw)
+    ms = 1000 * common.time_call(lambda: fn(logits, params), repeats=args.repeats)
     results.append({"filter": name, "ms": ms, "ms_per_row": ms / rows})
-  sort_ms = _median_ms(jax.jit(lambda x: jnp.sort(x, axis=-1)), logits, repeats=args.repeats)
+  sort = jax.jit(lambda x: jnp.sort(x, axis=-1))
+  sort_ms = 1000 * common.time_call(lambda: sort(logits), repeats=args.repeats)
   results.append({"filter": "jnp.sort alone (the former filter's core)", "ms": sort_ms,
                   "ms_per_row": sort_ms / rows})
   plain = results[1]["ms"]

@@ -85,7 +85,8 @@ def _filter(logp: Float[Array, "B ... V"], params: SamplingParams) -> Float[Arra
   p = per_row(params.top_p, logp.ndim)
   keys = _order_key(logp)
   top = jnp.max(logp, axis=-1, keepdims=True)
-  e = jnp.exp(logp - jnp.where(jnp.isfinite(top), top, 0.0))  # 0 for removed tokens
+  shift = jnp.where(jnp.isfinite(top), top, 0.0)  # a row with every token removed: 0
+  e = jnp.exp(logp - shift)  # 0 for removed tokens
   lowest = _order_key(jnp.full_like(top, NEG_INF))
   highest = jnp.max(keys, axis=-1, keepdims=True)
   # top-k: the largest value with at least k values >= it (every value when k is off or >= V)
@@ -94,7 +95,7 @@ def _filter(logp: Float[Array, "B ... V"], params: SamplingParams) -> Float[Arra
       lambda v: jnp.sum(keys >= v, axis=-1, keepdims=True) >= k, lowest, highest), lowest),
       lambda: jnp.broadcast_to(lowest, highest.shape))
   above = keys > kth
-  kth_e = jnp.exp(_from_order_key(kth) - jnp.where(jnp.isfinite(top), top, 0.0))
+  kth_e = jnp.exp(_from_order_key(kth) - shift)
   # the mass of exactly k tokens: those above the k-th value and as many ties as fill k
   mass_k = jnp.where(use_k, jnp.sum(jnp.where(above, e, 0.0), axis=-1, keepdims=True)
                      + (k - jnp.sum(above, axis=-1, keepdims=True)) * kth_e,

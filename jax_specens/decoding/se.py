@@ -2,7 +2,7 @@
 
 State per row, besides the shared loop state: `pending` proposals sit in `seq` after the committed
 tokens, `src` records which model proposed each, and each model keeps the raw logits it computed for
-positions `committed .. cache.pos` in a ring buffer (`ring[k][:, s % R]` holds position s). A model
+positions `committed .. cache.pos` in a ring buffer (`ring[k, :, s % R]` holds position s). A model
 "has scored" pending position s iff `s <= cache.pos` (its queue).
 
 One loop step is a fixed round-robin cycle shared by all rows: for model k = 0..n-1, one *scoring
