@@ -76,6 +76,7 @@ def _drop_compiled_programs_when_mappings_pile_up():
 
 
 def pytest_configure(config):
+  _compile_tiny_models_with_the_old_emitters()
   if os.environ.get(XLA_CACHE_ENV) == "off":  # to time the suite without it
     return
   if not hasattr(config, "workerinput") and XLA_CACHE_ENV not in os.environ:
@@ -99,17 +100,44 @@ def shared_xla_cache_env() -> dict[str, str]:
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 
 
-# XLA's older (non-MLIR) loop emitters compile the tiny models' programs ~20% faster (A/B, no
-# persistent cache: tests/test_decode_greedy.py plus a README sd/se block 355 -> 283 s and 195 ->
-# 152 s) but SmolLM2's unscanned 30-layer sd program 50 -> 82 s (ar and scanned sd: the same or
-# faster). The test processes also build real models, so only the subprocesses that build nothing
-# but tiny ones (README blocks and notebooks not marked real) take it.
-TINY_MODELS_XLA_FLAG = "--xla_cpu_use_fusion_emitters=false"
+# XLA's older (non-MLIR) loop emitters compile the tiny models' programs 35-45% faster (one
+# tiny decode program at -O0, 2026-12-02: ar 2.2 -> 1.0 s, sd 7.0 -> 4.4 s, se of 3 models 13.1 ->
+# 7.5 s) but real models' programs slower (the tests marked `real`, summed: 803 -> 932 s; CoSD on
+# the scanned real pair 111 -> 170 s). So tests not marked `real` compile with them (a per-program
+# compile option, below), and so do the subprocesses that build nothing but tiny models (README
+# blocks and notebooks not marked real: XLA_FLAGS).
+TINY_MODELS_XLA_OPTION = "xla_cpu_use_fusion_emitters"
+TINY_MODELS_XLA_FLAG = f"--{TINY_MODELS_XLA_OPTION}=false"
+_tiny_models_only = [False]  # set per test: not marked `real`
 
 
 def tiny_models_xla_env() -> dict[str, str]:
   """XLA_FLAGS for a subprocess that compiles tiny models only (see TINY_MODELS_XLA_FLAG)."""
   return {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {TINY_MODELS_XLA_FLAG}".strip()}
+
+
+def _compile_tiny_models_with_the_old_emitters() -> None:
+  """Wraps jax's `get_compile_options` (private: when it moves, tests only compile slower) so
+  that every program compiled while `_tiny_models_only[0]` holds takes TINY_MODELS_XLA_OPTION."""
+  try:
+    from jax._src import compiler
+  except ImportError:
+    return
+  original = compiler.get_compile_options
+  if getattr(original, "_tiny_models", False):
+    return
+
+  def get_compile_options(*args, env_options_overrides=None, **kwargs):
+    if _tiny_models_only[0]:
+      env_options_overrides = {TINY_MODELS_XLA_OPTION: False, **(env_options_overrides or {})}
+    return original(*args, env_options_overrides=env_options_overrides, **kwargs)
+
+  get_compile_options._tiny_models = True
+  compiler.get_compile_options = get_compile_options
+
+
+def pytest_runtest_setup(item):  # before the test's fixtures are built
+  _tiny_models_only[0] = item.get_closest_marker("real") is None
 
 
 def pytest_unconfigure(config):

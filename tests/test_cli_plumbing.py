@@ -13,14 +13,15 @@ import jax_specens
 from jax_specens import load_model, load_tokenizer
 from jax_specens.builtin import builtin_dir
 from jax_specens.cli.main import build_parser, main
+from tests.conftest import tiny_models_xla_env
 
 GENERATE = ["generate", "--model", "builtin:draft", "--prompt", "def f(x):",
             "--max-new-tokens", "8", "--temperature", "0"]
 
 
 def _cli(args, cache, **env):
-  env = {**os.environ, "JAX_SPECENS_CACHE": str(cache), "JAX_SPECENS_NO_COMPILE_CACHE": "0",
-         "JAX_ENABLE_COMPILATION_CACHE": "true", **env}
+  env = {**os.environ, **tiny_models_xla_env(), "JAX_SPECENS_CACHE": str(cache),
+         "JAX_SPECENS_NO_COMPILE_CACHE": "0", "JAX_ENABLE_COMPILATION_CACHE": "true", **env}
   return subprocess.run([sys.executable, "-m", "jax_specens.cli.main", *args], env=env,
                         capture_output=True, text=True, timeout=300)
 

@@ -1,16 +1,20 @@
 """The jaxtyping annotations are a contract: every method decodes with them checked (beartype)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.conftest import shared_xla_cache_env, tiny_models_xla_env
 
 WORKER = Path(__file__).with_name("shape_check_worker.py")
 
 
 def test_every_method_decodes_with_its_shapes_checked():
+  env = {**os.environ, **shared_xla_cache_env(), **tiny_models_xla_env()}  # tiny models only
   proc = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True,
-                        timeout=600)
+                        timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr[-4000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   # the checker is live: a call with a wrong shape is refused, naming the argument

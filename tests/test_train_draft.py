@@ -5,6 +5,7 @@ the real one SmolLM2-135M-Instruct (marked `real`).
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from jax_specens.decode import decode
 from jax_specens.draft import DraftRecipe, TrainConfig, init_from_target, train_draft
 from jax_specens.draft import data as D
 from jax_specens.draft.train import train
+from tests.conftest import tiny_models_xla_env
 
 TARGET = MODELS_DIR / "code"
 TINY = DraftRecipe(layers=(0,), vocab_k=512, seq_len=32, chat_prompts=4, answer_tokens=8,
@@ -116,7 +118,7 @@ def test_generate_cli_runs_a_distilled_draft_given_its_target(distilled):
   r = subprocess.run([sys.executable, "-m", "jax_specens.cli.main", "generate", "--model",
                       str(TARGET), "--draft", str(out), "--method", "sd", "--gamma", "2",
                       "--prompt", "def fib(n):", "--max-new-tokens", "6", "--temperature", "0"],
-                     capture_output=True, text=True, timeout=300)
+                     capture_output=True, text=True, timeout=300, env=_tiny_env())
   assert r.returncode == 0, r.stderr
 
 
@@ -150,9 +152,13 @@ def jax_leaves(model):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(model.params)]
 
 
+def _tiny_env() -> dict[str, str]:  # the builtin models only
+  return {**os.environ, **tiny_models_xla_env()}
+
+
 def _cli(*args):
   return subprocess.run([sys.executable, "-m", "jax_specens.cli.main", "train-draft", *args],
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300, env=_tiny_env())
 
 
 def test_cli_help_and_errors_name_the_flag(tmp_path):
