@@ -76,7 +76,7 @@ def _drop_compiled_programs_when_mappings_pile_up():
 
 
 def pytest_configure(config):
-  _compile_tiny_models_with_the_old_emitters()
+  _per_test_compile_options()
   if os.environ.get(XLA_CACHE_ENV) == "off":  # to time the suite without it
     return
   if not hasattr(config, "workerinput") and XLA_CACHE_ENV not in os.environ:
@@ -108,7 +108,7 @@ def shared_xla_cache_env() -> dict[str, str]:
 # blocks and notebooks not marked real: XLA_FLAGS).
 TINY_MODELS_XLA_OPTION = "xla_cpu_use_fusion_emitters"
 TINY_MODELS_XLA_FLAG = f"--{TINY_MODELS_XLA_OPTION}=false"
-_tiny_models_only = [False]  # set per test: not marked `real`
+_compile_options: dict = {}  # XLA options of the programs the running test compiles
 
 
 def tiny_models_xla_env() -> dict[str, str]:
@@ -116,28 +116,30 @@ def tiny_models_xla_env() -> dict[str, str]:
   return {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {TINY_MODELS_XLA_FLAG}".strip()}
 
 
-def _compile_tiny_models_with_the_old_emitters() -> None:
+def _per_test_compile_options() -> None:
   """Wraps jax's `get_compile_options` (private: when it moves, tests only compile slower) so
-  that every program compiled while `_tiny_models_only[0]` holds takes TINY_MODELS_XLA_OPTION."""
+  that every program takes the running test's `_compile_options`."""
   try:
     from jax._src import compiler
   except ImportError:
     return
   original = compiler.get_compile_options
-  if getattr(original, "_tiny_models", False):
+  if getattr(original, "_per_test", False):
     return
 
   def get_compile_options(*args, env_options_overrides=None, **kwargs):
-    if _tiny_models_only[0]:
-      env_options_overrides = {TINY_MODELS_XLA_OPTION: False, **(env_options_overrides or {})}
+    if _compile_options:
+      env_options_overrides = {**_compile_options, **(env_options_overrides or {})}
     return original(*args, env_options_overrides=env_options_overrides, **kwargs)
 
-  get_compile_options._tiny_models = True
+  get_compile_options._per_test = True
   compiler.get_compile_options = get_compile_options
 
 
 def pytest_runtest_setup(item):  # before the test's fixtures are built
-  _tiny_models_only[0] = item.get_closest_marker("real") is None
+  _compile_options.clear()
+  if item.get_closest_marker("real") is None:
+    _compile_options[TINY_MODELS_XLA_OPTION] = False
 
 
 def pytest_unconfigure(config):

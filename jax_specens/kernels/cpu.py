@@ -4,7 +4,8 @@ XLA's CPU matrix product reads a weight at about half the memory bandwidth as so
 activations have more than one row (a W-token verification pass, or a batch), and converts
 bfloat16 weights to float32 copies before reading them (`models/layers.weight_dot`). The kernel
 takes products of up to `MAX_ROWS` rows, float32 or bfloat16 weights (converted in registers,
-float32 accumulation), split over the calling thread and XLA's intra-op pool; it reads a weight
+float32 accumulation; a bfloat16 model's bfloat16 activations with AVX512-BF16's dot product on
+CPUs that have it), split over the calling thread and XLA's intra-op pool; it reads a weight
 once per 4 rows of activations (a `[K, N]` kernel) or 8 (a `[N, K]` tied head), so a batch-1 pass
 of up to 4 tokens reads each weight once.
 
@@ -79,6 +80,7 @@ def _build() -> Path:
   return out
 
 
+@functools.cache
 def _cpu_flags() -> set[str]:
   try:
     text = Path("/proc/cpuinfo").read_text()
@@ -103,11 +105,16 @@ def _register(path: Path) -> None:
 
 def small_matmul(x: Float[Array, "M K"], w: Array, transposed: bool) -> Float[Array, "M N"]:
   """`x @ w` (`transposed`: `x @ w.T`, w `[N, K]`) in float32, for M <= MAX_ROWS rows; w float32
-  or bfloat16 with N (and, transposed, K) a multiple of 16. Call `available()` first."""
+  or bfloat16 with N (and, transposed, K) a multiple of 16. Call `available()` first.
+
+  x and w both bfloat16 (a bfloat16 model) take the AVX512-BF16 path where the CPU has it (and,
+  for `[K, N]`, N % 32 == 0): the same exact products, another summation order."""
   n = w.shape[0] if transposed else w.shape[1]
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
                           vmap_method="sequential")
-  return call(x.astype(jnp.float32), w, transposed=bool(transposed))
+  bf16 = (x.dtype == w.dtype == jnp.bfloat16 and (transposed or n % 32 == 0)
+          and "avx512_bf16" in _cpu_flags())
+  return call(x if bf16 else x.astype(jnp.float32), w, transposed=bool(transposed))
 
 
 def fits(x: Array, w: Array, dims, precision) -> bool:

@@ -1,5 +1,9 @@
-// y[M, N] = x[M, K] @ w for the few rows of a decode pass (M <= 16), float32 or bfloat16 weights
-// converted exactly to float32 in registers, float32 accumulation. Weight layouts:
+// y[M, N] = x[M, K] @ w for the few rows of a decode pass (M <= 16), float32 accumulation:
+//   x float32, w float32 or bfloat16 (converted exactly to float32 in registers, then FMA);
+//   x and w bfloat16 (a bfloat16 model's activations): AVX512-BF16's vdpbf16ps, which adds the
+//   exact products of two bfloat16 pairs to each float32 lane (one instruction per 32 weights,
+//   where the conversion costs three; built for the CPUs that have it, chosen by cpu.py).
+// Weight layouts:
 //   "nn": w[K, N] (a Linear kernel), rows of w streamed four at a time;
 //   "nt": w[N, K] (a tied embedding used as the head), one dot product per row of w.
 // A task reads its part of w once for every 4 rows of x ("nn") or 8 ("nt"): once per call for
@@ -7,7 +11,8 @@
 // half the bandwidth as soon as M > 1 (measured: a 4-row product costs 2x a 1-row one there).
 // More rows re-read it (M = 8: twice for "nn"). Tasks (column blocks, or ranges of w's rows whose
 // partial sums are added) are shared by the calling thread and XLA's intra-op thread pool.
-// Built by jax_specens/kernels/cpu.py with -O3 -mavx512f -mfma; called through jax.ffi.
+// Built by jax_specens/kernels/cpu.py with -O3 -mavx512f -mfma (the vdpbf16ps functions carry
+// their own target attribute); called through jax.ffi.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -79,20 +84,6 @@ void BlockNN(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t
     std::memcpy(y + (m0 + m) * N + c0, acc + m * cn, cn * sizeof(float));
 }
 
-// y[:, c0 : c0 + cn] (its own rows of leading dimension N) over w's rows k0 <= k < k1
-template <typename W>
-void TaskNN(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t c0,
-            int64_t cn, int64_t k0, int64_t k1) {
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    switch (std::min<int64_t>(4, M - m0)) {
-      case 1: BlockNN<W, 1>(x, w, y, K, N, m0, c0, cn, k0, k1); break;
-      case 2: BlockNN<W, 2>(x, w, y, K, N, m0, c0, cn, k0, k1); break;
-      case 3: BlockNN<W, 3>(x, w, y, K, N, m0, c0, cn, k0, k1); break;
-      default: BlockNN<W, 4>(x, w, y, K, N, m0, c0, cn, k0, k1); break;
-    }
-  }
-}
-
 // "nt": y[m0 : m0 + MB, n] for rows n0 <= n < n0 + rows of w[N, K]
 template <typename W, int MB>
 void BlockNT(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0,
@@ -110,19 +101,120 @@ void BlockNT(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t
   }
 }
 
-template <typename W>
-void TaskNT(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// "nn", x and w bfloat16: rows k, k + 1 of w interleaved per column (vpunpck{l,h}wd, within
+// 128-bit lanes) against the pair (x[k], x[k + 1]) broadcast. Accumulator i of a 32-column group
+// holds column 8 (i % 16 / 4) + 4 (i >= 16) + i % 4; the order is undone when written out.
+template <int MB>
+BF16_TARGET void BlockNNbf16(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N,
+                             int64_t m0, int64_t c0, int64_t cn, int64_t k0, int64_t k1) {
+  alignas(64) float acc[MB * kMaxCols];
+  std::fill(acc, acc + MB * cn, 0.0f);
+  const uint16_t* xr = x + m0 * K;
+  for (int64_t k = k0; k < k1; k += 2) {
+    const bool pair = k + 1 < k1;  // else row k alone, against a zero row
+    const uint16_t* r0 = w + k * N + c0;
+    __m512bh xv[MB];
+    for (int m = 0; m < MB; ++m) {
+      const uint32_t hi = pair ? uint32_t(xr[m * K + k + 1]) << 16 : 0u;
+      xv[m] = (__m512bh)_mm512_set1_epi32(int(xr[m * K + k] | hi));
+    }
+    for (int64_t t = 0; t < cn; t += 32) {
+      const __m512i a = _mm512_loadu_si512(r0 + t);
+      const __m512i b = pair ? _mm512_loadu_si512(r0 + N + t) : _mm512_setzero_si512();
+      const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b);
+      const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+      for (int m = 0; m < MB; ++m) {
+        float* p = acc + m * cn + t;
+        _mm512_store_ps(p, _mm512_dpbf16_ps(_mm512_load_ps(p), xv[m], lo));
+        _mm512_store_ps(p + 16, _mm512_dpbf16_ps(_mm512_load_ps(p + 16), xv[m], hi));
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int64_t t = 0; t < cn; t += 32)
+      for (int i = 0; i < 32; ++i)
+        y[(m0 + m) * N + c0 + t + 8 * (i % 16 / 4) + 4 * (i >= 16) + i % 4] = acc[m * cn + t + i];
+}
+
+// "nt", x and w bfloat16: a row of w and a row of x are both contiguous along K
+template <int MB>
+BF16_TARGET void BlockNTbf16(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N,
+                             int64_t m0, int64_t n0, int64_t rows) {
+  const uint16_t* xr = x + m0 * K;
+  const __mmask32 tail = __mmask32((1ull << (K % 32)) - 1);  // K % 32 is 0 or 16
+  for (int64_t n = n0; n < n0 + rows; ++n) {
+    const uint16_t* r = w + n * K;
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(r + k);
+      for (int m = 0; m < MB; ++m)
+        acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(xr + m * K + k), wv);
+    }
+    if (k < K) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, r + k);
+      for (int m = 0; m < MB; ++m)
+        acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_maskz_loadu_epi16(tail, xr + m * K + k),
+                                  wv);
+    }
+    for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+
+// The blocks of MB rows of x for activations X (float: float32, uint16_t: bfloat16) and weights W
+template <typename X, typename W, int MB>
+struct Block {
+  static void NN(const X* x, const W* w, float* y, int64_t K, int64_t N, int64_t m0, int64_t c0,
+                 int64_t cn, int64_t k0, int64_t k1) {
+    BlockNN<W, MB>(x, w, y, K, N, m0, c0, cn, k0, k1);
+  }
+  static void NT(const X* x, const W* w, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0,
+                 int64_t rows) {
+    BlockNT<W, MB>(x, w, y, K, N, m0, n0, rows);
+  }
+};
+template <int MB>
+struct Block<uint16_t, uint16_t, MB> {
+  static void NN(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t m0,
+                 int64_t c0, int64_t cn, int64_t k0, int64_t k1) {
+    BlockNNbf16<MB>(x, w, y, K, N, m0, c0, cn, k0, k1);
+  }
+  static void NT(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t m0,
+                 int64_t n0, int64_t rows) {
+    BlockNTbf16<MB>(x, w, y, K, N, m0, n0, rows);
+  }
+};
+
+// y[:, c0 : c0 + cn] (its own rows of leading dimension N) over w's rows k0 <= k < k1
+template <typename X, typename W>
+void TaskNN(const X* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t c0,
+            int64_t cn, int64_t k0, int64_t k1) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: Block<X, W, 1>::NN(x, w, y, K, N, m0, c0, cn, k0, k1); break;
+      case 2: Block<X, W, 2>::NN(x, w, y, K, N, m0, c0, cn, k0, k1); break;
+      case 3: Block<X, W, 3>::NN(x, w, y, K, N, m0, c0, cn, k0, k1); break;
+      default: Block<X, W, 4>::NN(x, w, y, K, N, m0, c0, cn, k0, k1); break;
+    }
+  }
+}
+
+template <typename X, typename W>
+void TaskNT(const X* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
             int64_t rows) {
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
     switch (std::min<int64_t>(8, M - m0)) {
-      case 1: BlockNT<W, 1>(x, w, y, K, N, m0, n0, rows); break;
-      case 2: BlockNT<W, 2>(x, w, y, K, N, m0, n0, rows); break;
-      case 3: BlockNT<W, 3>(x, w, y, K, N, m0, n0, rows); break;
-      case 4: BlockNT<W, 4>(x, w, y, K, N, m0, n0, rows); break;
-      case 5: BlockNT<W, 5>(x, w, y, K, N, m0, n0, rows); break;
-      case 6: BlockNT<W, 6>(x, w, y, K, N, m0, n0, rows); break;
-      case 7: BlockNT<W, 7>(x, w, y, K, N, m0, n0, rows); break;
-      default: BlockNT<W, 8>(x, w, y, K, N, m0, n0, rows); break;
+      case 1: Block<X, W, 1>::NT(x, w, y, K, N, m0, n0, rows); break;
+      case 2: Block<X, W, 2>::NT(x, w, y, K, N, m0, n0, rows); break;
+      case 3: Block<X, W, 3>::NT(x, w, y, K, N, m0, n0, rows); break;
+      case 4: Block<X, W, 4>::NT(x, w, y, K, N, m0, n0, rows); break;
+      case 5: Block<X, W, 5>::NT(x, w, y, K, N, m0, n0, rows); break;
+      case 6: Block<X, W, 6>::NT(x, w, y, K, N, m0, n0, rows); break;
+      case 7: Block<X, W, 7>::NT(x, w, y, K, N, m0, n0, rows); break;
+      default: Block<X, W, 8>::NT(x, w, y, K, N, m0, n0, rows); break;
     }
   }
 }
@@ -149,14 +241,14 @@ void Parallel(ffi::ThreadPool& pool, int64_t tasks, const std::function<void(int
   while (state->done.load() < tasks) std::this_thread::yield();
 }
 
-template <typename W>
-void Run(ffi::ThreadPool& pool, bool nt, const float* x, const W* w, float* y, int64_t M,
+template <typename X, typename W>
+void Run(ffi::ThreadPool& pool, bool nt, const X* x, const W* w, float* y, int64_t M,
          int64_t K, int64_t N) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());  // the caller is one of them
   if (nt) {
     const int64_t rows = std::max<int64_t>(16, N / (8 * threads));
     Parallel(pool, (N + rows - 1) / rows, [&](int64_t i) {
-      TaskNT<W>(x, w, y, M, K, N, i * rows, std::min(rows, N - i * rows));
+      TaskNT<X, W>(x, w, y, M, K, N, i * rows, std::min(rows, N - i * rows));
     });
   } else if (N <= kMaxCols) {
     // whole rows of w, contiguous in memory, split by K: each task sums its rows into its own
@@ -165,7 +257,7 @@ void Run(ffi::ThreadPool& pool, bool nt, const float* x, const W* w, float* y, i
     const int64_t rows = (K + parts - 1) / parts;
     std::vector<float> partial(parts * M * N);
     Parallel(pool, parts, [&](int64_t i) {
-      TaskNN<W>(x, w, partial.data() + i * M * N, M, K, N, 0, N, i * rows,
+      TaskNN<X, W>(x, w, partial.data() + i * M * N, M, K, N, 0, N, i * rows,
                 std::min(K, (i + 1) * rows));
     });
     for (int64_t j = 0; j < M * N; ++j) {
@@ -176,12 +268,12 @@ void Run(ffi::ThreadPool& pool, bool nt, const float* x, const W* w, float* y, i
   } else {
     const int64_t cols = kMaxCols;
     Parallel(pool, (N + cols - 1) / cols, [&](int64_t i) {
-      TaskNN<W>(x, w, y, M, K, N, i * cols, std::min(cols, N - i * cols), 0, K);
+      TaskNN<X, W>(x, w, y, M, K, N, i * cols, std::min(cols, N - i * cols), 0, K);
     });
   }
 }
 
-ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                 ffi::ResultBuffer<ffi::F32> y, bool transposed) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
@@ -190,12 +282,22 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   const int64_t N = transposed ? wd[0] : wd[1];
   if ((transposed ? wd[1] : wd[0]) != K) return ffi::Error::InvalidArgument("K differs");
   if (N % 16 || (transposed && K % 16)) return ffi::Error::InvalidArgument("sizes not % 16");
-  if (w.element_type() == ffi::F32) {
-    Run<float>(pool, transposed, x.typed_data(), static_cast<const float*>(w.untyped_data()),
-               y->typed_data(), M, K, N);
+  const auto* wf = static_cast<const float*>(w.untyped_data());
+  const auto* wb = static_cast<const uint16_t*>(w.untyped_data());
+  float* out = y->typed_data();
+  if (x.element_type() == ffi::BF16) {
+    if (w.element_type() != ffi::BF16 || (!transposed && N % 32))
+      return ffi::Error::InvalidArgument("bfloat16 x needs bfloat16 w (and N % 32 == 0 for nn)");
+    Run<uint16_t, uint16_t>(pool, transposed, static_cast<const uint16_t*>(x.untyped_data()), wb,
+                            out, M, K, N);
+  } else if (x.element_type() != ffi::F32) {
+    return ffi::Error::InvalidArgument("x must be float32 or bfloat16");
+  } else if (w.element_type() == ffi::F32) {
+    Run<float, float>(pool, transposed, static_cast<const float*>(x.untyped_data()), wf, out, M,
+                      K, N);
   } else if (w.element_type() == ffi::BF16) {
-    Run<uint16_t>(pool, transposed, x.typed_data(),
-                  static_cast<const uint16_t*>(w.untyped_data()), y->typed_data(), M, K, N);
+    Run<float, uint16_t>(pool, transposed, static_cast<const float*>(x.untyped_data()), wb, out,
+                         M, K, N);
   } else {
     return ffi::Error::InvalidArgument("weights must be float32 or bfloat16");
   }
@@ -207,7 +309,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecensSmallMatmul, Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transposed"));
