@@ -12,8 +12,7 @@ import json
 import os
 import sys
 
-# a tiny model: XLA's older loop emitters compile its programs faster (tests/conftest.py)
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
