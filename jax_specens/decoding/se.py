@@ -24,10 +24,11 @@ Static window sizes: model k feeds at most `1 + sum_{j != k} gamma_j` tokens and
 `sum_{j != k} gamma_j`; at most `sum(gamma)` tokens are ever pending (the cache lookahead).
 
 The passes run in one `lax.fori_loop` whose body runs the pass's feed (one program per distinct
-(model, width)), its verification (one program per distinct width: padding the draft's 1-token
-verification to the target's gamma would filter unused rows at every step) and the one proposal,
-with the model index traced. The proposal's sampling is thus compiled once per step instead of
-once per pass kind; it and the acceptance math are most of a small model's program.
+(model, width)), its verification and the one proposal, with the model index traced. A
+verification is a loop over pending positions, oldest first, that stops once every row has
+rejected or run out of proposals: one program for every width, and no position after the last
+row's first rejection is scored. The sampling and acceptance math (most of a small model's
+program) is thus compiled once per step, not once per pass kind or verification width.
 """
 
 from __future__ import annotations
@@ -108,13 +109,11 @@ def step(models, req: Request, cfg: Config, state: LoopState, counted=None) -> L
   branch = jnp.array([feeds.index((p.k, p.width)) for p in order], jnp.int32)
   model = jnp.array([p.k for p in order], jnp.int32)
   limit = jnp.array([p.verify_width for p in order], jnp.int32)
-  widths = sorted({p.verify_width for p in order} - {0})
 
   def one_pass(i, s: LoopState) -> LoopState:
     for j, (k, w) in enumerate(feeds):
       s = _when(branch[i] == j, functools.partial(_feed, models, req, cfg, k, w), s)
-    for w in widths:  # one program per distinct width: padding would filter unused rows (top-p)
-      s = _when(limit[i] == w, functools.partial(_verify, req, cfg, width=w, counted=counted), s)
+    s = _when(limit[i] > 0, functools.partial(_verify, req, cfg, limit=limit[i], counted=counted), s)
     return _propose(req, cfg, s, model[i])
 
   return jax.lax.fori_loop(0, len(order), one_pass, state)
@@ -147,28 +146,46 @@ def _gather(x: Array, pos: Int[Array, "B G"]) -> Array:
   return jnp.take_along_axis(x, pos.reshape(pos.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _verify(req, cfg, state: LoopState, width: int, counted) -> LoopState:
-  """Verifies up to `width` of the pending proposals that every model has scored."""
+def _verify(req, cfg, state: LoopState, limit: Int[Array, ""], counted) -> LoopState:
+  """Verifies, oldest first, up to `limit` of the pending proposals that every model has scored.
+
+  One position per trip of a loop that ends when every row has rejected or run out of valid
+  proposals: the rule sees one position at a time (`G = 1`), so a verification of any width is
+  one program, and positions after every row's first rejection are never scored."""
   ex: SpecState = state.extra
   r = ring_size(cfg)
-  n = ex.ring.shape[0]
+  n, b = ex.ring.shape[:2]
+  rows = jnp.arange(b)
   act = state.active
   c = state.committed(req)
   m = ex.pending
   scored = jnp.min(jnp.stack([cache.pos for cache in state.caches]), axis=0) - c + 1
-  num_valid = jnp.where(act, jnp.clip(scored, 0, jnp.minimum(m, width)), 0)
-  pos = c[:, None] + jnp.arange(width)[None, :]
-  logits = jnp.take_along_axis(ex.ring, (pos % r)[None, :, :, None], axis=2)  # [N, B, G, V]
-  tokens = _gather(state.seq, pos)
-  src = _gather(ex.src, pos)
-  logq = log_probs(jnp.take_along_axis(logits, src[None, :, :, None], axis=0)[0], req.sampling)
-  logr = req.ensemble.target(logits, req.sampling)
+  num_valid = jnp.where(act, jnp.clip(scored, 0, jnp.minimum(m, limit)), 0)
   state, key = state.next_key()
   rule = cfg.options.acceptance_rule or acceptance.verify
-  v = rule(key, tokens, logq, logr, num_valid)
-  a, rej = v.num_accepted, v.rejected & act
-  j = jnp.arange(width)[None, :]
-  new = jnp.where(j < a[:, None], tokens, v.token[:, None])
+
+  def live(j, a, rej):  # rows whose proposal at c + j is still to be checked
+    return (j < num_valid) & (a == j) & ~rej
+
+  def position(carry):
+    j, a, rej, tok = carry
+    pos = c + j
+    logits = ex.ring[:, rows, pos % r]  # [N, B, V]
+    src = ex.src[rows, pos]
+    logq = log_probs(logits[src, rows], req.sampling)
+    logr = req.ensemble.target(logits, req.sampling)
+    go = live(j, a, rej)
+    v = rule(jax.random.fold_in(key, j), state.seq[rows, pos][:, None], logq[:, None],
+             logr[:, None], go.astype(jnp.int32))
+    return j + 1, a + v.num_accepted, rej | (v.rejected & go), jnp.where(v.rejected & go,
+                                                                           v.token, tok)
+
+  zeros = jnp.zeros((b,), jnp.int32)
+  _, a, rej, replacement = jax.lax.while_loop(lambda carry: jnp.any(live(*carry[:3])), position,
+                                              (jnp.int32(0), zeros, zeros > 0, zeros))
+  span = sum(cfg.gammas)
+  j = jnp.arange(span)[None, :]
+  new = jnp.where(j < a[:, None], _gather(state.seq, c[:, None] + j), replacement[:, None])
   length0 = state.length
   state = emit(state, req, cfg, new, a + rej)
   # stats count what was emitted: a stop id or max_new_tokens may cut the accepted run (and the
@@ -231,7 +248,8 @@ def _propose(req, cfg, state: LoopState, k: Int[Array, ""]) -> LoopState:
 @dataclasses.dataclass(frozen=True)
 class SpecOptions:
   """Static options of se and sd. acceptance_rule: a function with the signature of
-  `acceptance.verify` replacing it (experiments and tests); None: the lossless rule."""
+  `acceptance.verify` replacing it (experiments and tests), called on one position at a time
+  (`G = 1`, with its own key; `num_valid` 0 or 1); None: the lossless rule."""
 
   acceptance_rule: Callable | None = None
 
