@@ -13,6 +13,7 @@ from jax_specens.checkpoint import save_model
 from jax_specens.cli.generate import as_flags
 from jax_specens.cli.main import main
 from tests.decode_models import config, scaled
+from tests.fixtures_real import gguf_parsed_once
 
 WORDS = "the cat sat on a mat and dog ran far away to big red house".split()
 EOS = (35, 60)  # row 0 of the greedy output below meets 35, row 1 neither
@@ -189,14 +190,15 @@ def test_real_chat_answers_paris_and_stops_like_transformers(real_smollm2, smoll
   assert code == 0, err
   got = json.loads(out)
   assert "Paris" in got["texts"][0] and got["finish_reasons"] == ["stop"]
-  tok = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
-  im_end = tok.convert_tokens_to_ids("<|im_end|>")
-  assert got["tokens"][0][-1] == im_end and im_end not in got["tokens"][0][:-1]
-  assert got["texts"][0] == tok.decode(got["tokens"][0][:-1], skip_special_tokens=True)
-  ids = tok.apply_chat_template([{"role": "user", "content": question}],
-                                add_generation_prompt=True, return_tensors="pt", return_dict=True)
-  hf = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                            dtype=torch.float32)
+  with gguf_parsed_once():  # one parse of the file for the tokenizer and the model
+    tok = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert got["tokens"][0][-1] == im_end and im_end not in got["tokens"][0][:-1]
+    assert got["texts"][0] == tok.decode(got["tokens"][0][:-1], skip_special_tokens=True)
+    ids = tok.apply_chat_template([{"role": "user", "content": question}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent),
+                                              gguf_file=smollm2_gguf.name, dtype=torch.float32)
   with torch.no_grad():
     ref = hf.generate(**ids, max_new_tokens=32, do_sample=False, eos_token_id=im_end)
   assert got["tokens"][0] == ref[0, ids["input_ids"].shape[1]:].tolist()

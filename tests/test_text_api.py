@@ -13,6 +13,7 @@ import pytest
 from jax_specens import create_model, decode, generate_text, load_model, load_tokenizer, text
 from jax_specens.checkpoint import save_model
 from tests.decode_models import config, scaled
+from tests.fixtures_real import gguf_parsed_once
 
 WORDS = "the cat sat on a mat and dog ran far away to big red house".split()
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<eot>", "<unk>", "<system>", "<user>", "<assistant>"]
@@ -172,7 +173,8 @@ def test_real_tokenization_equals_the_gguf_tokenizer(real_smollm2, smollm2_gguf,
   """Our converted directory's tokenizer encodes text and chat exactly like transformers' own
   tokenizer of the GGUF file; Gemma 3 prepends <bos> to plain text."""
   from transformers import AutoTokenizer
-  ref = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+  with gguf_parsed_once():
+    ref = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
   tok = load_tokenizer(real_smollm2)
   conv = [{"role": "user", "content": "What is the capital of France?"}]
   got = text.encode(tok, ["Hello world", conv, conv], system=None)

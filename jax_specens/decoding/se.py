@@ -113,7 +113,8 @@ def step(models, req: Request, cfg: Config, state: LoopState, counted=None) -> L
   def one_pass(i, s: LoopState) -> LoopState:
     for j, (k, w) in enumerate(feeds):
       s = _when(branch[i] == j, functools.partial(_feed, models, req, cfg, k, w), s)
-    s = _when(limit[i] > 0, functools.partial(_verify, req, cfg, limit=limit[i], counted=counted), s)
+    verify = functools.partial(_verify, req, cfg, limit=limit[i], counted=counted)
+    s = _when(limit[i] > 0, verify, s)
     return _propose(req, cfg, s, model[i])
 
   return jax.lax.fori_loop(0, len(order), one_pass, state)
