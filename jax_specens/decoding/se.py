@@ -165,8 +165,8 @@ def _verify(req, cfg, state: LoopState, limit: Int[Array, ""], counted) -> LoopS
   state, key = state.next_key()
   rule = cfg.options.acceptance_rule or acceptance.verify
 
-  def live(j, a, rej):  # rows whose proposal at c + j is still to be checked
-    return (j < num_valid) & (a == j) & ~rej
+  def live(j, rej):  # rows whose proposal at c + j is still to be checked (all before it accepted)
+    return (j < num_valid) & ~rej
 
   def position(carry):
     j, a, rej, tok = carry
@@ -175,14 +175,14 @@ def _verify(req, cfg, state: LoopState, limit: Int[Array, ""], counted) -> LoopS
     src = ex.src[rows, pos]
     logq = log_probs(logits[src, rows], req.sampling)
     logr = req.ensemble.target(logits, req.sampling)
-    go = live(j, a, rej)
+    go = live(j, rej)
     v = rule(jax.random.fold_in(key, j), state.seq[rows, pos][:, None], logq[:, None],
              logr[:, None], go.astype(jnp.int32))
     return j + 1, a + v.num_accepted, rej | (v.rejected & go), jnp.where(v.rejected & go,
                                                                            v.token, tok)
 
   zeros = jnp.zeros((b,), jnp.int32)
-  _, a, rej, replacement = jax.lax.while_loop(lambda carry: jnp.any(live(*carry[:3])), position,
+  _, a, rej, replacement = jax.lax.while_loop(lambda s: jnp.any(live(s[0], s[2])), position,
                                               (jnp.int32(0), zeros, zeros > 0, zeros))
   span = sum(cfg.gammas)
   j = jnp.arange(span)[None, :]
