@@ -123,7 +123,7 @@ def main(argv=None) -> int:
 def _ms_per_token(built: dict, vocab: int, n_new: int, rounds: int = 5) -> dict:
   """{layout: {"ar": ms, "se": ms}}: milliseconds per token of compiled greedy decodes at batch 1
   (se: draft and target, gamma 3, 1), the layouts timed in turn, median of `rounds`."""
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
   prompts, lengths = common.random_prompts(1, 12, vocab, seed=2)
   runs = {}
   for layout, (target, draft) in built.items():
@@ -146,7 +146,7 @@ def _ms_per_token(built: dict, vocab: int, n_new: int, rounds: int = 5) -> dict:
 
 def _measure(counter, method, target, draft, batch, n_new, vocab) -> dict:
   """The three calls of the module notes for one method, caches cleared first."""
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
 
   models = {"ar": dict(models=target), "sd": dict(models=target, draft=draft),
             "ensemble": dict(models=[draft, target]), "se": dict(models=[draft, target])}

@@ -21,7 +21,7 @@ import numpy as np
 
 from benchmarks.common import real_model, table, time_call, write_results
 from jax_specens.checkpoint import load_model, load_tokenizer
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from jax_specens.fusion import cosd_text
 
 PROMPTS = [

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
   if args.small:
     args.vocab, args.hidden, args.layers, args.max_new_tokens = 256, 64, 2, 16
     args.repeats = 1
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
 
   target, draft, member = build_models(args)
   prompts, lengths = common.random_prompts(args.batch, args.prompt_len, args.vocab)

@@ -36,7 +36,7 @@ import numpy as np
 
 from benchmarks import common, hf_models
 from jax_specens.checkpoint import load_model, load_tokenizer
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from jax_specens.kernels import cpu
 
 COLUMNS = ["batch", "kernel", "method", "gamma", "alpha", "c", "measured", "predicted", "ratio",

@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks.draft_bench import load_pair
 from jax_specens import autogamma
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 
 COLUMNS = ["pair", "gamma", "tok_s", "speedup", "predicted", "note"]
 

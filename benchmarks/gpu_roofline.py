@@ -73,7 +73,7 @@ def in_loop_token_seconds(model, prompt_len: int, n_short: int, n_long: int, rep
                           batch: int = 1, cache_len: int | None = None) -> float:
   """Seconds per step of greedy `ar` (`batch` rows) inside the on-device loop: the difference of two
   decodes' times over the difference of their lengths (prefill and the call's fixed cost cancel)."""
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
   prompts, lengths = common.random_prompts(batch, prompt_len, model.config.vocab_size)
   lengths[:] = prompt_len  # every row steps; none finishes early
   secs = {}
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
   p.add_argument("--roofline-only", action="store_true",
                  help="stop after the roofline (no method table)")
   args = p.parse_args(argv)
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
 
   shape = "small" if args.small else "1b"
   n_new = args.max_new_tokens or (8 if args.small else 128)

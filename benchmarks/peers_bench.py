@@ -34,7 +34,7 @@ def _match(ours: np.ndarray, peer: np.ndarray) -> float:
 def run_batch(models, pair, batch: int, args) -> list[dict]:
   """Times every method at one batch size; one row per method."""
   import torch
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
 
   target, draft = models
   vocab = target.config.vocab_size

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
   p.add_argument("--random-models", action="store_true",
                  help="use the converted random pair even when the built-in models exist")
   args = p.parse_args(argv)
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
 
   gammas = args.gammas or ([1, 2] if args.small else [1, 2, 3, 4])
   lambdas = args.lambdas or ([0.5] if args.small else [0.25, 0.5, 0.75])

@@ -96,7 +96,7 @@ def plan_rows(cfg, dtype, batch: int, context: int) -> list[dict]:
 def measured_rows(cfg, batch: int, new_tokens: int, repeats: int) -> list[dict]:
   from jax_specens import create_model
   from jax_specens import parallel as par
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
   model = create_model(cfg, seed=0)
   model = model.replace(params=jax.tree_util.tree_map(  # spread logits: no greedy near-ties
       lambda x: 4 * x if x.ndim >= 2 else x, model.params))

@@ -107,7 +107,7 @@ def _check(models, prompts, prompt_lengths, kw: dict) -> tuple:
 def resolve(models, prompts, prompt_lengths, kw: dict) -> tuple[Any, GammaChoice]:
   """(gamma to decode with, GammaChoice) for `decode(models, prompts, prompt_lengths, **kw)` with
   `kw["gamma"] == "auto"`; calibrates unless the in-process cache has the answer."""
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
   ordered = _check(models, prompts, prompt_lengths, kw)
   method, n = kw.get("method"), int(kw.get("max_new_tokens", 1))
   b, t = np.shape(prompts)

@@ -232,7 +232,7 @@ def generate_text(models: Model | Sequence[Model], inputs: Sequence[str | Messag
     bucket: pad prompts to a bucketed width (module doc) so new prompts reuse compiled programs.
     decode_fn: replaces `jax_specens.decode` (e.g. `jax_specens.parallel.decode` on a mesh).
   """
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
   ms = (models,) if isinstance(models, Model) else tuple(models)
   every = ms + ((draft,) if draft is not None else ())
   vocab.check_shared(every)

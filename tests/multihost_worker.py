@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from jax_specens import checkpoint, forward_prompt, init_cache  # noqa: E402
 from jax_specens import parallel as par  # noqa: E402
-from jax_specens.decode import decode  # noqa: E402
+from jax_specens.decoding.api import decode  # noqa: E402
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 

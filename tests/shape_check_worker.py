@@ -17,7 +17,7 @@ from jaxtyping import install_import_hook
 
 with install_import_hook("jax_specens", "beartype.beartype"):
   from jax_specens import acceptance
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
   from jax_specens.models.config import ModelConfig
   from jax_specens.models.model import create_model
 

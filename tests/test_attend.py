@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from jax_specens.models import attend as A
 from jax_specens.models.model import with_attention_block
 from tests.decode_models import LENGTHS, PROMPTS, config, scaled

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jax_specens import autogamma, pricing
-from jax_specens.decode import decode, decode_stream
+from jax_specens.decoding.api import decode, decode_stream
 from tests import decode_models as dm
 from tests.test_cli_generate import cli, model_dirs  # noqa: F401 (a fixture)
 

@@ -14,7 +14,6 @@ tests/test_conversion.py, tests/test_fusion_cli.py.
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -25,7 +24,8 @@ from jax_specens import cache
 from jax_specens.checkpoint import CheckpointError, load_model, load_tokenizer, save_model
 from jax_specens.builtin import builtin_dir
 from jax_specens.cli.main import main
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
+from jax_specens.decoding import api as decoding_api
 from checkpoints_conversion.tensors import TensorFiles, safetensors_files
 
 
@@ -114,7 +114,7 @@ def test_checkpoint_without_size_record_still_names_params(good, tmp_path):
 def no_jit(monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("decode reached the jitted loop with a request that cannot fit")
-  monkeypatch.setattr(sys.modules["jax_specens.decode"], "_generate", fail)
+  monkeypatch.setattr(decoding_api, "_generate", fail)
 
 
 def small_model():

@@ -12,7 +12,7 @@ import pytest
 
 from jax_specens import text
 from jax_specens.checkpoint import load_model, load_tokenizer
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from jax_specens.fusion import ConstantVerifier, RuleVerifier, cosd_text
 from jax_specens.fusion.token_text import TokenText, token_bytes
 from tests.cross_reference import reference_cosd

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jax_specens.cache import init_cache
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from jax_specens.fusion import RuleVerifier
 from jax_specens.step import forward
 from tests.fixtures_fusion import REGION

@@ -8,7 +8,7 @@ at temperature 1 (sampled drafts) it still gives exactly the assistant's greedy 
 import jax
 import numpy as np
 
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from jax_specens.fusion import ConstantVerifier
 from tests.test_cosd_greedy import K, LENGTHS, NEW, PROMPTS
 

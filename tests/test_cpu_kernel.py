@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jax_specens import ModelConfig, create_model
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from jax_specens.kernels import cpu
 from jax_specens.models import layers
 

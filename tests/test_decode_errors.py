@@ -1,12 +1,11 @@
 """Bad arguments to decode() raise a ValueError that names the problem and the fix, before anything
 is traced or compiled (the jitted loop is replaced by a function that fails if reached)."""
 
-import sys
-
 import numpy as np
 import pytest
 
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
+from jax_specens.decoding import api as decoding_api
 from tests.decode_models import LENGTHS, PROMPTS, models
 
 
@@ -14,7 +13,7 @@ from tests.decode_models import LENGTHS, PROMPTS, models
 def no_tracing(monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("decode reached the jitted loop with bad arguments")
-  monkeypatch.setattr(sys.modules["jax_specens.decode"], "_generate", fail)
+  monkeypatch.setattr(decoding_api, "_generate", fail)
 
 
 def a():

@@ -13,7 +13,7 @@ import functools
 import numpy as np
 import pytest
 
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from tests.decode_models import LENGTHS, PROMPTS, models, reference_greedy
 
 N = 10

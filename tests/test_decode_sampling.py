@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from tests import wrong_rules
 from tests.decode_models import _combine, _last_logits, models
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from tests.decode_models import LENGTHS, PROMPTS, models
 
 N = 10

@@ -3,7 +3,7 @@ the stream reassembles exactly what decode() returns."""
 
 import numpy as np
 
-from jax_specens.decode import decode, decode_stream
+from jax_specens.decoding.api import decode, decode_stream
 from tests.decode_models import LENGTHS, PROMPTS, models
 
 N = 10

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_specens.ensemble import make_ensemble
+from jax_specens.ensemble_fns import make_ensemble
 from jax_specens.sampling import SamplingParams
 
 rng = np.random.default_rng(0)

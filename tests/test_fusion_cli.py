@@ -13,7 +13,7 @@ from jax_specens import fusion
 from jax_specens.checkpoint import load_model, load_tokenizer
 from jax_specens.cli import fusion_args
 from jax_specens.cli.main import main
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from jax_specens.fusion import FusionHeadFn, TreeVerifier, load_verifier
 from jax_specens.fusion.learned import LearnedEnsemble, learned_ensemble
 from jax_specens.sampling import SamplingParams

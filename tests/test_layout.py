@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jax_specens import ModelConfig, create_model, load_model
 from jax_specens.checkpoint import save_model
 from jax_specens import parallel as par
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from jax_specens.models.layout import scanned, unrolled
 from jax_specens.step import forward, forward_prompt
 from tests.decode_models import scaled

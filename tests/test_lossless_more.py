@@ -24,7 +24,7 @@ import pytest
 from scipy import stats
 
 from jax_specens import ModelConfig, create_model, sampling
-from jax_specens.decode import decode, prepare
+from jax_specens.decoding.api import decode, prepare
 from jax_specens.fusion.head import HeadConfig, init_head
 from jax_specens.fusion.learned import LearnedEnsemble
 from tests import wrong_rules

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_specens import ModelConfig, create_model
 from jax_specens import parallel as par
-from jax_specens.decode import decode, prepare
+from jax_specens.decoding.api import decode, prepare
 from jax_specens.decoding import METHODS
 
 MESHES = [(2, 4), (1, 8)]  # (data, model)

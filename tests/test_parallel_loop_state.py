@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_specens import ModelConfig, create_model
 from jax_specens import parallel as par
-from jax_specens.decode import prepare
+from jax_specens.decoding.api import prepare
 from jax_specens.decoding import METHODS
 from jax_specens.decoding.loop import run
 from jax_specens.parallel.place import kv_axes_of

@@ -18,7 +18,7 @@ import pytest
 
 from jax_specens import pricing as P
 from jax_specens.acceptance import _first_rejection
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from tests import decode_models as dm
 
 

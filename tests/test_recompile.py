@@ -2,19 +2,18 @@
 lengths), new sampling parameters, weights, stop ids and keys reuse it. decode() also runs inside a
 user's jax.jit (models are pytrees)."""
 
-import sys
-
 import jax
 import numpy as np
 
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
+from jax_specens.decoding import api as decoding_api
 from tests.decode_models import LENGTHS, PROMPTS, models
 
 N = 10
 
 
 def compiled_programs() -> int:
-  return sys.modules["jax_specens.decode"]._generate._cache_size()
+  return decoding_api._generate._cache_size()
 
 
 def test_new_prompts_and_sampling_params_do_not_recompile():

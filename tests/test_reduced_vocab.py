@@ -22,7 +22,7 @@ import pytest
 from jax_specens import ModelConfig, create_model
 from jax_specens.acceptance import Verdict, verify
 from jax_specens.checkpoint import load_model, save_model
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from jax_specens.draft.model import init_from_target
 from jax_specens.sampling import NEG_INF, sample
 from tests.decode_models import LENGTHS, PROMPTS, _last_logits, config, models, scaled

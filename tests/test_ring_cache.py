@@ -25,7 +25,7 @@ import pytest
 
 from jax_specens import cache as kv
 from jax_specens import create_model
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from jax_specens.decoding import loop
 from jax_specens.models import attend as A
 from jax_specens.step import forward, forward_prompt

@@ -5,13 +5,13 @@ so new prompts reuse the compiled program."""
 
 import dataclasses
 import json
-import sys
 
 import numpy as np
 import pytest
 
 from jax_specens import create_model, decode, generate_text, load_model, load_tokenizer, text
 from jax_specens.checkpoint import save_model
+from jax_specens.decoding import api as decoding_api
 from tests.decode_models import config, scaled
 from tests.fixtures_real import gguf_parsed_once
 
@@ -130,7 +130,7 @@ def test_speculative_methods_through_the_text_api(model_dir):
 def test_new_prompts_in_a_bucket_do_not_recompile(model_dir):
   model = load_model(model_dir)
   n = N + 3  # a max_new_tokens (static) no other test uses: the program count starts clean
-  programs = sys.modules["jax_specens.decode"]._generate._cache_size
+  programs = decoding_api._generate._cache_size
   generate_text(model, ["the cat"], max_new_tokens=n, temperature=0)
   before = programs()
   for prompt in ("a", "the cat sat on a mat and dog ran far away", "red house"):

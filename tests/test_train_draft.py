@@ -17,7 +17,7 @@ from flax import nnx
 
 from jax_specens.builtin import MODELS_DIR
 from jax_specens.checkpoint import load_model, load_tokenizer
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from jax_specens.draft import DraftRecipe, TrainConfig, init_from_target, train_draft
 from jax_specens.draft import data as D
 from jax_specens.draft.train import train

@@ -5,7 +5,7 @@ token; we report accuracy (prediction == reference) and perplexity (exp mean NLL
 
 - `code`, `prose`, `draft`: each built-in model alone;
 - `ensemble wprob` / `ensemble wlogit`: the two specialists, uniform weights, through
-  `jax_specens.ensemble` (at temperature 1); `ensemble learned`: weighted probabilities with
+  `jax_specens.ensemble_fns` (at temperature 1); `ensemble learned`: weighted probabilities with
   per-position weights from a fusion head of kind "weights" (docs/algorithms.md §5);
 - `cosd rule` / `cosd tree` / `cosd learned`: CoSD with the code specialist as draft and the prose
   specialist as assistant (docs/algorithms.md §4): where the verifier replaces (and the candidates differ) the
@@ -30,7 +30,7 @@ from jaxtyping import Array, Bool, Float, Int
 from jax_specens import fusion
 from jax_specens.builtin import data, evaluate
 from jax_specens.builtin import tokenizer as tokenizer_lib
-from jax_specens.ensemble import make_ensemble
+from jax_specens.ensemble_fns import make_ensemble
 from jax_specens.fusion.learned import LearnedEnsemble, learned_ensemble
 from jax_specens.fusion.pipeline import FusionRecipe, train_fusion
 from jax_specens.fusion.train import TrainConfig

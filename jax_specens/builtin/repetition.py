@@ -26,7 +26,7 @@ def greedy_repetition(groups: dict, tokenizer, prompts: Sequence[str], max_new_t
   Returns name -> {"mean": mean share over prompts, "min": the lowest, "per_prompt": [...],
   "tokens": [...], "texts": [...]}.
   """
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
   ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
   lengths = np.asarray([len(x) for x in ids], np.int32)
   batch = np.zeros((len(ids), int(lengths.max())), np.int32)

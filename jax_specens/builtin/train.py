@@ -174,7 +174,7 @@ def finetune_repetition(model: Model, recipe: Recipe, streams: dict[str, np.ndar
   and the share of repeated positions in each step's continuations (it falls as the loops go).
   The model passed in is donated: use the one returned.
   """
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
   if recipe.seq_len < REPETITION_PREFIX + REPETITION_TOKENS:
     raise ValueError(f"the repetition phase decodes {REPETITION_PREFIX} + {REPETITION_TOKENS} "
                      f"positions, past this recipe's seq_len {recipe.seq_len}: raise seq_len or "

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_builtin(args: argparse.Namespace) -> int:
   from jax_specens.cli.demo_real import _timed, slower_sentence
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
   from jax_specens.decoding import METHODS
   import jax
 

@@ -160,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
   from jax_specens import text, vocab
   from jax_specens.cache import check_memory, check_positions
   from jax_specens.checkpoint import load_model, read_config
-  from jax_specens.decode import decode
+  from jax_specens.decoding.api import decode
 
   method = args.method or ("sd" if args.draft else "ar" if len(args.model) == 1 else "se")
   if args.gamma is not None and method in ("ar", "ensemble"):

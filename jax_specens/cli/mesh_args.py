@@ -46,7 +46,7 @@ def refuse(args: argparse.Namespace, what: str) -> None:
 
 
 def decode_fn(mesh, decode):
-  """`decode` (`jax_specens.decode.decode`) without a mesh, else `jax_specens.parallel.decode`
+  """`decode` (`jax_specens.decode`) without a mesh, else `jax_specens.parallel.decode`
   bound to `mesh`."""
   if mesh is None:
     return decode

@@ -1,4 +1,5 @@
-"""Decoding methods: a registry of name -> `Method` (init + one loop step), and their shared loop.
+"""Decoding methods: a registry of name -> `Method` (init + one loop step), their shared loop
+(`loop.py`) and the public `decode()` / `decode_stream()` (`api.py`).
 
 Adding a method is one line here: `METHODS["name"] = module.METHOD`.
 """

@@ -26,7 +26,7 @@ from jax_specens import vocab
 from jax_specens.cache import KVCache, ring_slack
 from jax_specens.decoding.outputs import (CACHE_FULL, LENGTH, RUNNING, STOP, DecodeOutput,
                                           DecodeStats)
-from jax_specens.ensemble import Ensemble
+from jax_specens.ensemble_fns import Ensemble
 from jax_specens.sampling import SamplingParams
 from jax_specens.models.model import Model
 from jax_specens.step import forward

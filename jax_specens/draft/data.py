@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
 from jax_specens.builtin import data as stdlib_data
-from jax_specens.decode import decode
+from jax_specens.decoding.api import decode
 from jax_specens.draft import prompts as chat_prompts
 from jax_specens.models.model import Model
 from jax_specens.step import forward

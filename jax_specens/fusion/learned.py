@@ -4,7 +4,7 @@
 
 The features are the models' own distributions at the position and their argmax candidates, so
 lambda depends on the prefix only and speculative ensembles that verify against `r` stay lossless.
-`LearnedEnsemble` has the signature of `jax_specens.ensemble` functions and is a pytree, so
+`LearnedEnsemble` has the signature of `jax_specens.ensemble_fns` functions and is a pytree, so
 `decode(..., ensemble=LearnedEnsemble(head))` traces the head's weights (no recompile per head).
 """
 

@@ -68,13 +68,13 @@ def place_for_decode(models: Model | Sequence[Model], prompts, prompt_lengths, m
 def decode(models: Model | Sequence[Model], prompts, prompt_lengths, *, mesh: Mesh,
            draft: Model | None = None, tensor_parallel: bool = True, replicate_kv: bool = True,
            **kwargs):
-  """`jax_specens.decode.decode` with every input placed on `mesh` (see `place_for_decode`).
+  """`jax_specens.decode` with every input placed on `mesh` (see `place_for_decode`).
 
-  kwargs: everything `jax_specens.decode.decode` takes (method, max_new_tokens, gamma, sampling
+  kwargs: everything `jax_specens.decode` takes (method, max_new_tokens, gamma, sampling
   parameters, ...). Returns its `DecodeOutput`; on several processes (`initialize`) its arrays are
   gathered whole onto every process, as numpy.
   """
-  from jax_specens.decode import decode as decode_on_device
+  from jax_specens.decoding.api import decode as decode_on_device
   models, prompts, prompt_lengths, draft = place_for_decode(
       models, prompts, prompt_lengths, mesh, draft=draft, tensor_parallel=tensor_parallel,
       replicate_kv=replicate_kv)

@@ -28,7 +28,7 @@ from jax_specens.cache import check_fits, check_memory, check_positions
 from jax_specens.decoding import METHODS
 from jax_specens.decoding.loop import Config, LoopState, Method, Request, finalize, generate
 from jax_specens.decoding.outputs import RUNNING, DecodeOutput
-from jax_specens.ensemble import make_ensemble
+from jax_specens.ensemble_fns import make_ensemble
 from jax_specens.models.model import Model
 
 
