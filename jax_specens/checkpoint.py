@@ -32,6 +32,7 @@ from jax_specens.models.model import Model, structure
 CONFIG_FILE = "jax_specens.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
+LOAD_DTYPE_KEY = "load_dtype"  # optional: the dtype load_model casts to by default
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -140,15 +141,17 @@ def _string_keys(tree):
 
 
 def write_model_files(directory: Path, config: ModelConfig, params: dict, *,
-                      share=None) -> None:
+                      share=None, load_dtype: str | None = None) -> None:
   """Writes config and params (a pure dict of arrays) into an existing, empty `directory`.
 
   The config records the size of every file under params/, so that `load_model` names a
   truncated or missing one before orbax reads anything.
   share: (groups, source_dir): top-level parameter groups (e.g. `("embed",)`) not written but
   taken from the model in source_dir at load time (`jax_specens.shared_params`).
+  load_dtype: the dtype `load_model` casts to by default when it is not the stored one (a draft
+  stored in bfloat16 to halve its files, computed in float32: bf16 products are slower on CPUs).
   """
-  extra = {}
+  extra = {} if load_dtype is None else {LOAD_DTYPE_KEY: str(jnp.dtype(load_dtype))}
   if share is not None:
     params, extra[shared_params.KEY] = shared_params.record(params, *share)
   params_dir = (directory / PARAMS_DIR).absolute()
@@ -241,7 +244,8 @@ def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
                share_from=None, scan_layers: bool = False) -> Model:
   """Restores a model saved by `save_model` or `jax-specens convert`, cast to `dtype`.
 
-  dtype: None (default) loads the dtype the parameters are stored in (`precision.stored_dtype`).
+  dtype: None (default) loads the dtype the directory asks for (`load_dtype`, see
+    `write_model_files`), else the one the parameters are stored in (`precision.stored_dtype`).
   scan_layers: stack the layers for `lax.scan` (`models/layout.py`: compiles in a fraction of
   the time; on CPU each step is slower). The checkpoint is the same either way.
 
@@ -256,7 +260,7 @@ def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
   config = read_config(model_dir)
   if dtype is None:  # unreadable metadata: the restore below raises the error
     from jax_specens.precision import stored_dtype
-    dtype = stored_dtype(model_dir) or jnp.float32
+    dtype = _read_meta(model_dir).get(LOAD_DTYPE_KEY) or stored_dtype(model_dir) or jnp.float32
   abstract = abstract_model(config, dtype)
   target = nnx.to_pure_dict(abstract.params)
   sh = nnx.to_pure_dict(shardings(abstract)) if shardings is not None else None

@@ -5,7 +5,11 @@
 - "draft": a small general model (2 layers, hidden 96) trained on both.
 
 All three share one byte-level BPE tokenizer (4096 tokens) and are stored in our checkpoint format
-(bf16), so everything that takes a converted Hugging Face model takes them too:
+(bf16), so everything that takes a converted Hugging Face model takes them too. Beside them, drafts
+distilled for real targets (`DISTILLED_DRAFTS`, `jax-specens train-draft --store-dtype bfloat16`):
+their own weights only, the target's embedding is shared at load time
+(`load_model("builtin:smollm2-draft", share_from=smollm2)`; on the command line,
+`--model SMOLLM2_DIR --draft builtin:smollm2-draft`).
 
     model = builtin_model("code")                # a jax_specens.Model
     tok = builtin_tokenizer()                    # a transformers tokenizer
@@ -22,16 +26,19 @@ from pathlib import Path
 import jax.numpy as jnp
 
 BUILTIN_MODELS = ("code", "prose", "draft")
+# name -> the target it was distilled from (its README section: "Distilling a draft")
+DISTILLED_DRAFTS = {"smollm2-draft": "SmolLM2-135M-Instruct"}
+NAMES = BUILTIN_MODELS + tuple(DISTILLED_DRAFTS)
 MODELS_DIR = Path(__file__).parent / "models"
 
 
 def builtin_dir(name: str, models_dir: str | os.PathLike | None = None) -> Path:
-  """The checkpoint directory of built-in model `name` ("code", "prose" or "draft").
+  """The checkpoint directory of built-in model `name` (one of `NAMES`).
 
   models_dir: where to look instead of the package (the --out of `jax-specens train-builtin`).
   """
-  if name not in BUILTIN_MODELS:
-    raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
+  if name not in NAMES:
+    raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(NAMES)}")
   root = MODELS_DIR if models_dir is None else Path(models_dir)
   path = root / name
   if not (path / "jax_specens.json").is_file():
@@ -64,9 +71,9 @@ def resolve(model_dir: str | os.PathLike) -> str | os.PathLike:
   """
   if isinstance(model_dir, str) and model_dir.startswith(PREFIX):
     name = model_dir[len(PREFIX):]
-    if name not in BUILTIN_MODELS:
+    if name not in NAMES:
       raise ValueError(f"unknown built-in model {model_dir!r}; use one of "
-                       + ", ".join(PREFIX + n for n in BUILTIN_MODELS))
+                       + ", ".join(PREFIX + n for n in NAMES))
     return builtin_dir(name)
   return model_dir
 

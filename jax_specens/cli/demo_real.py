@@ -65,6 +65,20 @@ def model_dir(name: str) -> Path:
   return out
 
 
+def user_draft_dir() -> Path:
+  return user_cache_dir() / "models" / DRAFT_NAME
+
+
+def find_draft() -> Path | None:
+  """SmolLM2's distilled draft: the user's own (`train-draft --out` the user cache) before the
+  one shipped in the package (`builtin:smollm2-draft`); None when neither is there."""
+  from jax_specens.builtin import MODELS_DIR
+  for path in (user_draft_dir(), MODELS_DIR / DRAFT_NAME):
+    if (path / "jax_specens.json").is_file():
+      return path
+  return None
+
+
 def _timed(label: str, fn):
   """Runs fn once to compile (announced), then again timed; returns (result, compile_s, run_s)."""
   print(f"compiling {label}…", flush=True)
@@ -87,11 +101,13 @@ def run(args) -> int:
   dirs = {n: model_dir(n) for n in ("smollm2", "gemma3")}
   smol, gemma = load_model(dirs["smollm2"]), load_model(dirs["gemma3"])
   tok_s, tok_g = load_tokenizer(dirs["smollm2"]), load_tokenizer(dirs["gemma3"])
-  draft_path = user_cache_dir() / "models" / DRAFT_NAME
-  has_draft = (draft_path / "jax_specens.json").is_file()
+  draft_path = find_draft()
+  has_draft = draft_path is not None
   draft = load_model(draft_path, share_from=smol) if has_draft else smol
   draft_label = ("its distilled draft" if has_draft else
                  "itself (no distilled draft installed: identical text, no speed-up expected)")
+  if has_draft:
+    print(f"draft: {draft_path} (its own weights; the embedding is SmolLM2's)", flush=True)
   n = args.max_new_tokens
   print(f"loaded SmolLM2-135M-Instruct and Gemma-3-270M in {time.perf_counter() - t0:.0f}s; "
         f"greedy, at most {n} new tokens", flush=True)
@@ -165,7 +181,7 @@ def run(args) -> int:
   if not has_draft:
     print(f"\nsd and se above use SmolLM2 as its own draft. Distil a real one (about 80 minutes on a "
           f"2-core CPU; README 'Distilling a draft') and the demo uses it from then on:\n"
-          f"  jax-specens train-draft --target {dirs['smollm2']} --out {draft_path}")
+          f"  jax-specens train-draft --target {dirs['smollm2']} --out {user_draft_dir()}")
   print(f"\ndone in {time.perf_counter() - t0:.0f}s (tokens/s measured on a second, compiled "
         "run in this process; a second `jax-specens demo` reuses the compiled programs)")
   return 0

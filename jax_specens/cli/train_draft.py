@@ -71,6 +71,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--checkpoint-dir", metavar="DIR",
                  help="teacher labels and training state (default OUT.ckpt); rerun to resume")
   p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+  p.add_argument("--store-dtype", choices=["float32", "bfloat16"], default=None,
+                 help="dtype of the draft's own weights on disk (default: the target's); "
+                 "bfloat16 halves a float32 draft (it still loads as float32; distill.json then "
+                 "measures the rounded weights)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.set_defaults(run=run)
   return p
@@ -109,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
                        max_steps=args.steps, eval_every=args.eval_every, seed=args.seed,
                        time_budget_s=None if args.time_budget is None else args.time_budget * 60)
   m = train_draft(args.target, args.out, recipe, config, checkpoint_dir=args.checkpoint_dir,
-                  overwrite=args.overwrite, progress=not args.quiet)
+                  overwrite=args.overwrite, store_dtype=args.store_dtype,
+                  progress=not args.quiet)
   summary = {k: m[k] for k in ("train_tokens", "eval_tokens", "subset_coverage_eval",
                                "initial_eval", "final_eval", "steps", "train_seconds",
                                "draft_own_bytes", "read_bytes_ratio")}

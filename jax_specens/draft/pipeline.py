@@ -10,6 +10,8 @@ import os
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -88,13 +90,48 @@ def _harvests(target, tok, recipe: DraftRecipe, ckpt: Path, progress: bool):
   return out["train"], out["test"]
 
 
+def rounded(draft, store_dtype):
+  """`draft` with its own parameters (not the shared embedding) rounded to `store_dtype` and back:
+  what loading it from `save_draft(..., store_dtype=...)` gives."""
+  if store_dtype is None:
+    return draft
+  own = lambda path: getattr(path[0], "key", None) not in SHARED
+  return draft.replace(params=jax.tree_util.tree_map_with_path(
+      lambda p, x: x.astype(store_dtype).astype(x.dtype) if own(p) else x, draft.params))
+
+
+def save_draft(out_dir: str | os.PathLike, draft, target_dir: str | os.PathLike, metrics: dict,
+               *, store_dtype=None, overwrite: bool = False) -> Path:
+  """Writes `draft` as an ordinary model directory (atomically) that shares the target's
+  embedding instead of carrying a copy, with `metrics` as its `distill.json`.
+
+  store_dtype: None keeps the parameters' dtype; "bfloat16" halves a float32 draft's files
+  (70 -> 35 MB for the default SmolLM2 draft), and the directory still loads in the dtype the
+  draft had (`checkpoint.write_model_files`' load_dtype).
+  """
+  pure = nnx.to_pure_dict(draft.params)
+  own = {k: v for k, v in pure.items() if k not in SHARED}
+  (trained,) = {jnp.dtype(x.dtype) for x in jax.tree_util.tree_leaves(own)}
+  store = trained if store_dtype is None else jnp.dtype(store_dtype)
+  own = jax.tree_util.tree_map(lambda x: x.astype(store), own)
+  with atomic_dir(out_dir, overwrite) as tmp:  # the embedding stays the target's: not written
+    write_model_files(tmp, draft.config, {**pure, **own},
+                      share=([g for g in SHARED if g in pure], Path(target_dir)),
+                      load_dtype=None if store == trained else trained)
+    copy_tokenizer_files(target_dir, tmp)
+    (tmp / DISTILL_FILE).write_text(json.dumps({**metrics, "stored_dtype": str(store)},
+                                               indent=2))
+  return Path(out_dir)
+
+
 def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 recipe: DraftRecipe = DraftRecipe(), config: TrainConfig = TrainConfig(), *,
                 checkpoint_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                progress: bool = True) -> dict:
+                store_dtype=None, progress: bool = True) -> dict:
   """Distils a draft of the model in `target_dir` into `out_dir`; returns the metrics written
   to `out_dir/distill.json`. checkpoint_dir (default `<out_dir>.ckpt`): teacher labels and
-  training state; an interrupted run resumes from it."""
+  training state; an interrupted run resumes from it. store_dtype: see `save_draft` (the
+  held-out numbers are of the stored, rounded parameters)."""
   out = Path(out_dir)
   if out.exists() and not overwrite:
     raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
@@ -118,6 +155,7 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
   draft = init_from_target(target, recipe.layers, subset)
   draft, history = train(draft, train_h, test_h, config, checkpoint_dir=ckpt / "train",
                          progress=progress)
+  draft = rounded(draft, store_dtype)
   final = evaluate(draft, test_h, config.batch_size)
   top1 = test_h.top_ids[..., 0][test_h.mask > 0]
   metrics = {
@@ -132,10 +170,5 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
       "draft_own_bytes": own_bytes(draft),
       "read_bytes_ratio": read_bytes_per_token(draft.config) / read_bytes_per_token(target.config),
   }
-  pure = nnx.to_pure_dict(draft.params)
-  with atomic_dir(out, overwrite) as tmp:  # the embedding stays the target's: not written again
-    write_model_files(tmp, draft.config, pure,
-                      share=([g for g in SHARED if g in pure], Path(target_dir)))
-    copy_tokenizer_files(target_dir, tmp)
-    (tmp / DISTILL_FILE).write_text(json.dumps(metrics, indent=2))
+  save_draft(out, draft, target_dir, metrics, store_dtype=store_dtype, overwrite=overwrite)
   return metrics
