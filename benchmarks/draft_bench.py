@@ -35,11 +35,12 @@ import jax
 import numpy as np
 
 from benchmarks import common, hf_models
+from jax_specens.builtin import resolve
 from jax_specens.checkpoint import load_model, load_tokenizer
 from jax_specens.decoding.api import decode
 from jax_specens.kernels import cpu
 
-COLUMNS = ["batch", "kernel", "method", "gamma", "alpha", "c", "measured", "predicted", "ratio",
+COLUMNS = ["batch", "prompt", "kernel", "method", "gamma", "alpha", "c", "measured", "predicted", "ratio",
            "predicted_run", "ratio_run", "predicted_loop", "ratio_loop", "steps", "steps_predicted",
            "step_ms_priced", "step_ms_measured"]
 
@@ -49,7 +50,7 @@ def load_pair(args, tmp: Path):
   if args.small:
     pair = hf_models.build_pair(tmp, "small")
     target, draft = load_model(pair.target_dir), load_model(pair.draft_dir)
-    toks, lens = common.random_prompts(max(args.batches), 12, target.config.vocab_size)
+    toks, lens = common.random_prompts(rows_needed(args), 12, target.config.vocab_size)
     return target, (target if args.identical else draft), toks, lens, "converted random pair 'small'"
   from jax_specens.draft import data as D
   from jax_specens.draft.prompts import prompts as chat_prompts
@@ -63,8 +64,12 @@ def load_pair(args, tmp: Path):
     what = f"{target_dir} + draft {args.draft}"
   tok = load_tokenizer(target_dir)
   rows = [D.chat_ids(tok, p) for p in chat_prompts("test")]
-  toks, lens = D.pad(rows[:max(args.batches)], max(map(len, rows)))
+  toks, lens = D.pad(rows[:rows_needed(args)], max(map(len, rows)))
   return target, draft, toks, lens, what
+
+
+def rows_needed(args) -> int:
+  return max(max(args.batches), args.batch1_prompts if 1 in args.batches else 1)
 
 
 def _ints(s: str) -> list[int]:
@@ -108,6 +113,21 @@ def batch_rows(args, target, draft, toks, lens, n: int, repeats: int) -> tuple[l
   return rows, {"seconds": seconds, "pass_costs": costs.to_dict()}
 
 
+def over_prompts(rows: list[dict], measured: list[dict]) -> list[dict]:
+  """One row per (method, gamma) over prompts timed one at a time: measured = the baseline's
+  summed seconds / the method's summed seconds, alpha the mean over the prompts."""
+  out = []
+  for method, base in (("sd", "ar"), ("se", "ensemble")):
+    for g in sorted({tuple(r["gamma"]) for r in rows if r["method"] == method}):
+      mine = [r for r in rows if r["method"] == method and tuple(r["gamma"]) == g]
+      total = lambda key: sum(m["seconds"][key] for m in measured)
+      out.append({"kernel": mine[0]["kernel"], "prompt": "all", "batch": 1, "method": method,
+                  "gamma": list(g), "c": float(np.mean([r["c"] for r in mine])),
+                  "alpha": float(np.mean([r["alpha"] for r in mine])),
+                  "measured": total(base) / total(f"{method}{g[0]}")})
+  return out
+
+
 def main(argv=None) -> int:
   ap = common.base_parser(__doc__.split("\n\n")[0])
   ap.add_argument("--target", default=None, help="target model dir (default: SmolLM2 from the "
@@ -120,6 +140,10 @@ def main(argv=None) -> int:
                   "opt-in CPU kernel (JAX_SPECENS_CPU_KERNELS=1), or each in turn")
   ap.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (--small: 12)")
   ap.add_argument("--batches", type=_ints, default=[1, 8])
+  ap.add_argument("--batch1-prompts", type=int, default=1, metavar="N",
+                  help="at batch 1, time each of the first N held-out prompts in turn (a row per "
+                  "prompt) and add a row 'all' over them: summed baseline seconds / summed "
+                  "seconds, mean alpha (default 1: the first prompt only)")
   ap.add_argument("--no-se", action="store_true", help="skip the se / ensemble rows")
   args = ap.parse_args(argv)
   if not (args.draft or args.identical or args.small):
@@ -140,12 +164,19 @@ def main(argv=None) -> int:
       for kernel in args.kernels:
         os.environ[cpu.ENV] = "1" if kernel == "cpu" else "0"
         jax.clear_caches()  # the setting is read when a program is traced
-        new, measured = batch_rows(args, target, draft, all_toks[:b], all_lens[:b], n, repeats)
-        rows += [{"kernel": kernel, **r} for r in new]
-        record[f"batch{b}_{kernel}"] = measured
-        print(common.table(rows[-len(new):], COLUMNS), flush=True)
+        starts = range(args.batch1_prompts) if b == 1 else [0]
+        new, measured = [], []
+        for i in starts:
+          r, m = batch_rows(args, target, draft, all_toks[i:i + b], all_lens[i:i + b], n, repeats)
+          new += [{"kernel": kernel, **({"prompt": i} if b == 1 else {}), **x} for x in r]
+          measured.append(m)
+        if len(starts) > 1:
+          new += over_prompts(new, measured)
+        rows += new
+        record[f"batch{b}_{kernel}"] = measured[0] if len(measured) == 1 else measured
+        print(common.table(new, COLUMNS), flush=True)
   print("\n" + common.table(rows, COLUMNS))
-  distill = Path(args.draft) / "distill.json" if args.draft else None
+  distill = Path(resolve(args.draft)) / "distill.json" if args.draft else None
   extra = {"measurements": record,
            "distill": json.loads(distill.read_text()) if distill and distill.is_file() else None}
   if extra["distill"]:

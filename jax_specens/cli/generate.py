@@ -49,8 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
       "generate", help="generate text (ar, speculative decoding, ensemble, speculative ensemble)",
       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", action="append", required=True, metavar="DIR",
-                 help="model directory; repeat for ensemble/se (contrastive: expert first); for "
-                 "sd, the target")
+                 help="model directory (or builtin:NAME); repeat for ensemble/se (contrastive: "
+                 "expert first); for sd, the target")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--prompt", action="append", metavar="TEXT",
                    help="prompt text, tokenized with the first model's tokenizer; repeat for a "
@@ -66,7 +66,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="tokens to generate per prompt at most")
   p.add_argument("--method", choices=("ar", "sd", "ensemble", "se", "cosd"), default=None,
                  help="decoding method (default: ar for one model, sd with --draft, else se)")
-  p.add_argument("--draft", metavar="DIR", help="draft model directory (method sd)")
+  p.add_argument("--draft", metavar="DIR", help="draft model directory (method sd); "
+                 "builtin:smollm2-draft is the draft shipped for SmolLM2-135M-Instruct")
   p.add_argument("--ensemble", choices=("wprob", "wlogit", "contrastive"), default="wprob",
                  help="ensemble function: weighted probabilities (default), weighted logits, or "
                  "contrastive decoding (expert - mu * amateur)")
