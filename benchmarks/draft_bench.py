@@ -40,17 +40,17 @@ from jax_specens.checkpoint import load_model, load_tokenizer
 from jax_specens.decoding.api import decode
 from jax_specens.kernels import cpu
 
-COLUMNS = ["batch", "prompt", "kernel", "method", "gamma", "alpha", "c", "measured", "predicted", "ratio",
-           "predicted_run", "ratio_run", "predicted_loop", "ratio_loop", "steps", "steps_predicted",
-           "step_ms_priced", "step_ms_measured"]
+COLUMNS = ["batch", "prompt", "kernel", "method", "gamma", "alpha", "c", "measured", "predicted",
+           "ratio", "predicted_run", "ratio_run", "predicted_loop", "ratio_loop", "steps",
+           "steps_predicted", "step_ms_priced", "step_ms_measured"]
 
 
-def load_pair(args, tmp: Path):
-  """(target, draft, prompts [B, T], lengths, description)."""
+def load_pair(args, tmp: Path, rows: int):
+  """(target, draft, prompts [rows, T], lengths, description)."""
   if args.small:
     pair = hf_models.build_pair(tmp, "small")
     target, draft = load_model(pair.target_dir), load_model(pair.draft_dir)
-    toks, lens = common.random_prompts(rows_needed(args), 12, target.config.vocab_size)
+    toks, lens = common.random_prompts(rows, 12, target.config.vocab_size)
     return target, (target if args.identical else draft), toks, lens, "converted random pair 'small'"
   from jax_specens.draft import data as D
   from jax_specens.draft.prompts import prompts as chat_prompts
@@ -63,13 +63,9 @@ def load_pair(args, tmp: Path):
     draft = load_model(args.draft, share_from=[target]) if share else load_model(args.draft)
     what = f"{target_dir} + draft {args.draft}"
   tok = load_tokenizer(target_dir)
-  rows = [D.chat_ids(tok, p) for p in chat_prompts("test")]
-  toks, lens = D.pad(rows[:rows_needed(args)], max(map(len, rows)))
+  chats = [D.chat_ids(tok, p) for p in chat_prompts("test")]
+  toks, lens = D.pad(chats[:rows], max(map(len, chats)))
   return target, draft, toks, lens, what
-
-
-def rows_needed(args) -> int:
-  return max(max(args.batches), args.batch1_prompts if 1 in args.batches else 1)
 
 
 def _ints(s: str) -> list[int]:
@@ -158,7 +154,8 @@ def main(argv=None) -> int:
   repeats = 1 if args.small else args.repeats
   rows, record = [], {}
   with tempfile.TemporaryDirectory() as tmp, common.restored_env(cpu.ENV):
-    target, draft, all_toks, all_lens, what = load_pair(args, Path(tmp))
+    rows_needed = max(max(args.batches), args.batch1_prompts if 1 in args.batches else 1)
+    target, draft, all_toks, all_lens, what = load_pair(args, Path(tmp), rows_needed)
     print(f"models: {what}; gamma {args.gamma}, {n} new tokens, greedy", flush=True)
     for b in args.batches:
       for kernel in args.kernels:

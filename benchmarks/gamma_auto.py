@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     args.repeats = 1
   rows, summaries = [], []
   with tempfile.TemporaryDirectory() as tmp:
-    args.batches, args.identical = [args.batch], False
-    target, draft, toks, lens, what = load_pair(args, Path(tmp))
+    args.identical = False
+    target, draft, toks, lens, what = load_pair(args, Path(tmp), args.batch)
     pairs = [("identical", target)] + ([("draft", draft)] if args.draft or args.small else [])
     print(f"models: {what}; {args.method}, batch {args.batch}, {n} new tokens, greedy", flush=True)
     for name, d in pairs:
