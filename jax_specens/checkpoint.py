@@ -258,9 +258,10 @@ def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
   """
   model_dir = _resolve(model_dir)
   config = read_config(model_dir)
-  if dtype is None:  # unreadable metadata: the restore below raises the error
+  meta = _read_meta(model_dir)  # read_config has checked that it is a JSON object
+  if dtype is None:  # unreadable parameter metadata: the restore below raises the error
     from jax_specens.precision import stored_dtype
-    dtype = _read_meta(model_dir).get(LOAD_DTYPE_KEY) or stored_dtype(model_dir) or jnp.float32
+    dtype = meta.get(LOAD_DTYPE_KEY) or stored_dtype(model_dir) or jnp.float32
   abstract = abstract_model(config, dtype)
   target = nnx.to_pure_dict(abstract.params)
   sh = nnx.to_pure_dict(shardings(abstract)) if shardings is not None else None
@@ -277,7 +278,6 @@ def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
   params_path = (Path(model_dir) / PARAMS_DIR).absolute()
   if not params_path.is_dir():
     raise CheckpointError(params_path, "the parameter directory is missing")
-  meta = _read_meta(model_dir)
   _check_params_files(params_path, meta.get("params_files"))
   _check_tokenizer_files(model_dir)
   share = meta.get(shared_params.KEY)
