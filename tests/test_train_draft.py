@@ -23,8 +23,8 @@ from jax_specens.decoding.api import decode
 from jax_specens.draft import DraftRecipe, TrainConfig, init_from_target, train_draft
 from jax_specens.draft import data as D
 from jax_specens.draft.pipeline import rounded, save_draft
-from jax_specens.precision import stored_dtype
 from jax_specens.draft.train import train
+from jax_specens.precision import stored_dtype
 from tests.conftest import tiny_models_xla_env
 
 TARGET = MODELS_DIR / "code"
@@ -208,6 +208,8 @@ def test_the_shipped_smollm2_draft_takes_the_real_targets_embedding_and_sd_equal
   same layers accepts almost nothing: held-out agreement 0.04)."""
   target, tok = load_model(real_smollm2), load_tokenizer(real_smollm2)
   draft = load_model("builtin:smollm2-draft", share_from=target)
+  a, b = (nnx.to_pure_dict(m.params)["embed"]["embedding"] for m in (draft, target))
+  assert a.unsafe_buffer_pointer() == b.unsafe_buffer_pointer()  # matched, not loaded elsewhere
   assert len(draft.config.vocab_subset) == 8192 and draft.config.num_layers == 4
   assert {x.dtype for x in jax.tree_util.tree_leaves(draft.params)} == {jnp.dtype(jnp.float32)}
   rows = [D.chat_ids(tok, "What is gravity?"), D.chat_ids(tok, "Write a haiku about the sea.")]
