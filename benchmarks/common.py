@@ -249,7 +249,11 @@ def priced(out, seconds: float, base_seconds: float, gammas, costs, method: str,
   predicted = tokens per step / priced step (docs/algorithms.md §3, per round); predicted_run =
   this call (the slowest of the batch's rows, new_tokens, each model's prefill); predicted_loop =
   `predicted` with the baseline's token priced from its own loop ((base_seconds - its prefill) /
-  new_tokens) instead of a 1-token pass timed alone, which can cost more than a step of the loop."""
+  new_tokens) instead of a 1-token pass timed alone, which can cost more than a step of the loop;
+  predicted_rows = the baseline's measured seconds over this call's priced seconds
+  (`pricing.run_seconds`: the steps the slowest row needs given each row's own alpha, at the
+  priced step, plus the prefills), so ratio_rows = priced seconds / measured seconds: what
+  remains when acceptance (per row), pass costs and the baseline are all taken as measured."""
   from jax_specens import pricing
   st = out.stats.to_dict()
   b = int(out.tokens.shape[0])
@@ -260,10 +264,15 @@ def priced(out, seconds: float, base_seconds: float, gammas, costs, method: str,
   loop_token = (base_seconds - pricing.baseline_prefill(prefill, method)) / new_tokens
   pred_loop = pred * loop_token / pricing.baseline_seconds(costs, method)
   run = pricing.run_speedup(alpha, gammas, costs, method, new_tokens, b, prefill)
+  rows = pricing.row_alphas_from_stats(st)
+  run_rows = pricing.run_seconds(alpha, gammas, costs, method, new_tokens, b, prefill, rows)
   return {"gamma": list(gammas), "alpha": alpha, "measured": measured, "predicted": pred,
           "ratio": measured / pred, "predicted_run": run, "ratio_run": measured / run,
           "predicted_loop": pred_loop, "ratio_loop": measured / pred_loop,
+          "predicted_rows": base_seconds / run_rows, "ratio_rows": run_rows / seconds,
           "steps": st["steps"],
           "steps_predicted": pricing.expected_steps(alpha, gammas, new_tokens, b, method),
+          "steps_rows": pricing.expected_steps(alpha, gammas, new_tokens, b, method, rows),
+          "row_alpha": rows,
           "step_ms_priced": 1e3 * pricing.step_seconds(gammas, costs),
           "step_ms_measured": 1e3 * (seconds - sum(prefill)) / max(st["steps"], 1)}

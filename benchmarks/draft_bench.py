@@ -10,11 +10,16 @@ machine:
   --repeats timed calls after a compiling one);
 - next to each, the docs/algorithms.md §3 prediction priced by `jax_specens.pricing`: the decode's
   own per-token acceptance alpha (accepted / (accepted + rejections)) and the measured seconds of
-  one jitted pass of every width the loop runs (sd: a width-2 and g - 1 width-1 draft passes, one
+  one jitted pass of every width the loop runs (timed in every round right after the decodes, the
+  least over rounds like the decodes' own seconds, so a host that slows down between phases
+  does not skew the ratios) (sd: a width-2 and g - 1 width-1 draft passes, one
   width-(g+1) target pass per step). `predicted` is per round (tokens per step / priced step),
   `predicted_run` this call (the slowest row of the batch, --max-new-tokens, the prefills);
   `ratio` = measured / predicted; `predicted_loop` prices the baseline's token from the ar /
-  ensemble loop's own time instead of a 1-token pass timed alone (`benchmarks/common.priced`);
+  ensemble loop's own time instead of a 1-token pass timed alone; `predicted_rows` takes the
+  baseline's measured time and prices this call with each row's own alpha (the loop waits for
+  the slowest row; `steps_rows` its steps), so `ratio_rows` = priced / measured seconds
+  (`benchmarks/common.priced`);
 - the greedy output of sd equals ar's and se's equals ensemble's (checked).
 --gamma takes a list (`1,2,3`: a row per gamma, sharing the ar / ensemble timings), and
 `--kernels xla,cpu` times every row with XLA's products and with the opt-in CPU kernel
@@ -35,14 +40,15 @@ import jax
 import numpy as np
 
 from benchmarks import common, hf_models
+from jax_specens import pricing
 from jax_specens.builtin import resolve
 from jax_specens.checkpoint import load_model, load_tokenizer
 from jax_specens.decoding.api import decode
 from jax_specens.kernels import cpu
 
 COLUMNS = ["batch", "prompt", "kernel", "method", "gamma", "alpha", "c", "measured", "predicted",
-           "ratio", "predicted_run", "ratio_run", "predicted_loop", "ratio_loop", "steps",
-           "steps_predicted", "step_ms_priced", "step_ms_measured"]
+           "ratio", "predicted_run", "ratio_run", "predicted_loop", "ratio_loop", "predicted_rows", "ratio_rows",
+           "steps", "steps_predicted", "steps_rows", "step_ms_priced", "step_ms_measured"]
 
 
 def load_pair(args, tmp: Path, rows: int):
@@ -88,16 +94,17 @@ def batch_rows(args, target, draft, toks, lens, n: int, repeats: int) -> tuple[l
     calls["ensemble"] = lambda: run([draft, target], "ensemble", weights=(0.5, 0.5))
     calls |= {("se", g): (lambda g=g: run([draft, target], "se", weights=(0.5, 0.5),
                                           gamma=(g, 1))) for g in args.gamma}
-  secs, outs = {}, {}
+  secs, outs, rounds = {}, {}, []
   for f in calls.values():  # compile every program first, then time them side by side
     jax.block_until_ready(f())
-  for _ in range(repeats):
+  for _ in range(repeats):  # each round: every decode, then every pass they are priced from
     for k, f in calls.items():
       t0 = time.perf_counter()
       outs[k] = jax.block_until_ready(f())
       secs[k] = min(secs.get(k, np.inf), time.perf_counter() - t0)
-  costs = common.pass_costs([draft, target], [(g, 1) for g in args.gamma], b,
-                            t + n + max(args.gamma) + 1, t + n // 2, t, repeats=max(repeats, 3))
+    rounds.append(common.pass_costs([draft, target], [(g, 1) for g in args.gamma], b,
+                                    t + n + max(args.gamma) + 1, t + n // 2, t, repeats=3))
+  costs = pricing.PassCosts.fastest(rounds)  # the least of each, as for the decodes
   c = costs.of(0, 1) / costs.of(1, 1)
   rows = []
   for (method, g) in [k for k in calls if isinstance(k, tuple)]:

@@ -22,6 +22,7 @@ kind, and a user callable that is not itself a pytree, are static.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -30,25 +31,40 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from jax_specens.sampling import (NEG_INF, SamplingParams, concrete, log_probs, normalize,
-                                  one_hot_log)
+from jax_specens.sampling import (NEG_INF, SamplingParams, argmax, concrete, log_probs,
+                                  normalize, one_hot_log)
 
 EnsembleFn = Callable[[Float[Array, "N B ... V"], SamplingParams], Float[Array, "B ... V"]]
 KINDS = ("wprob", "wlogit", "contrastive", "select")
+
+
+def sum_models(x: Float[Array, "N ..."]) -> Float[Array, "..."]:
+  """`jnp.sum(x, axis=0)` over the (short) model axis as N - 1 elementwise adds: XLA's CPU
+  backend reduces a leading axis of 2 through a slow kernel (`[2, 8, 49152]`: 4.1 ms against
+  0.1 ms), and these sums run at every verified position."""
+  return functools.reduce(jnp.add, [x[k] for k in range(x.shape[0])])
+
+
+def logsumexp_models(x: Float[Array, "N ..."]) -> Float[Array, "..."]:
+  """`jax.nn.logsumexp(x, axis=0)` elementwise over the model axis (see `sum_models`; `[2, 8,
+  49152]`: 7.3 ms against 0.7 ms). All `-inf` gives `-inf`."""
+  top = functools.reduce(jnp.maximum, [x[k] for k in range(x.shape[0])])
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  return jnp.log(sum_models(jnp.exp(x - top))) + top
 
 
 def weighted_probs(logits, params: SamplingParams, weights):
   """log sum_k w_k p_k."""
   logp = jax.vmap(log_probs, in_axes=(0, None))(logits, params)
   logw = jnp.log(weights).reshape((-1,) + (1,) * (logits.ndim - 1))
-  return jax.nn.logsumexp(logp + logw, axis=0)
+  return logsumexp_models(logp + logw)
 
 
 def weighted_logits(logits, params: SamplingParams, weights):
   """Sampling distribution of sum_k w_k log_softmax(l_k) (softmax(sum_k w_k l_k / T))."""
   ls = jax.nn.log_softmax(logits, axis=-1)
   w = weights.reshape((-1,) + (1,) * (logits.ndim - 1))
-  return log_probs(jnp.sum(jnp.where(w > 0, w * ls, 0.0), axis=0), params)
+  return log_probs(sum_models(jnp.where(w > 0, w * ls, 0.0)), params)
 
 
 def contrastive(logits, params: SamplingParams, mu, beta):
@@ -57,7 +73,7 @@ def contrastive(logits, params: SamplingParams, mu, beta):
   ls = jnp.where(jnp.isnan(ls), NEG_INF, ls)
   expert, amateurs = ls[0], ls[1:]
   finite_min = jnp.finfo(ls.dtype).min
-  amateur = jnp.mean(jnp.maximum(amateurs, finite_min), axis=0)  # -inf would make +inf
+  amateur = sum_models(jnp.maximum(amateurs, finite_min)) / amateurs.shape[0]  # -inf: +inf
   z = expert - mu * amateur
   plausible = expert >= jnp.max(expert, axis=-1, keepdims=True) + jnp.log(
       jnp.maximum(beta, 1e-38))
@@ -103,7 +119,7 @@ class Ensemble:
     """log r. Greedy rows (temperature 0) get one-hot at the argmax of r computed at temperature 1
     without filtering (docs/algorithms.md §2: for wprob that is argmax sum_k w_k softmax(l_k))."""
     r = self.combine(logits, params.unfiltered_when_greedy())
-    hard = one_hot_log(jnp.argmax(r, axis=-1), r.shape[-1])
+    hard = one_hot_log(argmax(r), r.shape[-1])
     greedy = params.greedy.reshape(params.greedy.shape + (1,) * (r.ndim - 1))
     return jnp.where(greedy, hard, r)
 

@@ -57,6 +57,15 @@ class PassCosts:
     """Every width of model k costs `per_model[k]` (the closed forms' assumption)."""
     return cls(tuple(((1, float(c)), (max_width, float(c))) for c in per_model))
 
+  @classmethod
+  def fastest(cls, runs: Sequence["PassCosts"]) -> "PassCosts":
+    """Per model and width, the least seconds over several measurements of the same passes
+    (e.g. one per round of a benchmark, interleaved with the decodes it prices)."""
+    seconds = tuple(
+        tuple((w, min(dict(r.seconds[k])[w] for r in runs)) for w, _ in runs[0].seconds[k])
+        for k in range(len(runs[0].seconds)))
+    return cls(seconds, batch=runs[0].batch, cache_len=runs[0].cache_len)
+
   def of(self, k: int, width: int) -> float:
     ws, ss = zip(*self.seconds[k])
     if not ws[0] <= width <= ws[-1]:
@@ -157,16 +166,14 @@ def tokens_per_step(alpha, gammas: Sequence[int], method: str = "se") -> float:
   return float(pi @ reward)
 
 
-def expected_steps(alpha, gammas: Sequence[int], new_tokens: int, batch: int = 1,
-                   method: str = "se") -> float:
-  """Mean loop steps until every one of `batch` independent rows has `new_tokens` tokens, from
-  the loop's first step (nothing pending)."""
+def _done_by_step(alpha, gammas: Sequence[int], new_tokens: int, method: str) -> np.ndarray:
+  """`[new_tokens + 1]`: P(a row has `new_tokens` tokens after s steps), s = 0..new_tokens (every
+  step emits at least one token, so the last entry is 1)."""
   table = _step_outcomes(_alphas(alpha, method), gammas)
   dist = np.zeros((len(table), new_tokens + 1))  # [start state, tokens so far (capped)]
   dist[0, 0] = 1.0
-  total, done = 0.0, 0.0
-  for _ in range(new_tokens):
-    total += 1.0 - done ** batch  # P(some row still running before this step)
+  done = np.zeros(new_tokens + 1)
+  for step in range(1, new_tokens + 1):
     nxt = np.zeros_like(dist)
     for s, outs in enumerate(table):
       for p, t, s2 in outs:
@@ -176,10 +183,30 @@ def expected_steps(alpha, gammas: Sequence[int], new_tokens: int, batch: int = 1
         moved[new_tokens] = dist[s, max(new_tokens - t, 0):].sum()
         nxt[s2] += p * moved
     dist = nxt
-    done = float(dist[:, -1].sum())
-    if done >= 1.0 - 1e-12:
+    done[step] = dist[:, -1].sum()
+    if done[step] >= 1.0 - 1e-12:
+      done[step:] = 1.0
       break
-  return total
+  return done
+
+
+def expected_steps(alpha, gammas: Sequence[int], new_tokens: int, batch: int = 1,
+                   method: str = "se", row_alphas: Sequence[float] | None = None) -> float:
+  """Mean loop steps until every one of `batch` independent rows has `new_tokens` tokens, from
+  the loop's first step (nothing pending).
+
+  row_alphas: one per-token acceptance per row (`DecodeStats.row_accepted` / `row_rejections`),
+  replacing `alpha` and `batch`: the rows of a batch are different texts and accept at different
+  rates, and the loop waits for the slowest, so a batch's mean alpha under-prices its steps."""
+  rows = [alpha] * batch if row_alphas is None else list(row_alphas)
+  cdfs: dict = {}  # one chain per distinct alpha
+  all_done = np.ones(new_tokens + 1)
+  for a in rows:
+    key = tuple(np.broadcast_to(np.asarray(a, float), (2,)))
+    if key not in cdfs:
+      cdfs[key] = _done_by_step(a, gammas, new_tokens, method)
+    all_done = all_done * cdfs[key]
+  return float(np.sum(1.0 - all_done[:-1]))  # P(some row still running before step s + 1)
 
 
 def baseline_seconds(costs: PassCosts, method: str) -> float:
@@ -202,14 +229,23 @@ def speedup(alpha, gammas: Sequence[int], costs: PassCosts, method: str) -> floa
           / step_seconds(gammas, costs))
 
 
+def run_seconds(alpha, gammas: Sequence[int], costs: PassCosts, method: str, new_tokens: int,
+                batch: int, prefill: Sequence[float] = (0.0, 0.0),
+                row_alphas: Sequence[float] | None = None) -> float:
+  """Priced seconds of one sd / se call: the expected steps of its slowest row
+  (`expected_steps`, per-row alphas if given) at the priced step, plus each model's prefill."""
+  steps = expected_steps(alpha, gammas, new_tokens, batch, method, row_alphas)
+  return steps * step_seconds(gammas, costs) + sum(prefill)
+
+
 def run_speedup(alpha, gammas: Sequence[int], costs: PassCosts, method: str, new_tokens: int,
-                batch: int, prefill: Sequence[float] = (0.0, 0.0)) -> float:
+                batch: int, prefill: Sequence[float] = (0.0, 0.0),
+                row_alphas: Sequence[float] | None = None) -> float:
   """The speed-up one call should show: `batch` rows of `new_tokens` each (the loop waits for the
   slowest row; ar / ensemble need exactly new_tokens steps), plus each model's prefill seconds
   (sd: the draft's prefill is extra; ensemble and se prefill the same models)."""
-  steps = expected_steps(alpha, gammas, new_tokens, batch, method)
   base = new_tokens * baseline_seconds(costs, method) + baseline_prefill(prefill, method)
-  return base / (steps * step_seconds(gammas, costs) + sum(prefill))
+  return base / run_seconds(alpha, gammas, costs, method, new_tokens, batch, prefill, row_alphas)
 
 
 def best_gammas(alpha, costs: PassCosts, method: str, max_gamma: int = 8
@@ -235,6 +271,14 @@ def alpha_from_stats(accepted: int, rejections: int) -> float:
   tried; rounds cut by the output's end end without a failure)."""
   trials = accepted + rejections
   return accepted / trials if trials else float("nan")
+
+
+def row_alphas_from_stats(stats: dict) -> list[float]:
+  """Each row's per-token acceptance (`alpha_from_stats` of `row_accepted`, `row_rejections` in
+  `DecodeStats.to_dict()`); a row with no verified proposal takes the batch's."""
+  batch = alpha_from_stats(stats["accepted"], stats["rejections"])
+  rows = [alpha_from_stats(a, r) for a, r in zip(stats["row_accepted"], stats["row_rejections"])]
+  return [batch if np.isnan(a) else a for a in rows]
 
 
 def alpha_from_rounds(mean_accepted: float, gamma: int) -> float:

@@ -66,6 +66,16 @@ def normalize(logp: Float[Array, "... V"]) -> Float[Array, "... V"]:
   return jnp.where(jnp.isfinite(lse), logp - jnp.where(jnp.isfinite(lse), lse, 0.0), NEG_INF)
 
 
+def argmax(x: Array) -> Int[Array, "..."]:
+  """`jnp.argmax(x, axis=-1)` (the first maximum; a NaN counts as the maximum) as a max and a min
+  over the last axis: XLA's CPU backend runs argmax as one variadic (value, index) reduction that
+  is not vectorised, 2.4x slower over `[8, 49152]` (0.97 against 0.41 ms)."""
+  top = jnp.max(x, axis=-1, keepdims=True)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  hit = (x == top) | (jnp.isnan(x) if jnp.issubdtype(x.dtype, jnp.floating) else False)
+  return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
+
+
 def one_hot_log(index: Int[Array, "..."], vocab: int) -> Float[Array, "... V"]:
   """Log of a one-hot distribution: 0 at `index`, -inf elsewhere."""
   return jnp.where(jnp.arange(vocab) == index[..., None], 0.0, NEG_INF)
@@ -149,7 +159,7 @@ def log_probs(logits: Float[Array, "B ... V"], params: SamplingParams) -> Float[
   x = jnp.where(jnp.isnan(x), NEG_INF, x)
   needs_filter = jnp.any((params.top_k > 0) | (params.top_p < 1.0) | (params.min_p > 0.0))
   x = jax.lax.cond(needs_filter, lambda y: normalize(_filter(y, params)), lambda y: y, x)
-  hard = one_hot_log(jnp.argmax(logits, axis=-1), logits.shape[-1])
+  hard = one_hot_log(argmax(logits), logits.shape[-1])
   return jnp.where(greedy, hard, x)
 
 
@@ -163,7 +173,7 @@ def sample(key: Array, logp: Float[Array, "B ... V"]) -> Int[Array, "B ..."]:
   is generated at all.
   """
   deterministic = jnp.all(jnp.sum(jnp.isfinite(logp), axis=-1) <= 1)
-  tok = jax.lax.cond(deterministic, lambda: jnp.argmax(logp, axis=-1),
+  tok = jax.lax.cond(deterministic, lambda: argmax(logp),
                      lambda: _inverse_cdf(key, logp))
   return jnp.where(jnp.isfinite(jnp.max(logp, axis=-1)), tok, 0).astype(jnp.int32)
 
@@ -176,7 +186,7 @@ def _inverse_cdf(key: Array, logp: Float[Array, "B ... V"]) -> Int[Array, "B ...
   u = jax.random.uniform(key, logp.shape[:-1] + (1,), cdf.dtype) * cdf[..., -1:]
   above = cdf > u
   # u * total can round up to total: then take the most likely token
-  return jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), jnp.argmax(logp, axis=-1))
+  return jnp.where(jnp.any(above, axis=-1), argmax(above), argmax(logp))
 
 
 def concrete(x) -> np.ndarray | None:

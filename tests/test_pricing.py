@@ -32,18 +32,29 @@ def bernoulli_rule(alpha: float):
   return rule
 
 
+@functools.cache
+def row_rule(alphas: tuple[float, ...]):
+  """bernoulli_rule with alpha `alphas[b]` for row b: rows that accept at different rates."""
+  def rule(key, tokens, logq, logr, num_valid):
+    k_u, k_res = jax.random.split(key)
+    same = jnp.all(logq == logr, axis=-1)
+    ok = (jax.random.uniform(k_u, tokens.shape) < jnp.asarray(alphas)[:, None]) | same
+    return _first_rejection(k_res, ok, logq, logr, num_valid)
+  return rule
+
+
 def _prompts(batch):
   rng = np.random.default_rng(0)
   return rng.integers(1, dm.VOCAB, (batch, 4)).astype(np.int32), np.full((batch,), 4, np.int32)
 
 
-def _run(method, gammas, alpha, batch, n, seed=0):
+def _run(method, gammas, alpha, batch, n, seed=0, rule=None):
   a, b, _ = dm.models()
   prompts, lengths = _prompts(batch)
   kw = dict(draft=a, gamma=gammas[0]) if method == "sd" else dict(gamma=tuple(gammas))
   models = b if method == "sd" else [a, b]
   return decode(models, prompts, lengths, method=method, max_new_tokens=n, temperature=1.0,
-                key=jax.random.key(seed), acceptance_rule=bernoulli_rule(alpha), **kw)
+                key=jax.random.key(seed), acceptance_rule=rule or bernoulli_rule(alpha), **kw)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.7, 0.95, 1.0])
@@ -106,6 +117,29 @@ def test_the_slowest_row_sets_the_step_count():
   assert P.expected_steps(1.0, (4, 1), 64, 8, "sd") == P.expected_steps(1.0, (4, 1), 64, 1, "sd")
 
 
+@pytest.mark.parametrize("method,gammas", [("sd", (4, 1)), ("se", (2, 3))])
+def test_each_rows_acceptance_is_counted_and_the_slowest_row_prices_the_steps(method, gammas):
+  """Rows that never / always accept: the stats say so row by row, and the steps are those of the
+  never-accepting rows, which the batch's mean alpha (0.5) under-prices."""
+  alphas = (0.0, 1.0) * 4
+  out = _run(method, gammas, None, 8, 40, rule=row_rule(alphas))
+  st = out.stats.to_dict()
+  assert sum(st["row_accepted"]) == st["accepted"] and sum(st["row_rejections"]) == st["rejections"]
+  np.testing.assert_array_equal(P.row_alphas_from_stats(st), alphas)
+  steps = P.expected_steps(None, gammas, 40, method=method, row_alphas=alphas)
+  assert int(out.stats.steps) == round(steps) == round(P.expected_steps(0.0, gammas, 40, 8, method))
+  assert P.expected_steps(0.5, gammas, 40, 8, method) < 0.85 * steps
+
+
+def test_random_per_row_acceptance_gives_the_steps_priced_per_row():
+  alphas = (0.3,) * 4 + (0.9,) * 4
+  steps = [int(_run("sd", (4, 1), None, 8, 40, seed=s, rule=row_rule(alphas)).stats.steps)
+           for s in range(6)]
+  per_row = P.expected_steps(None, (4, 1), 40, method="sd", row_alphas=alphas)
+  assert np.mean(steps) == pytest.approx(per_row, rel=0.06)
+  assert P.expected_steps(0.6, (4, 1), 40, 8, "sd") < 0.85 * per_row  # the mean alpha's price
+
+
 def test_alpha_from_a_decodes_stats():
   out = _run("sd", (4, 1), 0.7, batch=8, n=40)
   st = out.stats.to_dict()
@@ -122,6 +156,14 @@ def test_best_gammas_follow_acceptance_and_cost():
   assert P.best_gammas(0.99, unit, "sd")[0][0] >= 6
   best, grid = P.best_gammas(0.9, P.PassCosts.unit([1.0, 1.0]), "se", max_gamma=4)
   assert len(grid) == 16 and best == max(grid, key=lambda x: x[1])[0]
+
+
+def test_fastest_of_several_measurements_takes_each_widths_least():
+  a = P.PassCosts((((1, 0.2), (2, 0.3)), ((1, 1.0), (5, 2.0))), batch=8, cache_len=64)
+  b = P.PassCosts((((1, 0.1), (2, 0.4)), ((1, 1.5), (5, 1.0))), batch=8, cache_len=64)
+  f = P.PassCosts.fastest([a, b])
+  assert f.seconds == (((1, 0.1), (2, 0.3)), ((1, 1.0), (5, 1.0)))
+  assert (f.batch, f.cache_len) == (8, 64)
 
 
 def test_measured_pass_costs():

@@ -35,7 +35,7 @@ from jax_specens.decoding.loop import (Config, LoopState, Method, Request, advan
                                        prefill)
 from jax_specens.fusion.features import position_features
 from jax_specens.fusion.verifier import as_verifier
-from jax_specens.sampling import log_probs, sample
+from jax_specens.sampling import argmax, log_probs, sample
 
 DRAFT, ASSISTANT = 0, 1
 
@@ -98,7 +98,7 @@ def step(models, req: Request, cfg: Config, state: LoopState) -> LoopState:
   state, a_logits, _ = feed(state, models, ASSISTANT, k + 1, jnp.full_like(c, k + 1))
   # x^ is the assistant's top token at any temperature (docs/algorithms.md §4; the verifiers are fit on argmax
   # candidates); only the draft samples
-  cands = jnp.argmax(a_logits, axis=-1).astype(jnp.int32)  # [B, K + 1]
+  cands = argmax(a_logits).astype(jnp.int32)  # [B, K + 1]
   feats = position_features([d_logits, a_logits[:, :k]], [drafts, cands[:, :k]])
   verifier = req.extra
   replace = verifier(feats) & (drafts != cands[:, :k])
@@ -120,12 +120,10 @@ def step(models, req: Request, cfg: Config, state: LoopState) -> LoopState:
   # a row cut short by a stop id or max_new_tokens resolved only the drafts it emitted
   cut = emitted < count
   drafted = jnp.where(act, jnp.where(cut, from_draft, k), 0)
-  st = state.stats
-  st = st.replace(
-      proposed=st.proposed + jnp.stack([jnp.sum(drafted), jnp.sum(from_assistant)]),
-      accepted=st.accepted + jnp.stack([jnp.sum(from_draft), jnp.sum(from_assistant)]),
-      rounds=st.rounds + jnp.sum(act))
-  st = st.replace(rejections=st.rejections + jnp.sum(act & replaced & (emitted > first)))
+  st = state.stats.count(proposed=jnp.stack([jnp.sum(drafted), jnp.sum(from_assistant)]),
+                         accepted=jnp.stack([from_draft, from_assistant], axis=1),
+                         rejected=(act & replaced & (emitted > first)).astype(jnp.int32),
+                         rounds=jnp.sum(act))
   return state.replace(stats=st)
 
 

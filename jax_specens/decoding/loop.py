@@ -113,7 +113,7 @@ def prefill(models: tuple[Model, ...], req: Request, cfg: Config, extra=None) ->
       length=jnp.zeros((b,), jnp.int32),
       finish=jnp.full((b,), RUNNING, jnp.int32),
       seq=seq, caches=tuple(caches), key=req.key,
-      stats=DecodeStats.zeros(len(models)), extra=extra)
+      stats=DecodeStats.zeros(len(models), b), extra=extra)
 
 
 def feed(state: LoopState, models: tuple[Model, ...], k: int, width: int, count: Int[Array, "B"]

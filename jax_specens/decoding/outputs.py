@@ -15,7 +15,7 @@ RUNNING, STOP, LENGTH, CACHE_FULL = range(len(FINISH_REASONS))
 
 @flax.struct.dataclass
 class DecodeStats:
-  """Counters of one decode, summed over the batch.
+  """Counters of one decode, summed over the batch (the `row_` ones per row).
 
   model_calls: `[N]` batched forward passes of each model inside the loop (prefill not counted);
     models in method order (sd: draft, target; se/ensemble: as given).
@@ -26,6 +26,9 @@ class DecodeStats:
   rejections: rounds that ended by replacing a proposal (row-events): sd / se, a rejected token
     replaced by a residual draw; cosd, a window in which the assistant replaced a draft token.
   steps: iterations of the decode loop.
+  row_accepted, row_rejections: `[B]` the `accepted` (summed over models) and `rejections` of each
+    row: rows of one batch accept at different rates (their texts differ), and the loop runs
+    until the slowest row is done (`jax_specens.pricing.expected_steps` takes one alpha per row).
   """
 
   model_calls: Int[Array, "N"]
@@ -34,12 +37,26 @@ class DecodeStats:
   rounds: Int[Array, ""]
   steps: Int[Array, ""]
   rejections: Int[Array, ""]
+  row_accepted: Int[Array, "B"]
+  row_rejections: Int[Array, "B"]
 
   @classmethod
-  def zeros(cls, num_models: int) -> "DecodeStats":
-    z = jnp.zeros((num_models,), jnp.int32)
+  def zeros(cls, num_models: int, batch_size: int) -> "DecodeStats":
+    z, rows = jnp.zeros((num_models,), jnp.int32), jnp.zeros((batch_size,), jnp.int32)
     return cls(model_calls=z, proposed=z, accepted=z, rounds=jnp.int32(0), steps=jnp.int32(0),
-               rejections=jnp.int32(0))
+               rejections=jnp.int32(0), row_accepted=rows, row_rejections=rows)
+
+  def count(self, proposed: Int[Array, "N"], accepted: Int[Array, "B N"],
+            rejected: Int[Array, "B"], rounds: Int[Array, ""]) -> "DecodeStats":
+    """Adds one verification: `proposed` resolved per model, `accepted` per row and model,
+    `rejected` rounds per row, `rounds` row-events."""
+    row_accepted = jnp.sum(accepted, axis=1)
+    return self.replace(proposed=self.proposed + proposed,
+                        accepted=self.accepted + jnp.sum(accepted, axis=0),
+                        rounds=self.rounds + rounds,
+                        rejections=self.rejections + jnp.sum(rejected),
+                        row_accepted=self.row_accepted + row_accepted,
+                        row_rejections=self.row_rejections + rejected)
 
   @property
   def acceptance_rate(self) -> float:
@@ -63,6 +80,8 @@ class DecodeStats:
         "rounds": int(self.rounds),
         "rejections": int(self.rejections),
         "steps": int(self.steps),
+        "row_accepted": [int(x) for x in np.asarray(self.row_accepted)],
+        "row_rejections": [int(x) for x in np.asarray(self.row_rejections)],
     }
 
 

@@ -215,14 +215,12 @@ def _count(state, cfg, c, m, a, rej, num_valid, counted, n) -> LoopState:
   weight = jnp.ones((n,), jnp.int32) if counted is None else (
       jnp.zeros((n,), jnp.int32).at[jnp.asarray(counted)].set(1))
   onehot = jax.nn.one_hot(src, n, dtype=jnp.int32) * weight
-  st = state.stats
-  st = st.replace(
-      proposed=st.proposed + jnp.sum(onehot * resolved[..., None], axis=(0, 1)),
-      accepted=st.accepted + jnp.sum(onehot * accepted[..., None], axis=(0, 1)),
-      rounds=st.rounds + jnp.sum((num_valid > 0) & jnp.any(weight[src] * (j < num_valid[:, None]),
-                                                           axis=1)))
+  rounds = jnp.sum((num_valid > 0) & jnp.any(weight[src] * (j < num_valid[:, None]), axis=1))
   rejected_src = jnp.take_along_axis(src, jnp.minimum(a, span - 1)[:, None], axis=1)[:, 0]
-  st = st.replace(rejections=st.rejections + jnp.sum(rej & (weight[rejected_src] > 0)))
+  st = state.stats.count(proposed=jnp.sum(onehot * resolved[..., None], axis=(0, 1)),
+                         accepted=jnp.sum(onehot * accepted[..., None], axis=1),
+                         rejected=(rej & (weight[rejected_src] > 0)).astype(jnp.int32),
+                         rounds=rounds)
   return state.replace(stats=st)
 
 

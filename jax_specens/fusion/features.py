@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from jax_specens.sampling import argmax
+
 # Indices into a two-model (draft, assistant) feature vector.
 P_D_XD, P_D_XA, P_A_XD, P_A_XA = 0, 1, 2, 3
 AGREE = -1
@@ -82,7 +84,7 @@ def model_features(
   live, e.g. inside its own compiled pass; `assemble_features` joins the parts)."""
   # one exp pass over V (V = 262144 for Gemma): z = logits - max, s = sum(exp z); no sort
   lg = logits.astype(jnp.float32)
-  top = jnp.argmax(lg, axis=-1)[..., None]
+  top = argmax(lg)[..., None]
   z = lg - jnp.take_along_axis(lg, top, axis=-1)
   e = jnp.exp(z)
   s = jnp.sum(e, axis=-1)
@@ -102,7 +104,7 @@ def assemble_features(parts, agree: Bool[Array, "*P"]) -> Float[Array, "*P F"]:
 
 def argmax_features(logits: Sequence[Float[Array, "*P V"]]) -> Float[Array, "*P F"]:
   """Prefix-only features: each model's candidate is its own argmax."""
-  return position_features(logits, [jnp.argmax(l, axis=-1) for l in logits])
+  return position_features(logits, [argmax(l) for l in logits])
 
 
 def check_features(features, num_models: int = 2, what: str = "features") -> None:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jax_specens.ensemble_fns import logsumexp_models
 from jax_specens.fusion.features import argmax_features
 from jax_specens.fusion.head import FusionHeadFn, load_head
 from jax_specens.sampling import SamplingParams, log_probs
@@ -40,7 +41,7 @@ class LearnedEnsemble:
                        f"but the ensemble has {n}")
     lam = jnp.moveaxis(self.weights(logits), -1, 0)[..., None]  # [N, B, *P, 1]
     logp = jax.vmap(log_probs, in_axes=(0, None))(logits, params)
-    return jax.nn.logsumexp(logp + jnp.log(jnp.maximum(lam, 1e-30)), axis=0)
+    return logsumexp_models(logp + jnp.log(jnp.maximum(lam, 1e-30)))
 
 
 def learned_ensemble(path: str | os.PathLike) -> LearnedEnsemble:
