@@ -96,3 +96,13 @@ def test_invalid(kw, message):
   kw = dict(kw)
   with pytest.raises(ValueError, match=message):
     make_ensemble(kw.pop("kind", "wprob"), 3, **kw)
+
+
+def test_the_model_axis_reductions_equal_jax_s():
+  from jax_specens.ensemble_fns import logsumexp_models, sum_models
+  x = jax.random.normal(jax.random.key(0), (3, 4, 11)) * 5
+  x = x.at[:, 0, :3].set(-jnp.inf).at[0, 1, 2].set(-jnp.inf)  # all -inf, and one -inf term
+  np.testing.assert_allclose(logsumexp_models(x), jax.nn.logsumexp(x, axis=0), rtol=1e-6)
+  assert np.all(np.isneginf(np.asarray(logsumexp_models(x))[0, :3]))
+  np.testing.assert_allclose(sum_models(jnp.nan_to_num(x, neginf=0.0)),
+                             jnp.sum(jnp.nan_to_num(x, neginf=0.0), axis=0), rtol=1e-6)

@@ -123,3 +123,15 @@ def test_new_parameter_values_do_not_recompile():
 def test_check_params(kw, message):
   with pytest.raises(ValueError, match=message):
     sampling.check_params(**kw)
+
+
+def test_argmax_is_jnp_argmax_first_maximum_nan_and_empty_rows_included():
+  x = np.array([[0.0, 3.0, 3.0, 1.0],            # ties: the first
+                [-np.inf] * 4,                    # no mass: 0
+                [1.0, np.nan, 5.0, np.nan],       # a NaN counts as the maximum
+                [-1.0, -2.0, -0.5, -np.inf]], np.float32)
+  np.testing.assert_array_equal(sampling.argmax(jnp.asarray(x)), jnp.argmax(x, axis=-1))
+  above = jnp.asarray([[False, True, True], [False, False, False]])
+  np.testing.assert_array_equal(sampling.argmax(above), jnp.argmax(above, axis=-1))
+  r = jax.random.normal(jax.random.key(0), (3, 5, 97))
+  np.testing.assert_array_equal(jax.jit(sampling.argmax)(r), jnp.argmax(r, axis=-1))
