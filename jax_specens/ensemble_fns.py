@@ -73,7 +73,8 @@ def contrastive(logits, params: SamplingParams, mu, beta):
   ls = jnp.where(jnp.isnan(ls), NEG_INF, ls)
   expert, amateurs = ls[0], ls[1:]
   finite_min = jnp.finfo(ls.dtype).min
-  amateur = sum_models(jnp.maximum(amateurs, finite_min)) / amateurs.shape[0]  # -inf: +inf
+  # the mean, each term divided first: a -inf (or a sum of clamped minima) would make z +inf
+  amateur = sum_models(jnp.maximum(amateurs, finite_min) / amateurs.shape[0])
   z = expert - mu * amateur
   plausible = expert >= jnp.max(expert, axis=-1, keepdims=True) + jnp.log(
       jnp.maximum(beta, 1e-38))

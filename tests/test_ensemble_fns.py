@@ -106,3 +106,12 @@ def test_the_model_axis_reductions_equal_jax_s():
   assert np.all(np.isneginf(np.asarray(logsumexp_models(x))[0, :3]))
   np.testing.assert_allclose(sum_models(jnp.nan_to_num(x, neginf=0.0)),
                              jnp.sum(jnp.nan_to_num(x, neginf=0.0), axis=0), rtol=1e-6)
+
+
+def test_contrastive_with_two_amateurs_that_rule_a_token_out_gives_no_nan():
+  """Both amateurs give token 0 probability 0: the mean of their clamped log-probs stays finite,
+  so z at token 0 is large and finite (not +inf, whose normalisation is NaN)."""
+  logits = jnp.asarray([[[1.0, 2.0, 0.5]], [[-jnp.inf, 1.0, 1.0]], [[-jnp.inf, 1.0, 1.0]]])
+  r = np.asarray(target("contrastive", logits, mu=0.1))
+  assert not np.any(np.isnan(r))
+  np.testing.assert_allclose(r[0, 0], 0.0, atol=1e-6)  # all the mass on token 0 (not a row of -inf)
