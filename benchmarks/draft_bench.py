@@ -10,10 +10,10 @@ machine:
   --repeats timed calls after a compiling one);
 - next to each, the docs/algorithms.md §3 prediction priced by `jax_specens.pricing`: the decode's
   own per-token acceptance alpha (accepted / (accepted + rejections)) and the measured seconds of
-  one jitted pass of every width the loop runs (timed in every round right after the decodes, the
-  least over rounds like the decodes' own seconds, so a host that slows down between phases
-  does not skew the ratios) (sd: a width-2 and g - 1 width-1 draft passes, one
-  width-(g+1) target pass per step). `predicted` is per round (tokens per step / priced step),
+  one jitted pass of every width the loop runs (sd: a width-2 and g - 1 width-1 draft passes, one
+  width-(g+1) target pass per step), timed in every round right after the decodes and kept as
+  the least over rounds like the decodes' own seconds, so a host that slows down between phases
+  does not skew the ratios. `predicted` is per round (tokens per step / priced step),
   `predicted_run` this call (the slowest row of the batch, --max-new-tokens, the prefills);
   `ratio` = measured / predicted; `predicted_loop` prices the baseline's token from the ar /
   ensemble loop's own time instead of a 1-token pass timed alone; `predicted_rows` takes the
@@ -47,8 +47,9 @@ from jax_specens.decoding.api import decode
 from jax_specens.kernels import cpu
 
 COLUMNS = ["batch", "prompt", "kernel", "method", "gamma", "alpha", "c", "measured", "predicted",
-           "ratio", "predicted_run", "ratio_run", "predicted_loop", "ratio_loop", "predicted_rows", "ratio_rows",
-           "steps", "steps_predicted", "steps_rows", "step_ms_priced", "step_ms_measured"]
+           "ratio", "predicted_run", "ratio_run", "predicted_loop", "ratio_loop", "predicted_rows",
+           "ratio_rows", "steps", "steps_predicted", "steps_rows", "step_ms_priced",
+           "step_ms_measured"]
 
 
 def load_pair(args, tmp: Path, rows: int):

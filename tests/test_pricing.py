@@ -23,22 +23,15 @@ from tests import decode_models as dm
 
 
 @functools.cache  # one rule object per alpha: the rule is static, a new one would recompile
-def bernoulli_rule(alpha: float):
+def bernoulli_rule(alpha: float | tuple[float, ...]):
+  """Accepts each proposal with probability alpha, or `alpha[b]` in row b (a tuple: rows that
+  accept at different rates)."""
+  a = jnp.asarray(alpha)[:, None] if isinstance(alpha, tuple) else alpha
+
   def rule(key, tokens, logq, logr, num_valid):
     k_u, k_res = jax.random.split(key)
     same = jnp.all(logq == logr, axis=-1)  # sd's bonus: the target's proposal checked against itself
-    ok = (jax.random.uniform(k_u, tokens.shape) < alpha) | same
-    return _first_rejection(k_res, ok, logq, logr, num_valid)
-  return rule
-
-
-@functools.cache
-def row_rule(alphas: tuple[float, ...]):
-  """bernoulli_rule with alpha `alphas[b]` for row b: rows that accept at different rates."""
-  def rule(key, tokens, logq, logr, num_valid):
-    k_u, k_res = jax.random.split(key)
-    same = jnp.all(logq == logr, axis=-1)
-    ok = (jax.random.uniform(k_u, tokens.shape) < jnp.asarray(alphas)[:, None]) | same
+    ok = (jax.random.uniform(k_u, tokens.shape) < a) | same
     return _first_rejection(k_res, ok, logq, logr, num_valid)
   return rule
 
@@ -48,13 +41,13 @@ def _prompts(batch):
   return rng.integers(1, dm.VOCAB, (batch, 4)).astype(np.int32), np.full((batch,), 4, np.int32)
 
 
-def _run(method, gammas, alpha, batch, n, seed=0, rule=None):
+def _run(method, gammas, alpha, batch, n, seed=0):
   a, b, _ = dm.models()
   prompts, lengths = _prompts(batch)
   kw = dict(draft=a, gamma=gammas[0]) if method == "sd" else dict(gamma=tuple(gammas))
   models = b if method == "sd" else [a, b]
   return decode(models, prompts, lengths, method=method, max_new_tokens=n, temperature=1.0,
-                key=jax.random.key(seed), acceptance_rule=rule or bernoulli_rule(alpha), **kw)
+                key=jax.random.key(seed), acceptance_rule=bernoulli_rule(alpha), **kw)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.7, 0.95, 1.0])
@@ -122,7 +115,7 @@ def test_each_rows_acceptance_is_counted_and_the_slowest_row_prices_the_steps(me
   """Rows that never / always accept: the stats say so row by row, and the steps are those of the
   never-accepting rows, which the batch's mean alpha (0.5) under-prices."""
   alphas = (0.0, 1.0) * 4
-  out = _run(method, gammas, None, 8, 40, rule=row_rule(alphas))
+  out = _run(method, gammas, alphas, 8, 40)
   st = out.stats.to_dict()
   assert sum(st["row_accepted"]) == st["accepted"] and sum(st["row_rejections"]) == st["rejections"]
   np.testing.assert_array_equal(P.row_alphas_from_stats(st), alphas)
@@ -133,8 +126,7 @@ def test_each_rows_acceptance_is_counted_and_the_slowest_row_prices_the_steps(me
 
 def test_random_per_row_acceptance_gives_the_steps_priced_per_row():
   alphas = (0.3,) * 4 + (0.9,) * 4
-  steps = [int(_run("sd", (4, 1), None, 8, 40, seed=s, rule=row_rule(alphas)).stats.steps)
-           for s in range(6)]
+  steps = [int(_run("sd", (4, 1), alphas, 8, 40, seed=s).stats.steps) for s in range(6)]
   per_row = P.expected_steps(None, (4, 1), 40, method="sd", row_alphas=alphas)
   assert np.mean(steps) == pytest.approx(per_row, rel=0.06)
   assert P.expected_steps(0.6, (4, 1), 40, 8, "sd") < 0.85 * per_row  # the mean alpha's price
