@@ -24,8 +24,8 @@ OUT (created only when complete) is an ordinary model directory (usable as --dra
 alpha (T=1 acceptance), loss, the draft's own bytes and its bytes read per token / the target's.
 
 example:  jax-specens train-draft --target models/smollm2 --out models/smollm2-draft
-          (defaults: the recipe measured on SmolLM2-135M-Instruct, about 40 min of labels and
-          40 min of training on 2 CPU cores; --time-budget 5 --chat-prompts 64
+          (defaults: the recipe of the shipped SmolLM2-135M-Instruct draft, about 50 min of labels
+          and 40 min of training on 2 CPU cores; --time-budget 5 --chat-prompts 64
           --text-tokens 4000 for a quick try)
 use it:   jax-specens generate --model models/smollm2 --draft models/smollm2-draft \\
               --method sd --gamma 4 --prompt "What is gravity?" --temperature 0 \\
@@ -52,7 +52,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="tokens per answer (default %(default)s)")
   p.add_argument("--answer-temperatures", default=",".join(f"{t:g}" for t in R.answer_temperatures),
                  help="comma-separated temperatures: the target answers every training prompt "
-                 "once per temperature (default %(default)s: greedy and sampled; 0: greedy only)")
+                 "once per temperature (default %(default)s: greedy and three samples; 0: greedy only)")
   p.add_argument("--text-tokens", type=int, default=R.text_tokens,
                  help="stdlib prose/code tokens labelled by the teacher (default %(default)s)")
   p.add_argument("--eval-chat-prompts", type=int, default=R.eval_chat_prompts,
