@@ -46,7 +46,8 @@ def torch_logits_with_layers(torch_model, layers: tuple[int, ...]) -> np.ndarray
   if getattr(m.config, "layer_types", None):
     m.config.layer_types = [m.config.layer_types[i] for i in layers]
   with torch.no_grad(), one_torch_thread():
-    return m(input_ids=torch.tensor(TOKENS, dtype=torch.long), use_cache=False).logits.float().numpy()
+    logits = m(input_ids=torch.tensor(TOKENS, dtype=torch.long), use_cache=False).logits
+  return logits.float().numpy()
 
 
 @jax.jit

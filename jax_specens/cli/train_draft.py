@@ -52,7 +52,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="tokens per answer (default %(default)s)")
   p.add_argument("--answer-temperatures", default=",".join(f"{t:g}" for t in R.answer_temperatures),
                  help="comma-separated temperatures: the target answers every training prompt "
-                 "once per temperature (default %(default)s: greedy and three samples; 0: greedy only)")
+                 "once per temperature (default %(default)s: greedy and three samples; 0: "
+                 "greedy only)")
   p.add_argument("--text-tokens", type=int, default=R.text_tokens,
                  help="stdlib prose/code tokens labelled by the teacher (default %(default)s)")
   p.add_argument("--eval-chat-prompts", type=int, default=R.eval_chat_prompts,

@@ -23,12 +23,13 @@ class DecodeStats:
   accepted: `[N]` of those, the accepted ones.
   rounds: verifications that checked at least one token (row-events): mean accepted length is
     `accepted / rounds`.
-  rejections: rounds that ended by replacing a proposal (row-events): sd / se, a rejected token
-    replaced by a residual draw; cosd, a window in which the assistant replaced a draft token.
   steps: iterations of the decode loop.
-  row_accepted, row_rejections: `[B]` the `accepted` (summed over models) and `rejections` of each
-    row: rows of one batch accept at different rates (their texts differ), and the loop runs
-    until the slowest row is done (`jax_specens.pricing.expected_steps` takes one alpha per row).
+  row_accepted: `[B]` the `accepted` tokens of each row, summed over models.
+  row_rejections: `[B]` rounds of each row that ended by replacing a proposal: sd / se, a rejected
+    token replaced by a residual draw; cosd, a window in which the assistant replaced a draft
+    token. `rejections` is their sum. Rows of one batch accept at different rates (their texts
+    differ), and the loop runs until the slowest row is done
+    (`jax_specens.pricing.expected_steps` takes one alpha per row).
   """
 
   model_calls: Int[Array, "N"]
@@ -36,7 +37,6 @@ class DecodeStats:
   accepted: Int[Array, "N"]
   rounds: Int[Array, ""]
   steps: Int[Array, ""]
-  rejections: Int[Array, ""]
   row_accepted: Int[Array, "B"]
   row_rejections: Int[Array, "B"]
 
@@ -44,7 +44,7 @@ class DecodeStats:
   def zeros(cls, num_models: int, batch_size: int) -> "DecodeStats":
     z, rows = jnp.zeros((num_models,), jnp.int32), jnp.zeros((batch_size,), jnp.int32)
     return cls(model_calls=z, proposed=z, accepted=z, rounds=jnp.int32(0), steps=jnp.int32(0),
-               rejections=jnp.int32(0), row_accepted=rows, row_rejections=rows)
+               row_accepted=rows, row_rejections=rows)
 
   def count(self, proposed: Int[Array, "N"], accepted: Int[Array, "B N"],
             rejected: Int[Array, "B"], rounds: Int[Array, ""]) -> "DecodeStats":
@@ -54,9 +54,13 @@ class DecodeStats:
     return self.replace(proposed=self.proposed + proposed,
                         accepted=self.accepted + jnp.sum(accepted, axis=0),
                         rounds=self.rounds + rounds,
-                        rejections=self.rejections + jnp.sum(rejected),
                         row_accepted=self.row_accepted + row_accepted,
                         row_rejections=self.row_rejections + rejected)
+
+  @property
+  def rejections(self) -> Int[Array, ""]:
+    """Rounds that ended by replacing a proposal, over all rows (row-events)."""
+    return jnp.sum(self.row_rejections)
 
   @property
   def acceptance_rate(self) -> float:
