@@ -236,7 +236,7 @@ def pass_costs(models, gammas_list, batch: int, cache_len: int, context: int, pr
   from jax_specens import pricing
   widths = [{1, prompt_width} for _ in models]
   for gammas in gammas_list:
-    for k, w in pricing.step_passes(gammas):
+    for k, w in pricing.step_passes(gammas, models[0].config.feature_input):
       widths[k].add(w)
   return pricing.measure_pass_costs(models, [sorted(w) for w in widths], batch, cache_len,
                                     repeats, context=context)

@@ -24,7 +24,9 @@ machine:
 --gamma takes a list (`1,2,3`: a row per gamma, sharing the ar / ensemble timings), and
 `--kernels xla,cpu` times every row with XLA's products and with the opt-in CPU kernel
 (`JAX_SPECENS_CPU_KERNELS`, `jax_specens/kernels`), one setting after the other in this process.
-Writes benchmarks/results/draft.json (draft_identical.json with --identical).
+Writes benchmarks/results/draft.json (draft_identical.json with --identical, draft_features.json
+for a draft that reads the target's hidden states, whose first pass per step feeds up to g + 1
+tokens: sd rows only).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def batch_rows(args, target, draft, toks, lens, n: int, repeats: int) -> tuple[l
 
   calls = {"ar": lambda: run(target, "ar")}
   calls |= {("sd", g): (lambda g=g: run(target, "sd", draft=draft, gamma=g)) for g in args.gamma}
-  if not args.no_se:
+  if not (args.no_se or draft.config.feature_input):  # a feature draft is no ensemble member
     calls["ensemble"] = lambda: run([draft, target], "ensemble", weights=(0.5, 0.5))
     calls |= {("se", g): (lambda g=g: run([draft, target], "se", weights=(0.5, 0.5),
                                           gamma=(g, 1))) for g in args.gamma}
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
                   help="at batch 1, time each of the first N held-out prompts in turn (a row per "
                   "prompt) and add a row 'all' over them: summed baseline seconds / summed "
                   "seconds, mean alpha (default 1: the first prompt only)")
-  ap.add_argument("--no-se", action="store_true", help="skip the se / ensemble rows")
+  ap.add_argument("--no-se", action="store_true", help="skip the se / ensemble rows (always "
+                  "skipped for a draft that reads the target's features: sd only)")
   args = ap.parse_args(argv)
   if not (args.draft or args.identical or args.small):
     ap.error("give --draft DIR, or --identical (draft = target)")
@@ -186,7 +189,8 @@ def main(argv=None) -> int:
            "distill": json.loads(distill.read_text()) if distill and distill.is_file() else None}
   if extra["distill"]:
     extra["distill"].pop("evals", None)
-  name = "draft_identical" if args.identical else "draft"
+  name = ("draft_identical" if args.identical else
+          "draft_features" if draft.config.feature_input else "draft")
   path = common.write_results(args.out, name + ("_small" if args.small else ""),
                               {"models": what, "gamma": args.gamma, "max_new_tokens": n,
                                "batches": args.batches, "kernels": args.kernels,

@@ -129,7 +129,7 @@ def resolve(models, prompts, prompt_lengths, kw: dict) -> tuple[Any, GammaChoice
   alpha = pricing.alpha_from_stats(st["accepted"], st["rejections"])
   alpha = 0.0 if np.isnan(alpha) else alpha
   widths = [sorted(set(ws) & set(TIMED_WIDTHS) | {max(ws)})
-            for ws in pricing.needed_widths(method, MAX_GAMMA)]
+            for ws in pricing.needed_widths(method, MAX_GAMMA, ordered[0].config.feature_input)]
   costs = pricing.measure_pass_costs(ordered, widths, b, int(cache_len), context=t + n // 2)
   best, grid = pricing.best_gammas(alpha, costs, method, MAX_GAMMA)
   gamma = best[0] if method == "sd" else best

@@ -5,7 +5,9 @@
 
 One loop step of `sd` / `se` (two models, `jax_specens.decoding.se.step`) is a fixed round-robin
 cycle: model k makes one scoring pass of width `1 + sum(gammas) - gammas[k]`, then `gammas[k] - 1`
-drafting passes of width 1 (`step_passes`). A W-token pass is not free on a CPU (1.4-1.8x a
+drafting passes of width 1 (`step_passes`); a draft that reads the target's features
+(`decoding/sd_features.py`) feeds up to gamma + 1 tokens in its first pass instead of 2 (what the
+last verification committed), the rest alike. A W-token pass is not free on a CPU (1.4-1.8x a
 1-token pass), so every pass is priced at its own measured width.
 
 Tokens per step follow from a per-token acceptance `alpha` (each proposal accepted independently):
@@ -45,12 +47,15 @@ class PassCosts:
   """Median seconds of one jitted pass of W tokens, per model, at one batch and cache length.
 
   seconds[k] maps width -> seconds for model k (method order: sd draft first); widths not measured
-  are interpolated linearly between the nearest measured ones.
+  are interpolated linearly between the nearest measured ones. feature_draft: model 0 reads the
+  target's hidden states (`ModelConfig.feature_input`), which sets the widths of its passes
+  (`step_passes`).
   """
 
   seconds: tuple[tuple[tuple[int, float], ...], ...]
   batch: int = 1
   cache_len: int = 0
+  feature_draft: bool = False
 
   @classmethod
   def unit(cls, per_model: Sequence[float], max_width: int = 64) -> "PassCosts":
@@ -64,7 +69,7 @@ class PassCosts:
     seconds = tuple(
         tuple((w, min(dict(r.seconds[k])[w] for r in runs)) for w, _ in runs[0].seconds[k])
         for k in range(len(runs[0].seconds)))
-    return cls(seconds, batch=runs[0].batch, cache_len=runs[0].cache_len)
+    return dataclasses.replace(runs[0], seconds=seconds)
 
   def of(self, k: int, width: int) -> float:
     ws, ss = zip(*self.seconds[k])
@@ -74,7 +79,7 @@ class PassCosts:
     return float(np.interp(width, ws, ss))
 
   def to_dict(self) -> dict:
-    return {"batch": self.batch, "cache_len": self.cache_len,
+    return {"batch": self.batch, "cache_len": self.cache_len, "feature_draft": self.feature_draft,
             "seconds": [{str(w): s for w, s in m} for m in self.seconds]}
 
 
@@ -100,25 +105,30 @@ def measure_pass_costs(models, widths: Sequence[Sequence[int]], batch: int, cach
     for m, w in jobs:
       tokens = jnp.ones((batch, w), jnp.int32)
       start = jnp.full((batch,), max(min(context, cache_len - w), 0), jnp.int32)
+      features = (jnp.zeros((batch, w, m.config.hidden_size), jnp.float32)
+                  if m.config.feature_input else None)
       t0 = time.perf_counter()
-      logits, caches[id(m)] = step(m, caches[id(m)], tokens, start)
+      logits, caches[id(m)] = step(m, caches[id(m)], tokens, start, features)
       jax.block_until_ready(logits)
       if rep:
         times.setdefault((id(m), w), []).append(time.perf_counter() - t0)
   for (i, w), ts in times.items():
     done[i][w] = statistics.median(ts)
   per_model = tuple(tuple(sorted(done[id(m)].items())) for m in models)
-  return PassCosts(per_model, batch=batch, cache_len=cache_len)
+  return PassCosts(per_model, batch=batch, cache_len=cache_len,
+                   feature_draft=models[0].config.feature_input)
 
 
-def step_passes(gammas: Sequence[int]) -> list[tuple[int, int]]:
-  """(model, width) of every pass of one loop step, in order (`decoding.se.passes`)."""
-  return [(p.k, p.width) for p in passes(gammas)]
+def step_passes(gammas: Sequence[int], feature_draft: bool = False) -> list[tuple[int, int]]:
+  """(model, width) of every pass of one loop step, in order (`decoding.se.passes`; a feature
+  draft's first pass feeds up to gamma + 1 tokens, `decoding.sd_features`)."""
+  out = [(p.k, p.width) for p in passes(gammas)]
+  return [(0, gammas[0] + 1)] + out[1:] if feature_draft else out
 
 
 def step_seconds(gammas: Sequence[int], costs: PassCosts) -> float:
   """Seconds of one loop step: every pass priced at its width."""
-  return sum(costs.of(k, w) for k, w in step_passes(gammas))
+  return sum(costs.of(k, w) for k, w in step_passes(gammas, costs.feature_draft))
 
 
 def _turn(m: int, a: float) -> list[tuple[float, int, bool]]:
@@ -258,10 +268,12 @@ def best_gammas(alpha, costs: PassCosts, method: str, max_gamma: int = 8
   return max(scored, key=lambda x: x[1])[0], scored
 
 
-def needed_widths(method: str, max_gamma: int = 8) -> list[list[int]]:
+def needed_widths(method: str, max_gamma: int = 8, feature_draft: bool = False
+                  ) -> list[list[int]]:
   """Widths per model that pricing every gamma in 1..max_gamma needs."""
   if method == "sd":
-    return [[1, 2], list(range(1, max_gamma + 2))]
+    return [list(range(1, max_gamma + 2)) if feature_draft else [1, 2],
+            list(range(1, max_gamma + 2))]
   return [list(range(1, max_gamma + 2))] * 2
 
 

@@ -23,6 +23,7 @@ def forward(
     tokens: Int[Array, "B W"],
     start: Int[Array, "B"],
     valid: Int[Array, "B"] | None = None,
+    features: Float[Array, "B W D"] | None = None,
 ) -> tuple[Float[Array, "B W V"], KVCache]:
   """Scores W tokens per row placed at positions `start[b] .. start[b] + W - 1`.
 
@@ -30,10 +31,22 @@ def forward(
   cache with `pos = start + W`. Rows may use fewer than W of the tokens: moving `pos` back
   (`cache.rollback`) discards the rest. valid: how many of the W tokens are real per row (a
   right-padded prompt); a cache with ring layers needs it for a pass wider than its slack.
+  features: a feature-input draft's second input (`ModelConfig.feature_input`).
   """
+  logits, _, cache = forward_hidden(model, cache, tokens, start, valid, features)
+  return logits, cache
+
+
+def forward_hidden(
+    model: Model, cache: KVCache, tokens: Int[Array, "B W"], start: Int[Array, "B"],
+    valid: Int[Array, "B"] | None = None, features: Float[Array, "B W D"] | None = None,
+) -> tuple[Float[Array, "B W V"], Float[Array, "B W D"], KVCache]:
+  """`forward`, also returning the final-normed hidden states `[B, W, D]` the head scored (the
+  features a feature-input draft reads)."""
   start, positions = _positions(start, tokens.shape[1])
-  logits, cache = model.module()(tokens, positions, cache, valid)
-  return logits, cache.replace(pos=start + tokens.shape[1])
+  module = model.module()
+  x, cache = module.hidden(tokens, positions, cache, valid, features)
+  return module.head(x), x, cache.replace(pos=start + tokens.shape[1])
 
 
 def _positions(start: Int[Array, "B"], width: int) -> tuple[Int[Array, "B"], Int[Array, "B W"]]:
@@ -69,9 +82,9 @@ def forward_prompt(
 
 
 @functools.partial(jax.jit, donate_argnums=1)
-def step(model, cache, tokens, start):
+def step(model, cache, tokens, start, features=None):
   """Jitted `forward` with the cache donated."""
-  return forward(model, cache, tokens, start)
+  return forward(model, cache, tokens, start, features=features)
 
 
 @functools.partial(jax.jit, donate_argnums=1)

@@ -55,13 +55,17 @@ def spread(model, seed):
   return model.replace(params=jax.tree_util.tree_unflatten(tree, new))
 
 
-def run_all(target, other, draft, prompts, lengths):
+def run_all(target, other, draft, feature_draft, prompts, lengths):
   out = {}
   for name in METHOD_NAMES:
     kw = CASES[name](target, other, draft)
     o = decode(kw.pop("models"), prompts, lengths, method=name, max_new_tokens=NEW,
                temperature=0.0, **kw)
     out[name] = (o.tokens, o.lengths)
+  # sd with a draft that reads the target's hidden states (decoding/sd_features.py)
+  o = decode(target, prompts, lengths, method="sd", draft=feature_draft, gamma=3,
+             max_new_tokens=NEW, temperature=0.0)
+  out["sd, feature draft"] = (o.tokens, o.lengths)
   # the loop state after the prefill and one SE step: its caches show how the loop keeps them
   ms, req, cfg, se = prepare([target, other], prompts, lengths, method="se", max_new_tokens=NEW,
                              temperature=0.0, gamma=2)
@@ -79,7 +83,8 @@ def shard_shape(x):
 @pytest.fixture(scope="module")
 def models():
   return tuple(spread(create_model(c, seed=s), s)
-               for c, s in ((CFG, 1), (BLOCKED, 2), (BLOCKED, 3)))
+               for c, s in ((CFG, 1), (BLOCKED, 2), (BLOCKED, 3),
+                            (dataclasses.replace(BLOCKED, feature_input=True), 4)))
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +113,10 @@ def test_every_registered_method_has_a_sharded_case():
 @pytest.mark.parametrize("data, mp", MESHES)
 def test_greedy_decode_on_a_mesh_equals_one_device(models, batch, reference, data, mp):
   mesh = par.make_mesh(data, mp)
-  target, other, draft = models
+  target, other, draft, feature_draft = models
   if mp > 1:  # a draft kept whole on every device (tensor_parallel=False) is left as placed
     draft = par.shard_model(draft, mesh, tensor_parallel=False)
+  feature_draft = par.shard_model(feature_draft, mesh, tensor_parallel=False)
   (target, other), prompts, lengths, draft = par.place_for_decode(
       [target, other], *batch, mesh, draft=draft)
 
@@ -124,7 +130,7 @@ def test_greedy_decode_on_a_mesh_equals_one_device(models, batch, reference, dat
   assert prompts.sharding.spec == P("data", None) and shard_shape(prompts) == (BATCH // data, 6)
 
   with jax.set_mesh(mesh):
-    got, (caches, stepped) = run_all_jit(target, other, draft, prompts, lengths)
+    got, (caches, stepped) = run_all_jit(target, other, draft, feature_draft, prompts, lengths)
   # the decode loop's caches: rows on `data`, kv heads on `model` (4 kv heads on model=8: whole)
   kv = "model" if CFG.num_kv_heads % mp == 0 else None
   kv_split = mp if kv else 1
@@ -137,7 +143,8 @@ def test_greedy_decode_on_a_mesh_equals_one_device(models, batch, reference, dat
     assert shard_shape(cache.pos) == (BATCH // data,)
 
   got = jax.device_get(got)
-  for name in METHOD_NAMES:
+  assert len(got) == len(METHOD_NAMES) + 1
+  for name in got:
     np.testing.assert_array_equal(got[name][0], reference[name][0], err_msg=name)
     np.testing.assert_array_equal(got[name][1], reference[name][1], err_msg=name)
 

@@ -19,6 +19,12 @@ AdamW (optax); held-out split by document (prompt or file); orbax checkpoints in
 --checkpoint-dir (default OUT.ckpt), rerun the same command to resume. The teacher labels are
 cached there too: on a CPU they are the slow part.
 
+--features: a draft that also reads the target's hidden states (EAGLE style): its input at each
+position is the token's embedding and the target's final-normed hidden state of the position
+before, and along its chain of proposals its own. It serves sd only (not as an se member); the
+labels then also hold the target's features (one more teacher pass over every row), and
+--unroll N trains it along N of its own proposals. E.g. --features --layers 29 --unroll 2.
+
 OUT (created only when complete) is an ordinary model directory (usable as --draft, or as a
 --model of an se ensemble) with distill.json: held-out agreement (greedy acceptance per token),
 alpha (T=1 acceptance), loss, the draft's own bytes and its bytes read per token / the target's.
@@ -61,6 +67,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--eval-text-tokens", type=int, default=R.eval_text_tokens)
   p.add_argument("--seq-len", type=int, default=R.seq_len, help="tokens per training row")
   p.add_argument("--top", type=int, default=R.top, help="teacher labels: top-T ids (default 32)")
+  p.add_argument("--features", action="store_true",
+                 help="a draft that reads the target's hidden states (EAGLE style): sd only, "
+                      "not an ensemble member; --layers then names the target layers it starts "
+                      "from (e.g. 29: one layer)")
+  p.add_argument("--unroll", type=int, default=1,
+                 help="--features: training passes along the draft's own chain (default 1)")
   p.add_argument("--steps", type=int, default=5000, help="max training steps (default 5000)")
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--learning-rate", type=float, default=1e-3)
@@ -97,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
   from jax_specens.draft.train import TrainConfig
 
   for flag, v in (("--steps", args.steps), ("--batch-size", args.batch_size),
-                  ("--eval-every", args.eval_every)):
+                  ("--eval-every", args.eval_every), ("--unroll", args.unroll)):
     if v < 1:
       raise ValueError(f"{flag} must be >= 1, got {v}")
   if args.time_budget is not None and args.time_budget <= 0:
@@ -109,9 +121,10 @@ def run(args: argparse.Namespace) -> int:
       chat_prompts=args.chat_prompts, answer_tokens=args.answer_tokens,
       answer_temperatures=tuple(_floats(args.answer_temperatures, "--answer-temperatures")),
       text_tokens=args.text_tokens, eval_chat_prompts=args.eval_chat_prompts,
-      eval_text_tokens=args.eval_text_tokens)
+      eval_text_tokens=args.eval_text_tokens, features=args.features)
   config = TrainConfig(batch_size=args.batch_size, learning_rate=args.learning_rate,
                        max_steps=args.steps, eval_every=args.eval_every, seed=args.seed,
+                       unroll=args.unroll,
                        time_budget_s=None if args.time_budget is None else args.time_budget * 60)
   m = train_draft(args.target, args.out, recipe, config, checkpoint_dir=args.checkpoint_dir,
                   overwrite=args.overwrite, store_dtype=args.store_dtype,

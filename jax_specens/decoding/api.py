@@ -157,6 +157,12 @@ def prepare(models, prompts, prompt_lengths, *, method: str = "ar", max_new_toke
     raise ValueError(f"method {method!r} takes no draft model; use method='sd' for draft + "
                      "target, or pass the models to ensemble as `models`")
   ordered = ((draft,) if m.uses_draft else ()) + models
+  readers = [i for i, x in enumerate(ordered) if x.config.feature_input]
+  if readers and not (method == "sd" and readers == [0]):
+    raise ValueError(
+        "a draft that reads its target's hidden states (feature_input, e.g. `train-draft "
+        "--features`) can only be the draft of method='sd' (draft=...); for ar / ensemble / se "
+        "use an ordinary model (train-draft without --features)")
   lo, hi = m.num_models
   if len(models) + (1 if m.uses_draft else 0) < lo or (
       hi is not None and len(ordered) > hi):

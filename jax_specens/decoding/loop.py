@@ -29,7 +29,7 @@ from jax_specens.decoding.outputs import (CACHE_FULL, LENGTH, RUNNING, STOP, Dec
 from jax_specens.ensemble_fns import Ensemble
 from jax_specens.sampling import SamplingParams
 from jax_specens.models.model import Model
-from jax_specens.step import forward
+from jax_specens.step import forward, forward_hidden
 
 
 @flax.struct.dataclass
@@ -99,21 +99,37 @@ class LoopState:
 
 def prefill(models: tuple[Model, ...], req: Request, cfg: Config, extra=None) -> LoopState:
   """Feeds every prompt but its last token to every model; an empty output."""
+  return prefill_hidden(models, req, cfg, extra)[0]
+
+
+def prefill_hidden(models: tuple[Model, ...], req: Request, cfg: Config, extra=None
+                   ) -> tuple[LoopState, Float[Array, "B T D"]]:
+  """`prefill`, also returning the last model's (sd: the target's) final-normed hidden states
+  `[B, T, D]` over the prompts. A feature-input draft (`ModelConfig.feature_input`) is fed after
+  the others, reading those states shifted by one position (the feature before each token)."""
   b, t = req.prompts.shape
   s = cfg.cache_len
   lengths = req.prompt_lengths.astype(jnp.int32)
-  caches = []
-  for m in models:
+  caches = [None] * len(models)
+  hidden = None
+  for k in sorted(range(len(models)), key=lambda k: models[k].config.feature_input):
+    m = models[k]
+    features = None
+    if m.config.feature_input:
+      features = jnp.pad(hidden, ((0, 0), (1, 0), (0, 0)))[:, :t]
     cache = m.init_cache(b, s, ring_slack=ring_slack(cfg.lookahead))
-    _, cache = forward(m, cache, req.prompts, jnp.zeros((b,), jnp.int32), lengths)
-    caches.append(cache.rollback(lengths - 1))
+    _, x, cache = forward_hidden(m, cache, req.prompts, jnp.zeros((b,), jnp.int32), lengths,
+                                 features)
+    hidden = x if k == len(models) - 1 else hidden
+    caches[k] = cache.rollback(lengths - 1)
   seq = jnp.zeros((b, s), jnp.int32).at[:, :min(t, s)].set(req.prompts[:, :s].astype(jnp.int32))
-  return LoopState(
+  state = LoopState(
       tokens=jnp.zeros((b, cfg.max_new_tokens), jnp.int32),
       length=jnp.zeros((b,), jnp.int32),
       finish=jnp.full((b,), RUNNING, jnp.int32),
       seq=seq, caches=tuple(caches), key=req.key,
       stats=DecodeStats.zeros(len(models), b), extra=extra)
+  return state, hidden
 
 
 def feed(state: LoopState, models: tuple[Model, ...], k: int, width: int, count: Int[Array, "B"]

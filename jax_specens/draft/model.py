@@ -25,9 +25,10 @@ from jax_specens.models.model import Model
 SHARED = ("embed", "pos_embed")
 
 
-def draft_config(target: ModelConfig, layers: Sequence[int], vocab_subset: Sequence[int]
-                 ) -> ModelConfig:
-  """The target's config with only `layers` (target layer indices) and a K-id head."""
+def draft_config(target: ModelConfig, layers: Sequence[int], vocab_subset: Sequence[int],
+                 features: bool = False) -> ModelConfig:
+  """The target's config with only `layers` (target layer indices) and a K-id head; features:
+  a draft that also reads the target's hidden states (`ModelConfig.feature_input`)."""
   layers = [int(i) for i in layers]
   bad = [i for i in layers if not 0 <= i < target.num_layers]
   if not layers or bad:
@@ -38,7 +39,7 @@ def draft_config(target: ModelConfig, layers: Sequence[int], vocab_subset: Seque
   types = tuple(target.layer_type(i) for i in layers) if target.layer_types else ()
   return dataclasses.replace(target, num_layers=len(layers), layer_types=types,
                              vocab_subset=tuple(int(i) for i in vocab_subset),
-                             tie_embeddings=False)
+                             tie_embeddings=False, feature_input=features)
 
 
 def target_head_rows(target: Model, ids: np.ndarray) -> jax.Array:
@@ -50,19 +51,24 @@ def target_head_rows(target: Model, ids: np.ndarray) -> jax.Array:
   return jnp.take(pure["lm_head"]["kernel"], ids, axis=1)
 
 
-def init_from_target(target: Model, layers: Sequence[int], vocab_subset: Sequence[int]) -> Model:
-  """A draft whose every weight is copied from `target` (see the module docstring)."""
-  config = draft_config(target.config, layers, vocab_subset)
+def init_from_target(target: Model, layers: Sequence[int], vocab_subset: Sequence[int],
+                     features: bool = False) -> Model:
+  """A draft whose every weight is copied from `target` (see the module docstring). features: a
+  feature-input draft, whose `fuse` `[2D, D]` starts as the sum of the token's embedding and
+  the feature before it."""
+  config = draft_config(target.config, layers, vocab_subset, features)
   pure = nnx.to_pure_dict(unrolled(target).params)
   abstract = abstract_model(config, target.dtype)
   new = {k: pure[k] for k in SHARED if k in pure}
   new["final_norm"] = pure["final_norm"]
   new["layers"] = {j: pure["layers"][i] for j, i in enumerate(layers)}
   new["lm_head"] = {"kernel": target_head_rows(target, np.asarray(config.vocab_subset))}
+  if features:
+    d = config.hidden_size
+    new["fuse"] = {"kernel": jnp.concatenate([jnp.eye(d), jnp.eye(d)]).astype(target.dtype)}
   params = abstract.params
   nnx.replace_by_pure_dict(params, jax.tree_util.tree_map(jnp.asarray, new))
   return Model(config=config, graphdef=abstract.graphdef, params=params)
-
 
 
 def own_bytes(draft: Model) -> int:
@@ -77,4 +83,5 @@ def read_bytes_per_token(config: ModelConfig, dtype_bytes: int = 4) -> int:
   d, f = config.hidden_size, config.intermediate_size
   attn = d * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
   mlp = d * f * (3 if config.gated_mlp else 2)
-  return dtype_bytes * (config.num_layers * (attn + mlp) + d * config.head_size + d)
+  fuse = 2 * d * d if config.feature_input else 0
+  return dtype_bytes * (config.num_layers * (attn + mlp) + d * config.head_size + d + fuse)

@@ -45,6 +45,9 @@ class DraftRecipe:
   eval_text_tokens: int = 3000
   harvest_batch: int = 16  # rows per teacher pass
   gen_batch: int = 32  # rows per generation call
+  # a draft that reads the target's hidden states (EAGLE style, `ModelConfig.feature_input`):
+  # its labels also hold the target's features (one more teacher pass over every row)
+  features: bool = False
 
   def __post_init__(self):
     if self.vocab_k < 2:
@@ -89,6 +92,16 @@ def _harvests(target, tok, recipe: DraftRecipe, ckpt: Path, progress: bool):
     os.replace(tmp, path)
     key_file.write_text(json.dumps(key))
     out[split] = h
+  if recipe.features:
+    for split, h in out.items():
+      path = ckpt / f"features_{split}.npy"
+      if not path.is_file():
+        h = D.target_features(target, h, batch_size=recipe.harvest_batch, progress=progress,
+                              desc=f"target features {split}")
+        tmp = ckpt / f".features_{split}.tmp.npy"
+        np.save(tmp, h.features)
+        os.replace(tmp, path)
+      out[split] = dataclasses.replace(h, features=np.load(path))
   return out["train"], out["test"]
 
 
@@ -154,11 +167,11 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
   subset = D.frequent_ids(train_h, recipe.vocab_k, target.config.vocab_size,
                           always=target.config.eos_token_ids)
   np.save(ckpt / "vocab_subset.npy", subset)
-  draft = init_from_target(target, recipe.layers, subset)
+  draft = init_from_target(target, recipe.layers, subset, features=recipe.features)
   draft, history = train(draft, train_h, test_h, config, checkpoint_dir=ckpt / "train",
                          progress=progress)
   draft = rounded(draft, store_dtype)
-  final = evaluate(draft, test_h, config.batch_size)
+  final = evaluate(draft, test_h, config.batch_size, config.unroll)
   top1 = test_h.top_ids[..., 0][test_h.mask > 0]
   metrics = {
       "target": str(Path(target_dir).absolute()),

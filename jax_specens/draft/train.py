@@ -44,6 +44,7 @@ class TrainConfig:
   eval_every: int = 100
   weight_decay: float = 0.0
   seed: int = 0
+  unroll: int = 1  # feature-input drafts: passes along their own chain (`distill_metrics`)
   time_budget_s: float | None = None  # the cosine schedule follows the elapsed time when set
 
   def __post_init__(self):
@@ -69,39 +70,68 @@ def split_trainable(draft: Model):
 
 def distill_metrics(
     module, tokens: Int[Array, "B L"], mask: Float[Array, "B L"], idx: Int[Array, "B L T"],
-    logp: Float[Array, "B L T"],
+    logp: Float[Array, "B L T"], features: Float[Array, "B L D"] | None = None,
+    unroll: int = 1,
 ) -> dict[str, Array]:
-  """Mean loss, agreement and alpha (see the module docstring) over the masked positions."""
+  """Mean loss, agreement and alpha (see the module docstring) over the masked positions.
+
+  A feature-input draft reads `features` (the target's final-normed hidden states at every
+  position) shifted by one: position i gets f_{i-1}, as when it catches up on committed tokens.
+  unroll > 1 also trains it along its chain of proposals: pass k reads the draft's own outputs
+  of pass k - 1 instead (its k-th proposal after a committed token; EAGLE-3's training-time test,
+  without its attention masks: earlier positions also see pass-k states). The loss is the mean
+  over the passes; `agree_k` / `alpha_k` report pass k (`agree` = pass 1).
+  """
   b, l = tokens.shape
   cache = init_cache(module.config, b, l, module.embed.embedding[...].dtype)
   positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-  x, _ = module.hidden(tokens, positions, cache)
-  logits = module.head(x, full=False)  # B L K
-  logq = jax.nn.log_softmax(logits, -1)
   inside = idx >= 0
-  lq = jnp.take_along_axis(logq, jnp.maximum(idx, 0), -1)
   p = jnp.exp(logp) * inside
-  ce = -(p * jnp.where(inside, lq, 0.0)).sum(-1)
   n = jnp.maximum(mask.sum(), 1.0)
-  agree = (jnp.argmax(logits, -1) == idx[..., 0]) & inside[..., 0]
-  alpha = jnp.minimum(p, jnp.exp(lq)).sum(-1)
-  return {"loss": (ce * mask).sum() / n, "agree": (agree * mask).sum() / n,
-          "alpha": (alpha * mask).sum() / n}
+  mean = lambda x: (x * mask).sum() / n  # noqa: E731
+  shift = lambda f: jnp.pad(f, ((0, 0), (1, 0), (0, 0)))[:, :l]  # noqa: E731
+  feed = shift(features) if module.config.feature_input else None
+  out, losses = {}, []
+  for k in range(1, (unroll if feed is not None else 1) + 1):
+    x, _ = module.hidden(tokens, positions, cache, features=feed)
+    feed = shift(x) if feed is not None else None
+    logits = module.head(x, full=False)  # B L K
+    lq = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.maximum(idx, 0), -1)
+    ce = -(p * jnp.where(inside, lq, 0.0)).sum(-1)
+    agree = (jnp.argmax(logits, -1) == idx[..., 0]) & inside[..., 0]
+    losses.append(mean(ce))
+    suffix = "" if k == 1 else f"_{k}"
+    out.update({f"loss{suffix}": losses[-1], f"agree{suffix}": mean(agree),
+                f"alpha{suffix}": mean(jnp.minimum(p, jnp.exp(lq)).sum(-1))})
+  out["loss"] = sum(losses) / len(losses)
+  return out
 
 
-def evaluate(draft: Model, data: Harvest, batch_size: int = 16) -> dict[str, float]:
+def evaluate(draft: Model, data: Harvest, batch_size: int = 16, unroll: int = 1
+             ) -> dict[str, float]:
   """Held-out loss / agree / alpha of `draft` on `data` (token-weighted means)."""
   idx = subset_index(data.top_ids, draft.config.vocab_subset, draft.config.vocab_size)
-  fn = jax.jit(lambda m, *a: distill_metrics(m.module(), *a))
+  fn = jax.jit(lambda m, *a: distill_metrics(m.module(), *a, unroll=unroll))
   sums, total = {}, 0.0
   for s in range(0, data.tokens.shape[0], batch_size):
     sl = slice(s, s + batch_size)
     n = float(data.mask[sl].sum())
-    out = fn(draft, data.tokens[sl], data.mask[sl], idx[sl], data.top_logp[sl])
+    out = fn(draft, data.tokens[sl], data.mask[sl], idx[sl], data.top_logp[sl],
+             _features(draft, data, sl))
     for k, v in out.items():
       sums[k] = sums.get(k, 0.0) + float(v) * n
     total += n
   return {k: v / max(total, 1.0) for k, v in sums.items()}
+
+
+def _features(draft: Model, data: Harvest, rows):
+  """The target's features of `rows` as float32, for a feature-input draft (None otherwise)."""
+  if not draft.config.feature_input:
+    return None
+  if data.features is None:
+    raise ValueError("a feature-input draft trains on the target's hidden states: the labels "
+                     "need `features` (`data.target_features`)")
+  return jnp.asarray(data.features[rows], jnp.float32)
 
 
 def _batch(seed: int, step: int, n: int, batch: int) -> np.ndarray:
@@ -131,7 +161,7 @@ def train(
           learning_rate=config.learning_rate)
 
   def loss_of(p, *batch):
-    m = distill_metrics(nnx.merge(graphdef, p, frozen), *batch)
+    m = distill_metrics(nnx.merge(graphdef, p, frozen), *batch, unroll=config.unroll)
     return m["loss"], m
 
   @jax.jit
@@ -144,7 +174,7 @@ def train(
     g, st = nnx.split(nnx.merge(graphdef, p, frozen))
     return Model(config=draft.config, graphdef=g, params=st)
 
-  initial = evaluate(draft, eval_data, config.batch_size)
+  initial = evaluate(draft, eval_data, config.batch_size, config.unroll)
   state = {"params": params, "opt_state": tx.init(params), "best_params": params, "step": 0,
            "best_loss": initial["loss"], "elapsed": 0.0}
   history = {"initial_eval": initial, "evals": []}
@@ -166,11 +196,12 @@ def train(
     opt_state.hyperparams["learning_rate"] = jnp.asarray(lr_at(step, frac), jnp.float32)
     b = _batch(config.seed, step, n, config.batch_size)
     p, opt_state, metrics = train_step(p, opt_state, train_data.tokens[b], train_data.mask[b],
-                                       idx[b], train_data.top_logp[b])
+                                       idx[b], train_data.top_logp[b],
+                                       _features(draft, train_data, b))
     step += 1
     bar.update(1)
     if step % config.eval_every == 0 or step == steps:
-      ev = evaluate(as_model(p), eval_data, config.batch_size)
+      ev = evaluate(as_model(p), eval_data, config.batch_size, config.unroll)
       better = ev["loss"] < state["best_loss"]
       state = {"params": p, "opt_state": opt_state, "step": step,
                "best_params": p if better else state["best_params"],
@@ -185,7 +216,7 @@ def train(
         callback(step, record)
   bar.close()
   if not history["evals"] or history["evals"][-1]["step"] != step:  # stopped by the budget
-    ev = evaluate(as_model(p), eval_data, config.batch_size)
+    ev = evaluate(as_model(p), eval_data, config.batch_size, config.unroll)
     if ev["loss"] < state["best_loss"]:
       state = {**state, "best_params": p, "best_loss": ev["loss"]}
     history["evals"].append({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})

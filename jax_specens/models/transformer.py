@@ -63,31 +63,38 @@ class Transformer(nnx.Module):
     self.stack = nnx.List([Block(config, j, dtype, rngs) for j in range(period)]) if scan else None
     self.layers = nnx.List([Block(config, i, dtype, rngs)
                             for i in range(period * repeats, config.num_layers)])
+    self.fuse = linear(2 * d, d, False, dtype, rngs) if config.feature_input else None
     self.final_norm = Norm(d, config, dtype)
     self.lm_head = None if config.tie_embeddings else linear(d, config.head_size, False, dtype,
                                                              rngs, out_dtype=jnp.float32)
 
   def __call__(
       self, tokens: Int[Array, "B W"], positions: Int[Array, "B W"], cache: KVCache,
-      valid: Int[Array, "B"] | None = None,
+      valid: Int[Array, "B"] | None = None, features: Float[Array, "B W D"] | None = None,
   ) -> tuple[Float[Array, "B W V"], KVCache]:
     """Scores W tokens per row at absolute `positions` (= cache slots), writing their K/V.
 
     Returns float32 logits and the cache with its rows' K/V written; `cache.pos` is left to the
     caller (see `jax_specens.step`). valid: the real tokens per row of a right-padded pass (ring
-    layers keep only those; default all W).
+    layers keep only those; default all W). features: what a `config.feature_input` draft reads
+    beside each token (the hidden state of the position before it; see `ModelConfig`).
     """
-    x, cache = self.hidden(tokens, positions, cache, valid)
+    x, cache = self.hidden(tokens, positions, cache, valid, features)
     return self.head(x), cache
 
   def hidden(
       self, tokens: Int[Array, "B W"], positions: Int[Array, "B W"], cache: KVCache,
-      valid: Int[Array, "B"] | None = None,
+      valid: Int[Array, "B"] | None = None, features: Float[Array, "B W D"] | None = None,
   ) -> tuple[Float[Array, "B W D"], KVCache]:
     """The final-normed hidden states (what `head` scores) and the cache with K/V written."""
     x = self.embed(tokens)
     if self.config.embed_scale:
       x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
+    if (features is None) == (self.fuse is not None):
+      raise ValueError("a feature_input draft needs features= (the target's hidden states: "
+                       "decode it with method='sd'), and only such a draft takes them")
+    if self.fuse is not None:
+      x = self.fuse(jnp.concatenate([x, features.astype(x.dtype)], axis=-1))
     if self.pos_embed is not None:
       x = x + self.pos_embed(positions)
     period = len(self.stack) if self.stack is not None else 0
