@@ -60,8 +60,9 @@ def test_distillation_lowers_the_held_out_kl_and_raises_agreement(distilled):
   assert 0 < m["final_eval"]["alpha"] <= 1
 
 
-def test_draft_serves_sd_and_se_losslessly_in_greedy(distilled):
-  out, _ = distilled
+def assert_greedy_sd_equals_ar(out):
+  """Greedy sd with the draft distilled into `out` prints what ar prints on two code prompts,
+  accepting some proposals; returns (target, draft, prompts, lengths)."""
   target, draft = load_model(TARGET), load_model(out)
   tok = load_tokenizer(TARGET)
   toks, lens = D.pad([tok.encode("def fib(n):"), tok.encode("import os\n")])
@@ -70,6 +71,11 @@ def test_draft_serves_sd_and_se_losslessly_in_greedy(distilled):
               temperature=0.0)
   np.testing.assert_array_equal(sd.tokens, ar.tokens)
   assert int(np.sum(sd.stats.accepted)) > 0
+  return target, draft, toks, lens
+
+
+def test_draft_serves_sd_and_se_losslessly_in_greedy(distilled):
+  target, draft, toks, lens = assert_greedy_sd_equals_ar(distilled[0])
   ens = decode([draft, target], toks, lens, method="ensemble", max_new_tokens=16, temperature=0.0)
   se = decode([draft, target], toks, lens, method="se", gamma=2, max_new_tokens=16,
               temperature=0.0)
@@ -114,14 +120,16 @@ def test_a_draft_stored_in_bfloat16_loads_as_the_float32_it_was(distilled, tmp_p
   np.testing.assert_array_equal(_embedding(loaded), _embedding(target))
 
 
-def test_the_demo_prefers_the_users_own_smollm2_draft_to_the_shipped_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["smollm2-draft", "smollm2-feature-draft"])
+def test_the_demo_prefers_the_users_own_smollm2_draft_to_the_shipped_one(tmp_path, monkeypatch,
+                                                                        name):
   from jax_specens.cli import demo_real
   monkeypatch.setenv("JAX_SPECENS_CACHE", str(tmp_path))
-  assert demo_real.find_draft() == MODELS_DIR / "smollm2-draft"
-  own = tmp_path / "models" / "smollm2-draft"
+  assert demo_real.find_draft(name) == MODELS_DIR / name
+  own = tmp_path / "models" / name
   own.mkdir(parents=True)
   (own / "jax_specens.json").write_text("{}")
-  assert demo_real.find_draft() == own
+  assert demo_real.find_draft(name) == own
 
 
 def test_a_moved_or_changed_target_is_named_with_the_fix(distilled, tmp_path):
@@ -197,20 +205,27 @@ def test_cli_help_and_errors_name_the_flag(tmp_path):
   assert r.returncode == 2 and "--layers" in r.stderr and "Traceback" not in r.stderr
   r = _cli("--target", str(TARGET), "--out", str(tmp_path / "o"), "--steps", "0")
   assert r.returncode == 2 and "--steps" in r.stderr
+  r = _cli("--target", str(TARGET), "--out", str(tmp_path / "o"), "--unroll", "2")
+  assert r.returncode == 2 and "--features" in r.stderr
   assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.real
-def test_the_shipped_smollm2_draft_takes_the_real_targets_embedding_and_sd_equals_ar(real_smollm2):
-  """`builtin:smollm2-draft` (distilled by `train-draft`, shipped in bfloat16 without the
-  embedding) fits the real SmolLM2 it was distilled from: the fingerprints match, it loads as
-  float32, greedy sd with it prints what ar prints, and it was trained (an untrained copy of the
-  same layers accepts almost nothing: held-out agreement 0.04)."""
+@pytest.mark.parametrize("name,layers,features", [("smollm2-draft", 4, False),
+                                                  ("smollm2-feature-draft", 1, True)])
+def test_the_shipped_smollm2_drafts_take_the_real_targets_embedding_and_sd_equals_ar(
+    real_smollm2, name, layers, features):
+  """`builtin:smollm2-draft` and `builtin:smollm2-feature-draft` (distilled by `train-draft`,
+  the second with --features; shipped in bfloat16 without the embedding) fit the real SmolLM2
+  they were distilled from: the fingerprints match, they load as float32, greedy sd with them
+  prints what ar prints, and they were trained (an untrained copy of the same layers accepts
+  almost nothing: held-out agreement 0.04, and 0.00 for the feature draft)."""
   target, tok = load_model(real_smollm2), load_tokenizer(real_smollm2)
-  draft = load_model("builtin:smollm2-draft", share_from=target)
+  draft = load_model(f"builtin:{name}", share_from=target)
   a, b = (nnx.to_pure_dict(m.params)["embed"]["embedding"] for m in (draft, target))
   assert a.unsafe_buffer_pointer() == b.unsafe_buffer_pointer()  # matched, not loaded elsewhere
-  assert len(draft.config.vocab_subset) == 8192 and draft.config.num_layers == 4
+  assert len(draft.config.vocab_subset) == 8192 and draft.config.num_layers == layers
+  assert draft.config.feature_input == features
   assert {x.dtype for x in jax.tree_util.tree_leaves(draft.params)} == {jnp.dtype(jnp.float32)}
   rows = [D.chat_ids(tok, "What is gravity?"), D.chat_ids(tok, "Write a haiku about the sea.")]
   toks, lens = D.pad(rows)

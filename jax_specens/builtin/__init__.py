@@ -9,7 +9,8 @@ All three share one byte-level BPE tokenizer (4096 tokens) and are stored in our
 distilled for real targets (`DISTILLED_DRAFTS`, `jax-specens train-draft --store-dtype bfloat16`):
 their own weights only, the target's embedding is shared at load time
 (`load_model("builtin:smollm2-draft", share_from=smollm2)`; on the command line,
-`--model SMOLLM2_DIR --draft builtin:smollm2-draft`).
+`--model SMOLLM2_DIR --draft builtin:smollm2-draft`). `smollm2-feature-draft` also reads SmolLM2's
+hidden states (`train-draft --features`): it is sd's draft only, never an ensemble member.
 
     model = builtin_model("code")                # a jax_specens.Model
     tok = builtin_tokenizer()                    # a transformers tokenizer
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 
 BUILTIN_MODELS = ("code", "prose", "draft")
 # name -> the target it was distilled from (its README section: "Distilling a draft")
-DISTILLED_DRAFTS = {"smollm2-draft": "SmolLM2-135M-Instruct"}
+DISTILLED_DRAFTS = {"smollm2-draft": "SmolLM2-135M-Instruct",
+                    "smollm2-feature-draft": "SmolLM2-135M-Instruct"}  # sd only: reads features
 NAMES = BUILTIN_MODELS + tuple(DISTILLED_DRAFTS)
 MODELS_DIR = Path(__file__).parent / "models"
 

@@ -37,6 +37,9 @@ CONTINUE = "Once upon a time, in a small village,"
 COSD_ASSISTANT_PROMPT = "Question: {question}\nAnswer:"
 COSD_RULE = {"alpha": 0.2, "beta": 1.0}
 DRAFT_NAME = "smollm2-draft"  # a draft distilled for SmolLM2 (`jax-specens train-draft`)
+# one that also reads SmolLM2's hidden states (`train-draft --features`): sd's draft, not an
+# ensemble member; where it is missing, sd uses DRAFT_NAME
+FEATURE_DRAFT_NAME = "smollm2-feature-draft"
 
 
 def available() -> list[str]:
@@ -65,15 +68,16 @@ def model_dir(name: str) -> Path:
   return out
 
 
-def user_draft_dir() -> Path:
-  return user_cache_dir() / "models" / DRAFT_NAME
+def user_draft_dir(name: str = DRAFT_NAME) -> Path:
+  return user_cache_dir() / "models" / name
 
 
-def find_draft() -> Path | None:
-  """SmolLM2's distilled draft: the user's own (`train-draft --out` the user cache) before the
-  one shipped in the package (`builtin:smollm2-draft`); None when neither is there."""
+def find_draft(name: str = DRAFT_NAME) -> Path | None:
+  """A distilled draft of SmolLM2 (DRAFT_NAME or FEATURE_DRAFT_NAME): the user's own
+  (`train-draft --out` the user cache) before the one shipped in the package
+  (`builtin:NAME`); None when neither is there."""
   from jax_specens.builtin import MODELS_DIR
-  for path in (user_draft_dir(), MODELS_DIR / DRAFT_NAME):
+  for path in (user_draft_dir(name), MODELS_DIR / name):
     if (path / "jax_specens.json").is_file():
       return path
   return None
@@ -108,6 +112,11 @@ def run(args) -> int:
                  "itself (no distilled draft installed: identical text, no speed-up expected)")
   if has_draft:
     print(f"draft: {draft_path} (its own weights; the embedding is SmolLM2's)", flush=True)
+  feature_path = find_draft(FEATURE_DRAFT_NAME)
+  sd_draft, sd_label = draft, draft_label
+  if feature_path is not None:  # reads SmolLM2's hidden states: cheaper, sd only
+    sd_draft, sd_label = load_model(feature_path, share_from=smol), "its feature draft"
+    print(f"sd's draft: {feature_path} (reads SmolLM2's hidden states)", flush=True)
   n = args.max_new_tokens
   print(f"loaded SmolLM2-135M-Instruct and Gemma-3-270M in {time.perf_counter() - t0:.0f}s; "
         f"greedy, at most {n} new tokens", flush=True)
@@ -128,8 +137,8 @@ def run(args) -> int:
       "ar": ("SmolLM2 (chat)", lambda: generate_text(smol, [QUESTION], method="ar", **chat)),
       "ar (Gemma)": ("Gemma-3-270M", lambda: generate_text(gemma, [CONTINUE], method="ar",
                                                            **common)),
-      "sd": (f"SmolLM2 + {draft_label.split(' (')[0]}", lambda: generate_text(
-          smol, [QUESTION], method="sd", draft=draft, gamma=args.gamma, **chat)),
+      "sd": (f"SmolLM2 + {sd_label.split(' (')[0]}", lambda: generate_text(
+          smol, [QUESTION], method="sd", draft=sd_draft, gamma=args.gamma, **chat)),
       "ensemble": ("SmolLM2 0.7 + draft 0.3", lambda: generate_text(
           [smol, draft], [QUESTION], method="ensemble", weights=(0.7, 0.3), **chat)),
       "se": ("SmolLM2 0.7 + draft 0.3", lambda: generate_text(
@@ -157,7 +166,7 @@ def run(args) -> int:
 
   print(f"\n[chat] user: {QUESTION}\n  SmolLM2: {texts['ar']}")
   print(f"\n[continuation] {CONTINUE}…\n  Gemma-3-270M: {CONTINUE}{texts['ar (Gemma)']}")
-  print(f"\n[sd] SmolLM2 with {draft_label}:\n  {texts['sd']}")
+  print(f"\n[sd] SmolLM2 with {sd_label}:\n  {texts['sd']}")
   print(f"  same text as ar: {texts['sd'] == texts['ar']}")
   print(f"\n[ensemble / se] SmolLM2 0.7 + draft 0.3, weighted probabilities:\n"
         f"  ensemble: {texts['ensemble']}\n  se:       {texts['se']}")
@@ -175,7 +184,8 @@ def run(args) -> int:
   print("\n" + _table(["method", "models", "tokens/s", "acceptance", "compile s"], table))
   by = {row["method"]: row for row in rows}
   for fast, slow in (("sd", "ar"), ("se", "ensemble")):
-    why = slower_sentence(by[fast], by[slow], args.gamma, self_draft=not has_draft)
+    self_draft = not has_draft and (fast == "se" or feature_path is None)
+    why = slower_sentence(by[fast], by[slow], args.gamma, self_draft=self_draft)
     if why:
       print(why)
   if not has_draft:

@@ -148,6 +148,9 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
   training state; an interrupted run resumes from it. store_dtype: see `save_draft` (the
   held-out numbers are of the stored, rounded parameters)."""
   out = Path(out_dir)
+  if config.unroll > 1 and not recipe.features:
+    raise ValueError(f"--unroll {config.unroll} trains a draft along its own features: add "
+                     "--features (DraftRecipe(features=True)), or leave --unroll at 1")
   if out.exists() and not overwrite:
     raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
   t0 = time.time()
