@@ -26,7 +26,7 @@ from jax_specens.builtin import data as stdlib_data
 from jax_specens.decoding.api import decode
 from jax_specens.draft import prompts as chat_prompts
 from jax_specens.models.model import Model
-from jax_specens.step import forward, forward_hidden
+from jax_specens.step import forward_hidden
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +117,32 @@ def text_rows(tok, split: str, seq_len: int, max_tokens: int) -> list[list[int]]
   return rows
 
 
+def _teacher_forward(target: Model, tokens: Int[Array, "B L"]
+                     ) -> tuple[Float[Array, "B L V"], Float[Array, "B L D"]]:
+  """One teacher-forced pass over whole rows from an empty cache: logits and the final-normed
+  hidden states."""
+  cache = target.init_cache(tokens.shape[0], tokens.shape[1])
+  logits, x, _ = forward_hidden(target, cache, tokens, jnp.zeros((tokens.shape[0],), jnp.int32))
+  return logits, x
+
+
+def _batches(fn, tokens: np.ndarray, batch_size: int, *, progress: bool, desc: str):
+  """Yields (rows, fn's outputs for those rows) over `tokens` `[N, L]` in fixed-shape batches
+  (the last padded with zero rows, cut off again), so `fn` compiles once."""
+  n = tokens.shape[0]
+  for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
+    chunk = tokens[s:s + batch_size]
+    m = chunk.shape[0]
+    if m < batch_size:
+      chunk = np.concatenate([chunk, np.zeros((batch_size - m,) + chunk.shape[1:], chunk.dtype)])
+    yield slice(s, s + m), [np.asarray(o)[:m] for o in fn(jnp.asarray(chunk))]
+
+
 @functools.partial(jax.jit, static_argnames="top")
 def teacher_topk(target: Model, tokens: Int[Array, "B L"], top: int
                  ) -> tuple[Int[Array, "B L T"], Float[Array, "B L T"]]:
   """The target's `top` most likely next tokens (ids, log-probs) at every position."""
-  cache = target.init_cache(tokens.shape[0], tokens.shape[1])
-  logits, _ = forward(target, cache, tokens, jnp.zeros((tokens.shape[0],), jnp.int32))
+  logits, _ = _teacher_forward(target, tokens)
   logp = jax.nn.log_softmax(logits, -1)
   vals, ids = jax.lax.top_k(logp, top)
   return ids.astype(jnp.int32), vals
@@ -136,35 +156,26 @@ def harvest(target: Model, rows: list[list[int]], seq_len: int, *, top: int = 32
   toks, lens = pad(rows, seq_len + 1)
   ids = np.zeros((n, seq_len, top), np.int32)
   logp = np.zeros((n, seq_len, top), np.float32)
-  for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
-    chunk = toks[s:s + batch_size, :seq_len]
-    m = chunk.shape[0]
-    if m < batch_size:
-      chunk = np.concatenate([chunk, np.zeros((batch_size - m, seq_len), np.int32)])
-    i, v = teacher_topk(target, jnp.asarray(chunk), top)
-    ids[s:s + m], logp[s:s + m] = np.asarray(i)[:m], np.asarray(v)[:m]
+  for rows_, (i, v) in _batches(lambda c: teacher_topk(target, c, top), toks[:, :seq_len],
+                                batch_size, progress=progress, desc=desc):
+    ids[rows_], logp[rows_] = i, v
   mask = (np.arange(seq_len)[None, :] < (lens[:, None] - 1)).astype(np.float32)
   return Harvest(tokens=toks[:, :seq_len], mask=mask, top_ids=ids, top_logp=logp)
 
 
 @jax.jit
 def _hidden(target: Model, tokens: Int[Array, "B L"]) -> Float[Array, "B L D"]:
-  cache = target.init_cache(tokens.shape[0], tokens.shape[1])
-  _, x, _ = forward_hidden(target, cache, tokens, jnp.zeros((tokens.shape[0],), jnp.int32))
-  return x.astype(jnp.float16)
+  return _teacher_forward(target, tokens)[1].astype(jnp.float16)
 
 
 def target_features(target: Model, h: Harvest, *, batch_size: int = 16, progress: bool = True,
                     desc: str = "target features") -> Harvest:
   """`h` with `features`: the target's hidden states over its tokens, in fixed-shape batches
   (float16: 0.18 MB per 160-token row of a 576-wide model)."""
-  n, l = h.tokens.shape
-  out = np.zeros((n, l, target.config.hidden_size), np.float16)
-  for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
-    chunk = h.tokens[s:s + batch_size]
-    m = chunk.shape[0]
-    chunk = np.concatenate([chunk, np.zeros((batch_size - m, l), chunk.dtype)])
-    out[s:s + m] = np.asarray(_hidden(target, jnp.asarray(chunk)))[:m]
+  out = np.zeros(h.tokens.shape + (target.config.hidden_size,), np.float16)
+  for rows, (x,) in _batches(lambda c: (_hidden(target, c),), h.tokens, batch_size,
+                             progress=progress, desc=desc):
+    out[rows] = x
   return dataclasses.replace(h, features=out)
 
 

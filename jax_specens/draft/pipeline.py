@@ -95,13 +95,14 @@ def _harvests(target, tok, recipe: DraftRecipe, ckpt: Path, progress: bool):
   if recipe.features:
     for split, h in out.items():
       path = ckpt / f"features_{split}.npy"
-      if not path.is_file():
-        h = D.target_features(target, h, batch_size=recipe.harvest_batch, progress=progress,
-                              desc=f"target features {split}")
-        tmp = ckpt / f".features_{split}.tmp.npy"
-        np.save(tmp, h.features)
-        os.replace(tmp, path)
-      out[split] = dataclasses.replace(h, features=np.load(path))
+      if path.is_file():
+        out[split] = dataclasses.replace(h, features=np.load(path))
+        continue
+      out[split] = h = D.target_features(target, h, batch_size=recipe.harvest_batch,
+                                         progress=progress, desc=f"target features {split}")
+      tmp = ckpt / f".features_{split}.tmp.npy"
+      np.save(tmp, h.features)
+      os.replace(tmp, path)
   return out["train"], out["test"]
 
 

@@ -93,7 +93,7 @@ class ModelConfig:
   # target ids (head row i <-> token id vocab_subset[i]); every other id gets logit -inf, so the
   # logits stay `[..., vocab_size]` over the target's ids. Empty: the full vocabulary.
   vocab_subset: tuple[int, ...] = ()
-  # a draft that reads its target's hidden states (EAGLE style, `jax_specens.draft.features`):
+  # a draft that reads its target's hidden states (EAGLE style, `decoding/sd_features.py`):
   # the input at position i is `fuse([embed(token_i); feature_{i-1}])`, where a feature is the
   # final-normed hidden state the head scores (the target's for committed tokens, the draft's
   # own along its chain of proposals). Only `sd` can feed it (docs/algorithms.md §2).
