@@ -10,7 +10,8 @@ own along its chain of proposals); `sd` runs `decoding/sd_features.py` for it. S
   feature draft follows the target (chi-square, V = 8), and a wrong rule fails the same test;
 - such a draft is refused everywhere but as sd's draft, and without features;
 - `train-draft --features`: distillation lowers the held-out loss (unrolled along the chain),
-  writes the target's features beside the labels, and the directory serves sd losslessly.
+  writes the target's features beside the labels, and the directory serves sd losslessly; a
+  second phase (`init_from`) continues it on the same labels.
 """
 
 import dataclasses
@@ -198,6 +199,30 @@ def test_distillation_lowers_the_held_out_loss_along_the_chain(distilled):
 def test_distilled_feature_draft_serves_sd_losslessly(distilled):
   _, draft, _, _ = assert_greedy_sd_equals_ar(distilled[0])
   assert draft.config.feature_input and draft.config.num_layers == 1
+
+
+def test_a_second_phase_continues_the_draft_on_the_first_phases_labels(distilled, tmp_path):
+  """`init_from`: the first phase's weights, layers and K ids go on training (here along three
+  proposals); its labels are read, not harvested again; distill.json keeps the first record."""
+  first, m1 = distilled
+  ckpt = first.parent / f"{first.name}.ckpt"
+  stamps = {f.name: f.stat().st_mtime_ns for f in ckpt.glob("*.np*")}
+  out = tmp_path / "second"
+  m2 = train_draft(TARGET, out, dataclasses.replace(TINY, features=True, layers=(0, 1)),
+                   TrainConfig(batch_size=8, max_steps=20, eval_every=10, learning_rate=3e-3,
+                               unroll=3), checkpoint_dir=ckpt, init_from=first, progress=False)
+  assert {f.name: f.stat().st_mtime_ns for f in ckpt.glob("*.np*")} == stamps
+  assert (ckpt / f"continue-{out.name}").is_dir()
+  for key in ("loss_2", "agree", "alpha"):  # it starts where the first phase ended
+    assert m2["initial_eval"][key] == pytest.approx(m1["final_eval"][key], rel=1e-4), key
+  assert m2["final_eval"]["loss_3"] < m2["initial_eval"]["loss_3"] - 0.02
+  a, b = load_model(first), load_model(out)
+  assert b.config.num_layers == 1 and b.config.vocab_subset == a.config.vocab_subset
+  assert m2["continued_from"]["steps"] == m1["steps"] and m2["train_config"]["unroll"] == 3
+  with pytest.raises(ValueError, match="add --features"):
+    train_draft(TARGET, tmp_path / "x", TINY, TrainConfig(max_steps=1), checkpoint_dir=ckpt,
+                init_from=first, progress=False)
+  assert not (tmp_path / "x").exists()
 
 
 def test_pricing_counts_the_catch_up_pass():

@@ -207,6 +207,9 @@ def test_cli_help_and_errors_name_the_flag(tmp_path):
   assert r.returncode == 2 and "--steps" in r.stderr
   r = _cli("--target", str(TARGET), "--out", str(tmp_path / "o"), "--unroll", "2")
   assert r.returncode == 2 and "--features" in r.stderr
+  r = _cli("--target", str(TARGET), "--out", str(tmp_path / "o"), "--layers", "0",
+           "--init-from", str(tmp_path))
+  assert r.returncode == 2 and "--layers and --init-from" in r.stderr
   assert not (tmp_path / "o").exists()
 
 

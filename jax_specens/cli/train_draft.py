@@ -29,6 +29,10 @@ OUT (created only when complete) is an ordinary model directory (usable as --dra
 --model of an se ensemble) with distill.json: held-out agreement (greedy acceptance per token),
 alpha (T=1 acceptance), loss, the draft's own bytes and its bytes read per token / the target's.
 
+--init-from DIR continues a draft (a second phase): the shipped feature draft is the command
+below with --features --layers 29 --unroll 2, then the same with --features --init-from the
+first result --unroll 3 --learning-rate 5e-4 --checkpoint-dir the first's checkpoint dir.
+
 example:  jax-specens train-draft --target models/smollm2 --out models/smollm2-draft
           (defaults: the recipe of the shipped SmolLM2-135M-Instruct draft, about 50 min of labels
           and 40 min of training on 2 CPU cores; --time-budget 5 --chat-prompts 64
@@ -47,8 +51,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--target", required=True, metavar="DIR", help="target model directory")
   p.add_argument("--out", required=True, metavar="DIR", help="output draft directory")
-  p.add_argument("--layers", default=",".join(map(str, R.layers)),
-                 help="comma-separated target layers copied into the draft (default: %(default)s)")
+  p.add_argument("--layers", default=None,
+                 help="comma-separated target layers copied into the draft (default: "
+                 f"{','.join(map(str, R.layers))})")
+  p.add_argument("--init-from", metavar="DIR",
+                 help="continue training this draft of TARGET (a directory train-draft wrote, or "
+                 "builtin:NAME) instead of starting from the target's layers: its layers and K ids "
+                 "are kept. With the first phase's --checkpoint-dir its labels are reused; e.g. a "
+                 "second phase with a longer --unroll")
   p.add_argument("--vocab-k", type=int, default=R.vocab_k,
                  help="K: ids in the draft's head (default %(default)s; the target's full vocabulary "
                  "is used when K >= its size)")
@@ -116,8 +126,11 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError(f"--time-budget must be > 0 minutes, got {args.time_budget}")
   if args.learning_rate <= 0:
     raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}")
+  if args.init_from is not None and args.layers is not None:
+    raise ValueError("--layers and --init-from exclude each other: a continued draft keeps its "
+                     "own layers; drop --layers")
   recipe = DraftRecipe(
-      layers=_layers(args.layers), vocab_k=args.vocab_k, seq_len=args.seq_len, top=args.top,
+      layers=DraftRecipe.layers if args.layers is None else _layers(args.layers), vocab_k=args.vocab_k, seq_len=args.seq_len, top=args.top,
       chat_prompts=args.chat_prompts, answer_tokens=args.answer_tokens,
       answer_temperatures=tuple(_floats(args.answer_temperatures, "--answer-temperatures")),
       text_tokens=args.text_tokens, eval_chat_prompts=args.eval_chat_prompts,
@@ -128,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                        time_budget_s=None if args.time_budget is None else args.time_budget * 60)
   m = train_draft(args.target, args.out, recipe, config, checkpoint_dir=args.checkpoint_dir,
                   overwrite=args.overwrite, store_dtype=args.store_dtype,
-                  progress=not args.quiet)
+                  progress=not args.quiet, init_from=args.init_from)
   summary = {k: m[k] for k in ("train_tokens", "eval_tokens", "subset_coverage_eval",
                                "initial_eval", "final_eval", "steps", "train_seconds",
                                "draft_own_bytes", "read_bytes_ratio")}

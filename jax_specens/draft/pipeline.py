@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_specens.builtin import resolve
 from jax_specens.checkpoint import (atomic_dir, copy_tokenizer_files, load_model, load_tokenizer,
                                     write_model_files)
 from jax_specens.draft import data as D
@@ -140,14 +141,40 @@ def save_draft(out_dir: str | os.PathLike, draft, target_dir: str | os.PathLike,
   return Path(out_dir)
 
 
+def _continued(init_from, target, recipe: DraftRecipe):
+  """(draft, its distill.json record) of the draft `init_from` continues, checked to be a draft of
+  `target` of the recipe's kind."""
+  draft = load_model(init_from, share_from=target)
+  c, t = draft.config, target.config
+  if not c.vocab_subset or c.vocab_size != t.vocab_size or c.hidden_size != t.hidden_size:
+    raise ValueError(f"--init-from {init_from} is not a reduced-vocabulary draft of this target "
+                     f"(vocab {c.vocab_size}, hidden {c.hidden_size}, K {len(c.vocab_subset)}; the "
+                     f"target: vocab {t.vocab_size}, hidden {t.hidden_size}); give a directory "
+                     "that train-draft wrote for this target")
+  if c.feature_input != recipe.features:
+    raise ValueError(f"--init-from {init_from} is {'a' if c.feature_input else 'not a'} feature "
+                     f"draft; {'add' if c.feature_input else 'drop'} --features to continue it")
+  record = Path(resolve(init_from)) / DISTILL_FILE
+  previous = json.loads(record.read_text()) if record.is_file() else {}
+  return draft, {k: previous[k] for k in ("phases", "train_config", "steps", "train_seconds",
+                                          "final_eval", "continued_from") if k in previous}
+
+
 def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 recipe: DraftRecipe = DraftRecipe(), config: TrainConfig = TrainConfig(), *,
                 checkpoint_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                store_dtype=None, progress: bool = True) -> dict:
+                store_dtype=None, progress: bool = True,
+                init_from: str | os.PathLike | None = None) -> dict:
   """Distils a draft of the model in `target_dir` into `out_dir`; returns the metrics written
   to `out_dir/distill.json`. checkpoint_dir (default `<out_dir>.ckpt`): teacher labels and
   training state; an interrupted run resumes from it. store_dtype: see `save_draft` (the
-  held-out numbers are of the stored, rounded parameters)."""
+  held-out numbers are of the stored, rounded parameters).
+
+  init_from: a draft directory of this target (or `builtin:NAME`) to continue training instead of
+  starting from the target's layers: its layers and K ids are kept (`recipe.layers` and
+  `recipe.vocab_k` are not used), e.g. a second phase with a longer `config.unroll`. Its training
+  state goes to `<checkpoint_dir>/continue-<out name>`, so the first phase's labels are reused
+  when `checkpoint_dir` is the first phase's."""
   out = Path(out_dir)
   if config.unroll > 1 and not recipe.features:
     raise ValueError(f"--unroll {config.unroll} trains a draft along its own features: add "
@@ -164,15 +191,20 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
   bad = [i for i in recipe.layers if not 0 <= i < target.config.num_layers]
   if bad:
     raise ValueError(f"--layers {bad} not in [0, {target.config.num_layers}) (the target's layers)")
+  start = None if init_from is None else _continued(init_from, target, recipe)
   ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else out.parent / f"{out.name}.ckpt"
   ckpt.mkdir(parents=True, exist_ok=True)
   train_h, test_h = _harvests(target, tok, recipe, ckpt, progress)
   t_harvest = time.time() - t0
-  subset = D.frequent_ids(train_h, recipe.vocab_k, target.config.vocab_size,
-                          always=target.config.eos_token_ids)
-  np.save(ckpt / "vocab_subset.npy", subset)
-  draft = init_from_target(target, recipe.layers, subset, features=recipe.features)
-  draft, history = train(draft, train_h, test_h, config, checkpoint_dir=ckpt / "train",
+  if start is None:
+    subset = D.frequent_ids(train_h, recipe.vocab_k, target.config.vocab_size,
+                            always=target.config.eos_token_ids)
+    np.save(ckpt / "vocab_subset.npy", subset)
+    draft, train_dir = init_from_target(target, recipe.layers, subset, recipe.features), "train"
+  else:
+    (draft, previous), train_dir = start, f"continue-{out.name}"
+    subset = np.asarray(draft.config.vocab_subset)
+  draft, history = train(draft, train_h, test_h, config, checkpoint_dir=ckpt / train_dir,
                          progress=progress)
   draft = rounded(draft, store_dtype)
   final = evaluate(draft, test_h, config.batch_size, config.unroll)
@@ -189,5 +221,7 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
       "draft_own_bytes": own_bytes(draft),
       "read_bytes_ratio": read_bytes_per_token(draft.config) / read_bytes_per_token(target.config),
   }
+  if start is not None:  # the earlier phases' record, newest first
+    metrics["continued_from"] = {"draft": str(init_from), **previous}
   save_draft(out, draft, target_dir, metrics, store_dtype=store_dtype, overwrite=overwrite)
   return metrics
