@@ -175,13 +175,18 @@ def save_model(model: Model, out_dir: str | os.PathLike, *, tokenizer_dir=None,
   return Path(out_dir)
 
 
-def copy_tokenizer_files(src, dst) -> list[str]:
+def copy_tokenizer_files(src, dst, borrow: bool = False) -> list[str]:
+  """Copies the tokenizer files of model directory `src` into `dst` and records their
+  fingerprint; borrow: copies none, `dst` records `src`'s tokenizer instead (`vocab.record`)."""
+  from jax_specens import vocab
+  if borrow:
+    vocab.record(dst, borrowed_from=src)
+    return []
   copied = []
   for name in TOKENIZER_FILES:
     if (Path(src) / name).is_file():
       shutil.copy2(Path(src) / name, Path(dst) / name)
       copied.append(name)
-  from jax_specens import vocab
   vocab.record(dst)  # the tokenizer's fingerprint, for pairing models by tokenizer
   return copied
 
@@ -344,11 +349,14 @@ def _int_keys(tree, like):
 
 
 def load_tokenizer(model_dir: str | os.PathLike):
-  """The Hugging Face tokenizer saved beside the model, or None when there is none."""
+  """The Hugging Face tokenizer saved beside the model (or the one it borrows from another
+  directory, `copy_tokenizer_files(..., borrow=True)`), or None when there is none."""
   model_dir = _resolve(model_dir)
   if not (Path(model_dir) / "tokenizer.json").is_file() and not (
       Path(model_dir) / "tokenizer_config.json").is_file():
-    return None
+    from jax_specens import vocab
+    source = vocab.borrowed(model_dir)  # ValueError when that directory lost its tokenizer
+    return None if source is None else load_tokenizer(source)
   _check_tokenizer_files(model_dir)
   try:
     if _generic_fast_tokenizer(model_dir):

@@ -35,6 +35,7 @@ from jaxtyping import Array, Float
 
 FINGERPRINT_FILE = "tokenizer_fingerprint.json"
 RECORD_VERSION = 1
+BORROWED_KEY = "tokenizer_of"  # a record of a tokenizer kept in another directory (`record`)
 # the files that define which string each id means (tokenizer_config.json is left out: its
 # BOS/EOS choices and max length differ between checkpoints that share one vocabulary)
 CONTENT_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -95,17 +96,27 @@ def _content(directory: Path) -> tuple[str, int] | None:
   return "sha256:" + hashlib.sha256(canon.encode()).hexdigest(), len(tok)
 
 
-def record(directory: str | os.PathLike) -> dict | None:
+def record(directory: str | os.PathLike, borrowed_from: str | os.PathLike | None = None
+           ) -> dict | None:
   """Writes DIR/tokenizer_fingerprint.json for the tokenizer files in DIR (None: there are none).
 
   Call it on a directory being written (inside `checkpoint.atomic_dir`), after the tokenizer files.
+  borrowed_from: a model directory whose tokenizer DIR speaks without a copy of its files (a
+  draft of a target whose tokenizer.json is large: Gemma 3's is 33 MB). The record then holds
+  that tokenizer's fingerprint, no files (so `identify` keeps using it) and the directory
+  (`BORROWED_KEY`), where `checkpoint.load_tokenizer` reads the tokenizer.
   """
   directory = Path(directory)
-  found = _content(directory)
+  source = directory if borrowed_from is None else Path(borrowed_from)
+  found = _content(source)
   if found is None:
+    if borrowed_from is not None:
+      raise ValueError(f"{borrowed_from} has no tokenizer files to borrow")
     return None
   meta = {"version": RECORD_VERSION, "fingerprint": found[0], "vocab_size": found[1],
           "files": _files(directory)}
+  if borrowed_from is not None:
+    meta[BORROWED_KEY] = str(Path(borrowed_from).absolute())
   (directory / FINGERPRINT_FILE).write_text(json.dumps(meta, indent=2))
   return meta
 
@@ -132,6 +143,26 @@ def identify(directory: str | os.PathLike, table_size: int) -> Vocab:
     return Vocab(size=table_size, fingerprint=None, source=str(directory))
   # a tokenizer with more ids than the table (rare): only the table's ids can be decoded
   return Vocab(size=min(found[1], table_size), fingerprint=found[0], source=str(directory))
+
+
+def borrowed(directory: str | os.PathLike) -> Path | None:
+  """The directory whose tokenizer `directory` borrows (`record(..., borrowed_from=...)`), checked
+  to still hold that tokenizer; None when `directory` records no borrowed tokenizer."""
+  rec = Path(directory) / FINGERPRINT_FILE
+  try:
+    meta = json.loads(rec.read_text()) if rec.is_file() else {}
+  except ValueError:
+    return None
+  if not isinstance(meta, dict) or BORROWED_KEY not in meta:
+    return None
+  source = Path(meta[BORROWED_KEY])
+  found = _content(source) if source.is_dir() else None
+  if found is None or found[0] != meta.get("fingerprint"):
+    raise ValueError(f"{directory} speaks the tokenizer of {source}, which "
+                     + ("is gone" if found is None else "now holds another tokenizer")
+                     + "; convert the target again there, or load the tokenizer from the "
+                     "target's directory")
+  return source
 
 
 def of(model) -> Vocab:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jax_specens import vocab
 from jax_specens.builtin import MODELS_DIR
 from jax_specens.checkpoint import load_model, load_tokenizer
 from jax_specens.decoding.api import decode
@@ -118,6 +119,32 @@ def test_a_draft_stored_in_bfloat16_loads_as_the_float32_it_was(distilled, tmp_p
   chex.assert_trees_all_equal(nnx.to_pure_dict(loaded.params),
                               nnx.to_pure_dict(rounded(draft, jnp.bfloat16).params))
   np.testing.assert_array_equal(_embedding(loaded), _embedding(target))
+
+
+def test_a_draft_can_borrow_its_targets_tokenizer_instead_of_a_copy(distilled, tmp_path):
+  """`save_draft(..., borrow_tokenizer=True)` (`train-draft --borrow-tokenizer`): no tokenizer
+  files, the same tokenizer identity (so it pairs with its target), load_tokenizer reads the
+  target's; a target that lost it or holds another one is named."""
+  out, metrics = distilled
+  target = load_model(TARGET)
+  draft = load_model(out, share_from=target)
+  lent = tmp_path / "lent"
+  shutil.copytree(TARGET, lent)
+  slim = save_draft(tmp_path / "slim", draft, lent, metrics, borrow_tokenizer=True)
+  assert not any((slim / n).exists() for n in ("tokenizer.json", "tokenizer_config.json"))
+  assert vocab.of(load_model(slim, share_from=target)) == vocab.of(draft) == vocab.of(target)
+  assert vocab.of(draft).fingerprint is not None
+  text = "the draft reads its target's tokenizer"
+  assert load_tokenizer(slim).encode(text) == load_tokenizer(TARGET).encode(text)
+  tok = json.loads((lent / "tokenizer.json").read_text())
+  tok["added_tokens"] = tok["added_tokens"] + [{**tok["added_tokens"][-1], "id": 10**6,
+                                                "content": "<other>"}]
+  (lent / "tokenizer.json").write_text(json.dumps(tok))
+  with pytest.raises(ValueError, match="now holds another tokenizer"):
+    load_tokenizer(slim)
+  shutil.rmtree(lent)
+  with pytest.raises(ValueError, match="is gone"):
+    load_tokenizer(slim)
 
 
 @pytest.mark.parametrize("name", ["smollm2-draft", "smollm2-feature-draft"])

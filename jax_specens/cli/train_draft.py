@@ -98,6 +98,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="dtype of the draft's own weights on disk (default: the target's); "
                  "bfloat16 halves a float32 draft (it still loads as float32; distill.json then "
                  "measures the rounded weights)")
+  p.add_argument("--borrow-tokenizer", action="store_true",
+                 help="do not copy the target's tokenizer files into OUT (Gemma 3's tokenizer.json "
+                 "is 33 MB): OUT records their fingerprint and TARGET's path, where "
+                 "load_tokenizer(OUT) reads them")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.set_defaults(run=run)
   return p
@@ -141,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
                        time_budget_s=None if args.time_budget is None else args.time_budget * 60)
   m = train_draft(args.target, args.out, recipe, config, checkpoint_dir=args.checkpoint_dir,
                   overwrite=args.overwrite, store_dtype=args.store_dtype,
-                  progress=not args.quiet, init_from=args.init_from)
+                  progress=not args.quiet, init_from=args.init_from,
+                  borrow_tokenizer=args.borrow_tokenizer)
   summary = {k: m[k] for k in ("train_tokens", "eval_tokens", "subset_coverage_eval",
                                "initial_eval", "final_eval", "steps", "train_seconds",
                                "draft_own_bytes", "read_bytes_ratio")}

@@ -118,13 +118,16 @@ def rounded(draft, store_dtype):
 
 
 def save_draft(out_dir: str | os.PathLike, draft, target_dir: str | os.PathLike, metrics: dict,
-               *, store_dtype=None, overwrite: bool = False) -> Path:
+               *, store_dtype=None, overwrite: bool = False, borrow_tokenizer: bool = False
+               ) -> Path:
   """Writes `draft` as an ordinary model directory (atomically) that shares the target's
   embedding instead of carrying a copy, with `metrics` as its `distill.json`.
 
   store_dtype: None keeps the parameters' dtype; "bfloat16" halves a float32 draft's files
   (70 -> 35 MB for the default SmolLM2 draft), and the directory still loads in the dtype the
-  draft had (`checkpoint.write_model_files`' load_dtype).
+  draft had (`checkpoint.write_model_files`' load_dtype). borrow_tokenizer: no copy of the
+  target's tokenizer files (Gemma 3's tokenizer.json is 33 MB, more than its draft), only their
+  fingerprint and the target's directory (`checkpoint.copy_tokenizer_files(..., borrow=True)`).
   """
   pure = nnx.to_pure_dict(draft.params)
   own = {k: v for k, v in pure.items() if k not in SHARED}
@@ -135,7 +138,7 @@ def save_draft(out_dir: str | os.PathLike, draft, target_dir: str | os.PathLike,
     write_model_files(tmp, draft.config, {**pure, **own},
                       share=([g for g in SHARED if g in pure], Path(target_dir)),
                       load_dtype=None if store == trained else trained)
-    copy_tokenizer_files(target_dir, tmp)
+    copy_tokenizer_files(target_dir, tmp, borrow=borrow_tokenizer)
     (tmp / DISTILL_FILE).write_text(json.dumps({**metrics, "stored_dtype": str(store)},
                                                indent=2))
   return Path(out_dir)
@@ -164,11 +167,12 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 recipe: DraftRecipe = DraftRecipe(), config: TrainConfig = TrainConfig(), *,
                 checkpoint_dir: str | os.PathLike | None = None, overwrite: bool = False,
                 store_dtype=None, progress: bool = True,
-                init_from: str | os.PathLike | None = None) -> dict:
+                init_from: str | os.PathLike | None = None, borrow_tokenizer: bool = False
+                ) -> dict:
   """Distils a draft of the model in `target_dir` into `out_dir`; returns the metrics written
   to `out_dir/distill.json`. checkpoint_dir (default `<out_dir>.ckpt`): teacher labels and
   training state; an interrupted run resumes from it. store_dtype: see `save_draft` (the
-  held-out numbers are of the stored, rounded parameters).
+  held-out numbers are of the stored, rounded parameters); borrow_tokenizer: see `save_draft`.
 
   init_from: a draft directory of this target (or `builtin:NAME`) to continue training instead of
   starting from the target's layers: its layers and K ids are kept (`recipe.layers` and
@@ -223,5 +227,6 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
   }
   if start is not None:  # the earlier phases' record, newest first
     metrics["continued_from"] = {"draft": str(init_from), **previous}
-  save_draft(out, draft, target_dir, metrics, store_dtype=store_dtype, overwrite=overwrite)
+  save_draft(out, draft, target_dir, metrics, store_dtype=store_dtype, overwrite=overwrite,
+             borrow_tokenizer=borrow_tokenizer)
   return metrics
