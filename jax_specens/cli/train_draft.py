@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError("--layers and --init-from exclude each other: a continued draft keeps its "
                      "own layers; drop --layers")
   recipe = DraftRecipe(
-      layers=DraftRecipe.layers if args.layers is None else _layers(args.layers), vocab_k=args.vocab_k, seq_len=args.seq_len, top=args.top,
+      layers=DraftRecipe.layers if args.layers is None else _layers(args.layers),
+      vocab_k=args.vocab_k, seq_len=args.seq_len, top=args.top,
       chat_prompts=args.chat_prompts, answer_tokens=args.answer_tokens,
       answer_temperatures=tuple(_floats(args.answer_temperatures, "--answer-temperatures")),
       text_tokens=args.text_tokens, eval_chat_prompts=args.eval_chat_prompts,
