@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -230,16 +231,21 @@ def step_seconds(model, batch: int, context: int, repeats: int = 5) -> float:
 
 
 def pass_costs(models, gammas_list, batch: int, cache_len: int, context: int, prompt_width: int,
-               repeats: int = 5):
+               repeats: int = 5, temperature: float = 0.0):
   """`pricing.PassCosts` of every width the loops of `gammas_list` run (`pricing.step_passes`),
-  width 1 (ar / ensemble) and the prefill width, for `models` in method order."""
-  from jax_specens import pricing
+  width 1 (ar / ensemble) and the prefill width, for `models` in method order, with the sampling
+  and verification math of each step and of the baseline's token at `temperature`
+  (`pricing.measure_math_costs`)."""
+  from jax_specens import pricing, vocab
   widths = [{1, prompt_width} for _ in models]
   for gammas in gammas_list:
     for k, w in pricing.step_passes(gammas, models[0].config.feature_input):
       widths[k].add(w)
-  return pricing.measure_pass_costs(models, [sorted(w) for w in widths], batch, cache_len,
-                                    repeats, context=context)
+  costs = pricing.measure_pass_costs(models, [sorted(w) for w in widths], batch, cache_len,
+                                     repeats, context=context)
+  math = pricing.measure_math_costs(vocab.shared_size(models), batch,
+                                    [g[0] for g in gammas_list], temperature, repeats)
+  return dataclasses.replace(costs, math=math)
 
 
 def priced(out, seconds: float, base_seconds: float, gammas, costs, method: str,

@@ -11,7 +11,9 @@ machine:
 - next to each, the docs/algorithms.md §3 prediction priced by `jax_specens.pricing`: the decode's
   own per-token acceptance alpha (accepted / (accepted + rejections)) and the measured seconds of
   one jitted pass of every width the loop runs (sd: a width-2 and g - 1 width-1 draft passes, one
-  width-(g+1) target pass per step), timed in every round right after the decodes and kept as
+  width-(g+1) target pass per step) and of the step's sampling and verification math
+  (`pricing.measure_math_costs`; the baseline's token gets its draw), timed in every round right
+  after the decodes and kept as
   the least over rounds like the decodes' own seconds, so a host that slows down between phases
   does not skew the ratios. `predicted` is per round (tokens per step / priced step),
   `predicted_run` this call (the slowest row of the batch, --max-new-tokens, the prefills);

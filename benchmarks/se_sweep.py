@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     print(f"models: {what}; batch {args.batch}, {n_new} new tokens, T={args.temperature}")
     t = prompts.shape[1]
     costs = common.pass_costs([mq, mp], [(g, g) for g in gammas], args.batch,
-                              t + n_new + 2 * max(gammas), t + n_new // 2, t)
+                              t + n_new + 2 * max(gammas), t + n_new // 2, t,
+                              temperature=args.temperature)
     cost_q, cost_p = costs.of(0, 1), costs.of(1, 1)
     c = cost_q / cost_p
     print(f"step time M_q {cost_q * 1e3:.2f} ms, M_p {cost_p * 1e3:.2f} ms: c = {c:.3f}")

@@ -29,10 +29,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from jax_specens.sampling import (NEG_INF, SamplingParams, argmax, concrete, log_probs,
-                                  normalize, one_hot_log)
+                                  normalize, one_hot_log, sample)
 
 EnsembleFn = Callable[[Float[Array, "N B ... V"], SamplingParams], Float[Array, "B ... V"]]
 KINDS = ("wprob", "wlogit", "contrastive", "select")
@@ -120,9 +120,29 @@ class Ensemble:
     """log r. Greedy rows (temperature 0) get one-hot at the argmax of r computed at temperature 1
     without filtering (docs/algorithms.md §2: for wprob that is argmax sum_k w_k softmax(l_k))."""
     r = self.combine(logits, params.unfiltered_when_greedy())
-    hard = one_hot_log(argmax(r), r.shape[-1])
+    hard = one_hot_log(self._argmax(logits, r), r.shape[-1])
     greedy = params.greedy.reshape(params.greedy.shape + (1,) * (r.ndim - 1))
     return jnp.where(greedy, hard, r)
+
+  def greedy_token(self, logits: Float[Array, "N B ... V"]) -> Int[Array, "B ..."]:
+    """The token a greedy row emits: where `target` puts its one-hot mass, without building it
+    (for `select`, one argmax over the selected model's logits)."""
+    if self.kind == "select":
+      return self._argmax(logits, None)
+    ones = SamplingParams.make(logits.shape[1], temperature=1.0)
+    return self._argmax(logits, self.combine(logits, ones))
+
+  def draw(self, key: Array, logits: Float[Array, "N B ... V"], params: SamplingParams
+           ) -> Int[Array, "B ..."]:
+    """`sample(key, target(logits, params))`, token for token; `greedy_token` at run time when
+    every row is greedy."""
+    return jax.lax.cond(jnp.all(params.greedy), lambda: self.greedy_token(logits),
+                        lambda: sample(key, self.target(logits, params)))
+
+  def _argmax(self, logits, r) -> Int[Array, "B ..."]:
+    """argmax of r; for `select` of the raw logits (the same order up to rounding, and what
+    `sampling.log_probs` does for greedy rows, so ar, sd and the draft all break ties alike)."""
+    return argmax(logits[self.index] if self.kind == "select" else r).astype(jnp.int32)
 
 
 def make_ensemble(kind: str | EnsembleFn, num_models: int, weights=None, mu=0.1,

@@ -8,7 +8,10 @@ cycle: model k makes one scoring pass of width `1 + sum(gammas) - gammas[k]`, th
 drafting passes of width 1 (`step_passes`); a draft that reads the target's features
 (`decoding/sd_features.py`) feeds up to gamma + 1 tokens in its first pass instead of 2 (what the
 last verification committed), the rest alike. A W-token pass is not free on a CPU (1.4-1.8x a
-1-token pass), so every pass is priced at its own measured width.
+1-token pass), so every pass is priced at its own measured width. The sampling and verification
+around the passes (`measure_math_costs`, `PassCosts.math`) is priced per step and per baseline
+token when measured: at 262,144 ids and batch 8 it is 5-15 ms a step even on the greedy ids-only
+path (benchmarks/README.md).
 
 Tokens per step follow from a per-token acceptance `alpha` (each proposal accepted independently):
 model k's scoring pass verifies the m pending proposals of the other model, emits
@@ -49,13 +52,16 @@ class PassCosts:
   seconds[k] maps width -> seconds for model k (method order: sd draft first); widths not measured
   are interpolated linearly between the nearest measured ones. feature_draft: model 0 reads the
   target's hidden states (`ModelConfig.feature_input`), which sets the widths of its passes
-  (`step_passes`).
+  (`step_passes`). math: (gamma, seconds) of the sampling and verification outside the passes
+  (`measure_math_costs`): gamma 0 the baseline's draw of a token, gamma >= 1 one sd step's; empty:
+  unpriced (the closed forms' assumption).
   """
 
   seconds: tuple[tuple[tuple[int, float], ...], ...]
   batch: int = 1
   cache_len: int = 0
   feature_draft: bool = False
+  math: tuple[tuple[int, float], ...] = ()
 
   @classmethod
   def unit(cls, per_model: Sequence[float], max_width: int = 64) -> "PassCosts":
@@ -69,7 +75,8 @@ class PassCosts:
     seconds = tuple(
         tuple((w, min(dict(r.seconds[k])[w] for r in runs)) for w, _ in runs[0].seconds[k])
         for k in range(len(runs[0].seconds)))
-    return dataclasses.replace(runs[0], seconds=seconds)
+    math = tuple((g, min(dict(r.math)[g] for r in runs)) for g, _ in runs[0].math)
+    return dataclasses.replace(runs[0], seconds=seconds, math=math)
 
   def of(self, k: int, width: int) -> float:
     ws, ss = zip(*self.seconds[k])
@@ -78,9 +85,20 @@ class PassCosts:
                        "measure_pass_costs(..., widths=) must cover it")
     return float(np.interp(width, ws, ss))
 
+  def math_of(self, gamma: int) -> float:
+    """Seconds of the math of one step at this gamma (0: the baseline's token); 0 if unpriced."""
+    if not self.math:
+      return 0.0
+    table = dict(self.math)
+    if gamma not in table:
+      raise ValueError(f"no math cost measured for gamma {gamma} (measured {sorted(table)}); "
+                       "measure_math_costs(..., gammas=) must cover it")
+    return table[gamma]
+
   def to_dict(self) -> dict:
     return {"batch": self.batch, "cache_len": self.cache_len, "feature_draft": self.feature_draft,
-            "seconds": [{str(w): s for w, s in m} for m in self.seconds]}
+            "seconds": [{str(w): s for w, s in m} for m in self.seconds],
+            "math": {str(g): s for g, s in self.math}}
 
 
 def measure_pass_costs(models, widths: Sequence[Sequence[int]], batch: int, cache_len: int,
@@ -119,6 +137,50 @@ def measure_pass_costs(models, widths: Sequence[Sequence[int]], batch: int, cach
                    feature_draft=models[0].config.feature_input)
 
 
+def measure_math_costs(vocab_size: int, batch: int, gammas: Sequence[int],
+                       temperature: float = 0.0, repeats: int = 5
+                       ) -> tuple[tuple[int, float], ...]:
+  """Median seconds, jitted, on random logits of `vocab_size` ids, of the math around the model
+  passes (for `PassCosts.math`): gamma 0, the baseline's draw of a token from `[B, V]` logits
+  (`sampling.draw`); gamma >= 1, an sd step's gamma draws of the draft (`sampling.draw_with_dist`)
+  and the verification of `[B, gamma + 1, V]` target logits (`acceptance.verify_logits`). Greedy
+  (temperature 0) takes the ids-only paths the loops take. The se loop verifies position by
+  position with the same functions; it is priced alike."""
+  from jax_specens import acceptance
+  from jax_specens.sampling import SamplingParams, draw, draw_with_dist
+  params = SamplingParams.make(batch, temperature=temperature)
+
+  @jax.jit
+  def base(key, logits):
+    return draw(key, logits[0], params)
+
+  @jax.jit
+  def sd(key, logits):
+    *drafts, target = logits
+    keys = jax.random.split(key, len(drafts) + 1)
+    toks, dists = zip(*[draw_with_dist(k, d, params) for k, d in zip(keys, drafts)])
+    v, bonus = acceptance.verify_logits(keys[-1], jnp.stack(toks, 1), jnp.stack(dists, 1),
+                                        target, jnp.full((batch,), len(drafts), jnp.int32),
+                                        params)
+    return v.num_accepted, v.token, bonus
+
+  key = jax.random.key(0)
+  out = []
+  for g in sorted({0, *gammas}):
+    logits = [jax.random.normal(jax.random.fold_in(key, i), (batch, vocab_size))
+              for i in range(max(g, 1))]
+    if g:
+      logits.append(jax.random.normal(key, (batch, g + 1, vocab_size)))
+    f = sd if g else base
+    ts = []
+    for rep in range(repeats + 1):  # the first compiles
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(key, logits))
+      ts += [time.perf_counter() - t0] if rep else []
+    out.append((g, statistics.median(ts)))
+  return tuple(out)
+
+
 def step_passes(gammas: Sequence[int], feature_draft: bool = False) -> list[tuple[int, int]]:
   """(model, width) of every pass of one loop step, in order (`decoding.se.passes`; a feature
   draft's first pass feeds up to gamma + 1 tokens, `decoding.sd_features`)."""
@@ -127,8 +189,10 @@ def step_passes(gammas: Sequence[int], feature_draft: bool = False) -> list[tupl
 
 
 def step_seconds(gammas: Sequence[int], costs: PassCosts) -> float:
-  """Seconds of one loop step: every pass priced at its width."""
-  return sum(costs.of(k, w) for k, w in step_passes(gammas, costs.feature_draft))
+  """Seconds of one loop step: every pass priced at its width, plus the step's math if measured
+  (`PassCosts.math`)."""
+  return (sum(costs.of(k, w) for k, w in step_passes(gammas, costs.feature_draft))
+          + costs.math_of(gammas[0]))
 
 
 def _turn(m: int, a: float) -> list[tuple[float, int, bool]]:
@@ -223,7 +287,8 @@ def baseline_seconds(costs: PassCosts, method: str) -> float:
   """Seconds per token of the method sd / se accelerates: ar of the target (the last model), or the
   plain ensemble (one width-1 pass of every model)."""
   n = len(costs.seconds)
-  return costs.of(n - 1, 1) if method == "sd" else sum(costs.of(k, 1) for k in range(n))
+  passes = costs.of(n - 1, 1) if method == "sd" else sum(costs.of(k, 1) for k in range(n))
+  return passes + costs.math_of(0)
 
 
 def baseline_prefill(prefill: Sequence[float], method: str) -> float:

@@ -60,3 +60,23 @@ def test_greedy_one_hot_and_num_valid():
   np.testing.assert_array_equal(out.num_accepted, [2, 1])
   np.testing.assert_array_equal(out.rejected, [True, False])
   assert int(out.token[0]) == 0  # the replacement is r's argmax
+
+
+def test_greedy_verdict_is_verify_on_one_hot_distributions():
+  """The ids-only path the loops take when every row is greedy gives `verify`'s verdict on the
+  one-hot q (at the proposals) and r (at the target's argmax), over every accept/reject pattern
+  and every count of valid proposals."""
+  b, g, v = 512, 4, 5
+  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+  toks = jax.random.randint(k1, (b, g), 0, v)
+  best = jnp.where(jax.random.bernoulli(k2, 0.6, (b, g)), toks, jax.random.randint(k3, (b, g), 0, v))
+  num_valid = jnp.arange(b, dtype=jnp.int32) % (g + 1)
+  want = acceptance.verify(jax.random.key(2), toks, jnp.log(jnp.eye(v)[toks]),
+                           jnp.log(jnp.eye(v)[best]), num_valid)
+  got = acceptance.greedy_verdict(toks, best, num_valid)
+  assert len(set(np.asarray(want.num_accepted).tolist())) == g + 1  # every count occurs
+  np.testing.assert_array_equal(got.num_accepted, want.num_accepted)
+  np.testing.assert_array_equal(got.rejected, want.rejected)
+  rej = np.asarray(want.rejected)
+  assert rej.any() and (~rej).any()
+  np.testing.assert_array_equal(np.asarray(got.token)[rej], np.asarray(want.token)[rej])

@@ -115,3 +115,20 @@ def test_contrastive_with_two_amateurs_that_rule_a_token_out_gives_no_nan():
   r = np.asarray(target("contrastive", logits, mu=0.1))
   assert not np.any(np.isnan(r))
   np.testing.assert_allclose(r[0, 0], 0.0, atol=1e-6)  # all the mass on token 0 (not a row of -inf)
+
+
+@pytest.mark.parametrize("kind", ["wprob", "wlogit", "contrastive", "select"])
+def test_greedy_token_and_draw_follow_the_greedy_target(kind):
+  """`greedy_token` is where the greedy target puts its mass, and `Ensemble.draw` is
+  `sample(target)` with the same key, greedy or not."""
+  from jax_specens.sampling import sample
+  x = jnp.asarray(rng.normal(size=(2, 6, 40)).astype(np.float32))
+  ens = make_ensemble(kind, 2, **({"index": 1} if kind == "select" else {}))
+  greedy = SamplingParams.make(6, temperature=0.0, top_k=2)
+  hot = np.asarray(ens.target(x, greedy))
+  np.testing.assert_array_equal(ens.greedy_token(x), np.argmax(hot, -1))
+  assert np.all(np.isneginf(hot).sum(-1) == 39)
+  for params in (greedy, SamplingParams.make(6, temperature=jnp.asarray([0.0, 1.0] * 3))):
+    key = jax.random.key(4)
+    np.testing.assert_array_equal(jax.jit(ens.draw)(key, x, params),
+                                  sample(key, ens.target(x, params)))

@@ -8,6 +8,7 @@ Markov chain of `pricing` predicts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import chex
@@ -156,6 +157,31 @@ def test_fastest_of_several_measurements_takes_each_widths_least():
   f = P.PassCosts.fastest([a, b])
   assert f.seconds == (((1, 0.1), (2, 0.3)), ((1, 1.0), (5, 1.0)))
   assert (f.batch, f.cache_len) == (8, 64)
+  m = P.PassCosts.fastest([dataclasses.replace(a, math=((0, 0.05), (2, 0.3))),
+                           dataclasses.replace(b, math=((0, 0.04), (2, 0.4)))])
+  assert m.math == ((0, 0.04), (2, 0.3))
+
+
+def test_the_math_outside_the_passes_is_priced_in_the_step_and_the_baseline_token():
+  """`PassCosts.math` (sampling and verification, `measure_math_costs`) adds its gamma's seconds
+  to every priced step and gamma 0's to the baseline's token; without it nothing changes."""
+  costs = P.PassCosts((((1, 0.1), (2, 0.1)), ((1, 1.0), (3, 1.5), (5, 2.0))))
+  with_math = dataclasses.replace(costs, math=((0, 0.2), (2, 0.5)))
+  assert P.step_seconds((2, 1), costs) == pytest.approx(0.1 + 0.1 + 1.5)
+  assert P.step_seconds((2, 1), with_math) == pytest.approx(0.1 + 0.1 + 1.5 + 0.5)
+  assert P.baseline_seconds(with_math, "sd") == pytest.approx(1.2)
+  assert P.speedup(0.6, (2, 1), with_math, "sd") == pytest.approx(
+      P.tokens_per_step(0.6, (2, 1), "sd") * 1.2 / 2.2)
+  with pytest.raises(ValueError, match="gamma 3.*measure_math_costs"):
+    P.step_seconds((3, 1), with_math)
+  assert with_math.to_dict()["math"] == {"0": 0.2, "2": 0.5}
+
+
+def test_measured_math_costs_cover_the_baseline_and_each_gamma():
+  greedy = dict(P.measure_math_costs(256, 2, [1, 2], repeats=2))
+  sampled = dict(P.measure_math_costs(300, 3, [3], temperature=1.0, repeats=2))
+  assert sorted(greedy) == [0, 1, 2] and sorted(sampled) == [0, 3]
+  assert all(s > 0 for s in [*greedy.values(), *sampled.values()])
 
 
 def test_measured_pass_costs():

@@ -125,13 +125,61 @@ def test_check_params(kw, message):
     sampling.check_params(**kw)
 
 
-def test_argmax_is_jnp_argmax_first_maximum_nan_and_empty_rows_included():
+def nan_out(x):
+  return np.where(np.isnan(x), -np.inf, x)
+
+
+def test_argmax_is_jnp_argmax_first_maximum_nan_ignored_and_empty_rows_included():
   x = np.array([[0.0, 3.0, 3.0, 1.0],            # ties: the first
                 [-np.inf] * 4,                    # no mass: 0
-                [1.0, np.nan, 5.0, np.nan],       # a NaN counts as the maximum
+                [1.0, np.nan, 5.0, np.nan],       # a NaN is a removed token, as in log_probs
+                [np.nan] * 4,                     # no number: 0
                 [-1.0, -2.0, -0.5, -np.inf]], np.float32)
-  np.testing.assert_array_equal(sampling.argmax(jnp.asarray(x)), jnp.argmax(x, axis=-1))
+  np.testing.assert_array_equal(sampling.argmax(jnp.asarray(x)), [1, 0, 2, 0, 2])
+  np.testing.assert_array_equal(jax.jit(sampling.argmax)(x), jnp.argmax(nan_out(x), axis=-1))
   above = jnp.asarray([[False, True, True], [False, False, False]])
   np.testing.assert_array_equal(sampling.argmax(above), jnp.argmax(above, axis=-1))
   r = jax.random.normal(jax.random.key(0), (3, 5, 97))
   np.testing.assert_array_equal(jax.jit(sampling.argmax)(r), jnp.argmax(r, axis=-1))
+
+
+@pytest.mark.parametrize("v", [1024, 3 * 512, 4099])  # blocks of 512 / 768; a prime: one stage
+def test_argmax_in_blocks_is_jnp_argmax(v):
+  """The two-stage argmax over large vocabularies: ties across and inside blocks, NaN before and
+  after the maximum's block, rows with no mass, booleans."""
+  rng = np.random.default_rng(v)
+  x = rng.normal(size=(7, v)).astype(np.float32)
+  x[0, [5, v - 3]] = 9.0           # a tie across blocks: the first
+  x[1, [v - 9, v - 8]] = 9.0       # a tie inside the last block
+  x[2, 3], x[2, v - 1], x[2, 1] = 9.0, np.nan, np.nan  # NaN ignored, before or after the maximum
+  x[3] = -np.inf
+  x[4, :] = 2.0                    # all equal: 0
+  x[5, v // 2 + 1] = np.inf
+  x[6, : v // 2] = np.nan          # whole blocks of NaN
+  np.testing.assert_array_equal(jax.jit(sampling.argmax)(x), jnp.argmax(nan_out(x), axis=-1))
+  assert int(sampling.argmax(x)[2]) == 3
+  hits = jnp.asarray(x > 1.5)
+  np.testing.assert_array_equal(sampling.argmax(hits), jnp.argmax(hits, axis=-1))
+  r = jax.random.normal(jax.random.key(v), (2, 3, v))
+  np.testing.assert_array_equal(sampling.argmax(r), jnp.argmax(r, axis=-1))
+
+
+@pytest.mark.parametrize("temperature", [[0.0, 0.0, 0.0], [0.0, 0.8, 0.0], [1.0, 0.5, 2.0]])
+def test_draw_is_sample_of_log_probs_token_for_token(temperature):
+  """`draw` (argmax at run time when every row is greedy) equals `sample(log_probs)` with the
+  same key, in all-greedy, mixed and sampled batches, ties and NaN rows included; the
+  distribution `draw_with_dist` returns is `log_probs`' unless every row is greedy."""
+  x = jax.random.normal(jax.random.key(3), (3, 4, 50))
+  x = x.at[0, 1, 7].set(x[0, 1].max() + 1).at[0, 1, 9].set(x[0, 1].max() + 1)  # a tie
+  x = x.at[2, 3].set(jnp.nan)
+  params = SamplingParams.make(3, temperature=jnp.asarray(temperature), top_p=0.9)
+  for seed in range(5):
+    key = jax.random.key(seed)
+    want = sample(key, log_probs(x, params))
+    np.testing.assert_array_equal(jax.jit(sampling.draw)(key, x, params), want)
+    tok, dist = jax.jit(sampling.draw_with_dist, static_argnums=3)(key, x, params, True)
+    np.testing.assert_array_equal(tok, want)
+    np.testing.assert_allclose(dist, log_probs(x, params), rtol=1e-6)  # other programs: ulps
+  if max(temperature) > 0:
+    np.testing.assert_allclose(sampling.draw_with_dist(key, x, params)[1], log_probs(x, params),
+                               rtol=1e-6)

@@ -35,7 +35,7 @@ from jax_specens.decoding.loop import (Config, LoopState, Method, Request, advan
                                        prefill)
 from jax_specens.fusion.features import position_features
 from jax_specens.fusion.verifier import as_verifier
-from jax_specens.sampling import argmax, log_probs, sample
+from jax_specens.sampling import argmax, draw
 
 DRAFT, ASSISTANT = 0, 1
 
@@ -72,7 +72,7 @@ def _draft(models, req: Request, cfg: Config, state: LoopState):
     state, logits, start = feed(state, models, DRAFT, 2, lag + 1)
     first = jnp.take_along_axis(logits, (c - 1 - start)[:, None, None], axis=1)[:, 0]
     state, key = state.next_key()
-    tok = sample(key, log_probs(first, req.sampling))
+    tok = draw(key, first, req.sampling)
     state = _set_pending(state, c, tok)
     d_logits, drafts = d_logits.at[:, 0].set(first), drafts.at[:, 0].set(tok)
 
@@ -80,7 +80,7 @@ def _draft(models, req: Request, cfg: Config, state: LoopState):
     state, d_logits, drafts = carry
     state, logits, _ = feed(state, models, DRAFT, 1, jnp.ones_like(c))
     state, key = state.next_key()
-    tok = sample(key, log_probs(logits[:, 0], req.sampling))
+    tok = draw(key, logits[:, 0], req.sampling)
     state = _set_pending(state, c + j, tok)
     return state, d_logits.at[:, j].set(logits[:, 0]), drafts.at[:, j].set(tok)
 

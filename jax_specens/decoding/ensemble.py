@@ -10,7 +10,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jax_specens.decoding.loop import Config, LoopState, Method, Request, emit, feed, prefill
-from jax_specens.sampling import sample
 
 
 def init(models, req: Request, cfg: Config) -> LoopState:
@@ -23,9 +22,9 @@ def step(models, req: Request, cfg: Config, state: LoopState) -> LoopState:
   for k in range(len(models)):
     state, lg, _ = feed(state, models, k, 1, ones)
     logits.append(lg[:, 0])
-  logr = req.ensemble.target(jnp.stack(logits), req.sampling)
   state, key = state.next_key()
-  return emit(state, req, cfg, sample(key, logr)[:, None], ones)
+  tok = req.ensemble.draw(key, jnp.stack(logits), req.sampling)
+  return emit(state, req, cfg, tok[:, None], ones)
 
 
 METHOD = Method(init=init, step=step, num_models=(1, None))

@@ -16,10 +16,10 @@ and the draft d (d = the previous step's c; at the start `prompt_len - 1` for bo
      feature, each proposing the next token;
   3. the target feeds `[x_{c-1}, proposals]` (gamma + 1 tokens): its logits for positions
      c .. c + gamma, and its features f_{c-1} .. f_{c+gamma-1}, kept in a ring by position;
-  4. `acceptance.verify` checks the gamma proposals at once: the accepted ones are emitted, then
-     the residual draw at the first rejection or the target's bonus token after all gamma; the
-     target's cache moves back to the new last token, the draft's to c (its chain's K/V are
-     rewritten from the target's features by the next catch-up).
+  4. `acceptance.verify_logits` checks the gamma proposals at once: the accepted ones are
+     emitted, then the residual draw at the first rejection or the target's bonus token after all
+     gamma (greedy rows: ids only); the target's cache moves back to the new last token, the
+     draft's to c (its chain's K/V are rewritten from the target's features by the next catch-up).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from jaxtyping import Array, Float
 
 from jax_specens import acceptance, vocab
 from jax_specens.decoding.loop import LoopState, Request, Config, emit, prefill_hidden
-from jax_specens.sampling import log_probs, sample
+from jax_specens.sampling import draw_with_dist
 from jax_specens.step import forward_hidden
 
 
@@ -76,16 +76,15 @@ def step(models, req: Request, cfg: Config, state: LoopState) -> LoopState:
   logits = vocab.restrict(jnp.take_along_axis(logits, last, axis=1)[:, 0], size)
   feat = jnp.take_along_axis(x, last, axis=1)[:, 0]
   state, key = state.next_key()
-  logq0 = log_probs(logits, req.sampling)
-  tok0 = sample(key, logq0)
+  custom = cfg.options.acceptance_rule is not None  # a rule of the user's reads every logq
+  tok0, logq0 = draw_with_dist(key, logits, req.sampling, custom)  # logq0: see step 4
 
   # 2. the chain: gamma - 1 passes of one token on the draft's own features
   def chain(carry, key):
     cache, tok, feat, pos = carry
     logits, x, cache = forward_hidden(draft, cache, tok[:, None], at(pos),
                                       features=feat[:, None])
-    logq = log_probs(vocab.restrict(logits[:, 0], size), req.sampling)
-    nxt = sample(key, logq)
+    nxt, logq = draw_with_dist(key, vocab.restrict(logits[:, 0], size), req.sampling, custom)
     return (cache, nxt, x[:, 0], pos + 1), (nxt, logq)
 
   state, key = state.next_key()
@@ -102,16 +101,13 @@ def step(models, req: Request, cfg: Config, state: LoopState) -> LoopState:
   logits, x, tcache = forward_hidden(target, tcache, tokens, at(c - 1))
   slots = jnp.where(act[:, None], (c[:, None] - 1 + jnp.arange(g + 1)[None, :]) % r, r)
   ring = ring.at[rows[:, None], slots].set(x.astype(jnp.float32), mode="drop")
-  logr = log_probs(vocab.restrict(logits, size), req.sampling)  # B g+1 V
+  logits = vocab.restrict(logits, size)  # B g+1 V
 
-  # 4. verification and emission
+  # 4. verification and emission (when every row is greedy the ids decide)
   state, key = state.next_key()
-  k_rule, k_bonus = jax.random.split(key)
-  rule = cfg.options.acceptance_rule or acceptance.verify
-  num_valid = jnp.where(act, g, 0)
-  v = rule(k_rule, proposals, logq, logr[:, :g], num_valid)
+  v, bonus = acceptance.verify_logits(key, proposals, logq, logits, jnp.where(act, g, 0),
+                                      req.sampling, cfg.options.acceptance_rule)
   a = v.num_accepted
-  bonus = sample(k_bonus, logr[:, g])
   j = jnp.arange(g + 1)[None, :]
   last_tok = jnp.where(v.rejected, v.token, bonus)
   new = jnp.where(j < a[:, None], jnp.pad(proposals, ((0, 0), (0, 1))), last_tok[:, None])

@@ -45,7 +45,7 @@ from jaxtyping import Array, Float, Int
 from jax_specens import acceptance, vocab
 from jax_specens.decoding.loop import (Config, LoopState, Method, Request, advance, emit, feed,
                                        prefill)
-from jax_specens.sampling import log_probs, sample
+from jax_specens.sampling import draw, log_probs
 
 
 @flax.struct.dataclass
@@ -163,7 +163,9 @@ def _verify(req, cfg, state: LoopState, limit: Int[Array, ""], counted) -> LoopS
   scored = jnp.min(jnp.stack([cache.pos for cache in state.caches]), axis=0) - c + 1
   num_valid = jnp.where(act, jnp.clip(scored, 0, jnp.minimum(m, limit)), 0)
   state, key = state.next_key()
+  custom = cfg.options.acceptance_rule is not None
   rule = cfg.options.acceptance_rule or acceptance.verify
+  all_greedy = jnp.all(req.sampling.greedy)  # then the ids decide (`acceptance.greedy_verdict`)
 
   def live(j, rej):  # rows whose proposal at c + j is still to be checked (all before it accepted)
     return (j < num_valid) & ~rej
@@ -172,12 +174,19 @@ def _verify(req, cfg, state: LoopState, limit: Int[Array, ""], counted) -> LoopS
     j, a, rej, tok = carry
     pos = c + j
     logits = ex.ring[:, rows, pos % r]  # [N, B, V]
-    src = ex.src[rows, pos]
-    logq = log_probs(logits[src, rows], req.sampling)
-    logr = req.ensemble.target(logits, req.sampling)
-    go = live(j, rej)
-    v = rule(jax.random.fold_in(key, j), state.seq[rows, pos][:, None], logq[:, None],
-             logr[:, None], go.astype(jnp.int32))
+    proposal = state.seq[rows, pos][:, None]
+    go = live(j, rej).astype(jnp.int32)
+
+    def full():
+      logq = log_probs(logits[ex.src[rows, pos], rows], req.sampling)
+      logr = req.ensemble.target(logits, req.sampling)
+      return rule(jax.random.fold_in(key, j), proposal, logq[:, None], logr[:, None], go)
+
+    def greedy():
+      return acceptance.greedy_verdict(proposal, req.ensemble.greedy_token(logits)[:, None], go)
+
+    v = full() if custom else jax.lax.cond(all_greedy, greedy, full)
+    go = go > 0
     return j + 1, a + v.num_accepted, rej | (v.rejected & go), jnp.where(v.rejected & go,
                                                                            v.token, tok)
 
@@ -237,7 +246,7 @@ def _propose(req, cfg, state: LoopState, k: Int[Array, ""]) -> LoopState:
   rows = jnp.arange(b)
   logits = ex.ring[k, rows, end % r]  # [B, V]
   state, key = state.next_key()
-  tok = sample(key, log_probs(logits, req.sampling))
+  tok = draw(key, logits, req.sampling)
   at = jnp.where(can, end, s)
   seq = state.seq.at[rows, at].set(tok, mode="drop")
   src = ex.src.at[rows, at].set(k, mode="drop")

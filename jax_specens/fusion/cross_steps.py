@@ -18,7 +18,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jax_specens.cache import KVCache
 from jax_specens.fusion.features import assemble_features, model_features
-from jax_specens.sampling import SamplingParams, log_probs, sample
+from jax_specens.sampling import SamplingParams, draw
 from jax_specens.models.model import Model
 from jax_specens.step import forward, forward_rows
 
@@ -48,13 +48,13 @@ def draft_window(
   def body(j, carry):
     cache, last, key, toks, all_logits = carry
     key, sub = jax.random.split(key)
-    tok = sample(sub, log_probs(last, params))
+    tok = draw(sub, last, params)
     out, cache = forward(model, cache, tok[:, None], start + n_feed + j)
     return (cache, out[:, 0], key, toks.at[:, j].set(tok), all_logits.at[:, j].set(last))
 
   init = (cache, last, key, jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k, v), jnp.float32))
   cache, last, key, toks, all_logits = jax.lax.fori_loop(0, k - 1, body, init)
-  tok = sample(jax.random.split(key)[1], log_probs(last, params))
+  tok = draw(jax.random.split(key)[1], last, params)
   return toks.at[:, k - 1].set(tok), all_logits.at[:, k - 1].set(last), cache
 
 
