@@ -7,7 +7,9 @@ A short calibration on the caller's own prompts (`PROBE_TOKENS` new tokens with 
 caller's sampling parameters, a key folded from the caller's) measures the per-token acceptance
 alpha (`pricing.alpha_from_stats`), and one jitted pass of widths `TIMED_WIDTHS` (those between
 are interpolated; each timed width compiles a pass) is timed at the caller's batch and cache length
-(`pricing.measure_pass_costs`). The gamma in 1..8 (sd:
+(`pricing.measure_pass_costs`), and so is the step's sampling and verification math at gammas
+`MATH_GAMMAS` (`pricing.measure_math_costs`; at 262,144 ids and batch 8, 5-15 ms of a step,
+and grows with gamma). The gamma in 1..8 (sd:
 the draft's; se of two models: one per model) with the highest priced speed-up
 (`pricing.best_gammas`) is then used as if the caller had passed it: the schedule is fixed before
 the real decode starts, so the output distribution is exactly that of the explicit gamma (greedy:
@@ -25,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_specens import pricing
+from jax_specens import pricing, vocab
 from jax_specens.kernels import cpu as cpu_kernels
 
 PROBE_GAMMA = {"sd": 4, "se": (2, 2)}
@@ -33,6 +35,7 @@ PROBE_TOKENS = 16
 MAX_GAMMA = 8
 # widths timed (each compiles a pass); the ones between are interpolated (pricing.PassCosts.of)
 TIMED_WIDTHS = (1, 2, 3, 5, MAX_GAMMA + 1)
+MATH_GAMMAS = (1, MAX_GAMMA)  # the step's sampling and verification, timed at these (about linear)
 _CACHE: dict[tuple, tuple[Any, "GammaChoice"]] = {}
 
 
@@ -131,6 +134,9 @@ def resolve(models, prompts, prompt_lengths, kw: dict) -> tuple[Any, GammaChoice
   widths = [sorted(set(ws) & set(TIMED_WIDTHS) | {max(ws)})
             for ws in pricing.needed_widths(method, MAX_GAMMA, ordered[0].config.feature_input)]
   costs = pricing.measure_pass_costs(ordered, widths, b, int(cache_len), context=t + n // 2)
+  math = pricing.measure_math_costs(vocab.shared_size(ordered), b, MATH_GAMMAS,
+                                    0.0 if np.all(temperature == 0) else 1.0, repeats=3)
+  costs = dataclasses.replace(costs, math=math)
   best, grid = pricing.best_gammas(alpha, costs, method, MAX_GAMMA)
   gamma = best[0] if method == "sd" else best
   choice = GammaChoice(method=method, gamma=gamma, alpha=alpha,

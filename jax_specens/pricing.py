@@ -86,14 +86,17 @@ class PassCosts:
     return float(np.interp(width, ws, ss))
 
   def math_of(self, gamma: int) -> float:
-    """Seconds of the math of one step at this gamma (0: the baseline's token); 0 if unpriced."""
+    """Seconds of the math of one step at this gamma (0: the baseline's token; gammas between
+    measured ones interpolated linearly); 0 if unpriced."""
     if not self.math:
       return 0.0
     table = dict(self.math)
-    if gamma not in table:
+    steps = sorted(g for g in table if g > 0)
+    if gamma not in table and not (gamma > 0 and steps and steps[0] <= gamma <= steps[-1]):
       raise ValueError(f"no math cost measured for gamma {gamma} (measured {sorted(table)}); "
                        "measure_math_costs(..., gammas=) must cover it")
-    return table[gamma]
+    return table[gamma] if gamma in table else float(
+        np.interp(gamma, steps, [table[g] for g in steps]))
 
   def to_dict(self) -> dict:
     return {"batch": self.batch, "cache_len": self.cache_len, "feature_draft": self.feature_draft,

@@ -69,7 +69,8 @@ def test_greedy_verdict_is_verify_on_one_hot_distributions():
   b, g, v = 512, 4, 5
   k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
   toks = jax.random.randint(k1, (b, g), 0, v)
-  best = jnp.where(jax.random.bernoulli(k2, 0.6, (b, g)), toks, jax.random.randint(k3, (b, g), 0, v))
+  other = jax.random.randint(k3, (b, g), 0, v)
+  best = jnp.where(jax.random.bernoulli(k2, 0.6, (b, g)), toks, other)
   num_valid = jnp.arange(b, dtype=jnp.int32) % (g + 1)
   want = acceptance.verify(jax.random.key(2), toks, jnp.log(jnp.eye(v)[toks]),
                            jnp.log(jnp.eye(v)[best]), num_valid)

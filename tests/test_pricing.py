@@ -174,6 +174,8 @@ def test_the_math_outside_the_passes_is_priced_in_the_step_and_the_baseline_toke
       P.tokens_per_step(0.6, (2, 1), "sd") * 1.2 / 2.2)
   with pytest.raises(ValueError, match="gamma 3.*measure_math_costs"):
     P.step_seconds((3, 1), with_math)
+  between = dataclasses.replace(costs, math=((0, 0.2), (1, 0.4), (3, 0.8)))
+  assert between.math_of(2) == pytest.approx(0.6)  # interpolated, as pass widths are
   assert with_math.to_dict()["math"] == {"0": 0.2, "2": 0.5}
 
 

@@ -10,9 +10,10 @@ pass* followed by `gamma_k - 1` *drafting passes* (`passes`). Every pass of mode
   1. feeds the tokens model k has not fed yet (the last committed one and/or pending proposals),
      storing the distributions it gets;
   2. (scoring pass) verifies, oldest first, the pending tokens every model has scored, against
-     `r = C(p_1..p_n)` with the proposer's distribution as q (`acceptance.verify`): accepted ones
-     are emitted; at the first rejection the residual draw is emitted, all pending proposals are
-     dropped and every cache rolls back to the committed length;
+     `r = C(p_1..p_n)` with the proposer's distribution as q (`acceptance.verify`; when every row
+     is greedy, ids against `Ensemble.greedy_token`): accepted ones are emitted; at the first
+     rejection the residual draw is emitted, all pending proposals are dropped and every cache
+     rolls back to the committed length;
   3. if model k has the distribution for the position after the last pending token, samples its
      proposal there (its "bonus" token) and appends it to the pending tokens.
 With two models this is exactly the alternate proposal framework: the verifier's bonus becomes the
