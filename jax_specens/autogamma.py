@@ -8,7 +8,7 @@ caller's sampling parameters, a key folded from the caller's) measures the per-t
 alpha (`pricing.alpha_from_stats`), and one jitted pass of widths `TIMED_WIDTHS` (those between
 are interpolated; each timed width compiles a pass) is timed at the caller's batch and cache length
 (`pricing.measure_pass_costs`), and so is the step's sampling and verification math at gammas
-`MATH_GAMMAS` (`pricing.measure_math_costs`; at 262,144 ids and batch 8, 5-15 ms of a step,
+`MATH_GAMMAS` (`pricing.measure_math_costs`; at 262,144 ids and batch 8, 10-40 ms a step,
 and grows with gamma). The gamma in 1..8 (sd:
 the draft's; se of two models: one per model) with the highest priced speed-up
 (`pricing.best_gammas`) is then used as if the caller had passed it: the schedule is fixed before

@@ -10,7 +10,7 @@ drafting passes of width 1 (`step_passes`); a draft that reads the target's feat
 last verification committed), the rest alike. A W-token pass is not free on a CPU (1.4-1.8x a
 1-token pass), so every pass is priced at its own measured width. The sampling and verification
 around the passes (`measure_math_costs`, `PassCosts.math`) is priced per step and per baseline
-token when measured: at 262,144 ids and batch 8 it is 5-15 ms a step even on the greedy ids-only
+token when measured: at 262,144 ids and batch 8 it is 10-40 ms a step even on the greedy ids-only
 path (benchmarks/README.md).
 
 Tokens per step follow from a per-token acceptance `alpha` (each proposal accepted independently):
@@ -75,7 +75,8 @@ class PassCosts:
     seconds = tuple(
         tuple((w, min(dict(r.seconds[k])[w] for r in runs)) for w, _ in runs[0].seconds[k])
         for k in range(len(runs[0].seconds)))
-    math = tuple((g, min(dict(r.math)[g] for r in runs)) for g, _ in runs[0].math)
+    common = set.intersection(*(set(dict(r.math)) for r in runs))  # gammas every run measured
+    math = tuple((g, min(dict(r.math)[g] for r in runs)) for g, _ in runs[0].math if g in common)
     return dataclasses.replace(runs[0], seconds=seconds, math=math)
 
   def of(self, k: int, width: int) -> float:
@@ -153,12 +154,12 @@ def measure_math_costs(vocab_size: int, batch: int, gammas: Sequence[int],
   from jax_specens.sampling import SamplingParams, draw, draw_with_dist
   params = SamplingParams.make(batch, temperature=temperature)
 
-  @jax.jit
-  def base(key, logits):
+  @jax.jit  # params traced, as in the loops: the greedy test stays a run-time `lax.cond`
+  def base(key, logits, params):
     return draw(key, logits[0], params)
 
   @jax.jit
-  def sd(key, logits):
+  def sd(key, logits, params):
     *drafts, target = logits
     keys = jax.random.split(key, len(drafts) + 1)
     toks, dists = zip(*[draw_with_dist(k, d, params) for k, d in zip(keys, drafts)])
@@ -178,7 +179,7 @@ def measure_math_costs(vocab_size: int, batch: int, gammas: Sequence[int],
     ts = []
     for rep in range(repeats + 1):  # the first compiles
       t0 = time.perf_counter()
-      jax.block_until_ready(f(key, logits))
+      jax.block_until_ready(f(key, logits, params))
       ts += [time.perf_counter() - t0] if rep else []
     out.append((g, statistics.median(ts)))
   return tuple(out)
