@@ -6,6 +6,9 @@ directory records instead, in `jax_specens.json`:
 
     "shared_params": {"from": "/abs/path/of/the/target", "groups": {"embed": "<fingerprint>"}}
 
+("from" is `$JAX_SPECENS_CACHE/models/NAME` for a target in the user cache, where the demo converts
+real models: `cli.user_cache.portable_path`, so a shipped draft finds its target on any machine.)
+
 and `load_model(draft_dir, share_from=target)` (or the target found at the recorded path) fills
 those parameter groups in, after checking that the fingerprints match: a draft is never silently
 given another model's embedding. The arrays are the target's own (no copy in memory).
@@ -19,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (numpy bfloat16)
 import numpy as np
 from flax import nnx
+
+from jax_specens.cli.user_cache import portable_path, recorded_path
 
 KEY = "shared_params"
 
@@ -47,7 +51,7 @@ def record(pure: dict, groups: Sequence[str], source_dir: str | os.PathLike) -> 
   if missing:
     raise ValueError(f"cannot share {missing}: the model has no such parameter groups "
                      f"(it has {sorted(pure)})")
-  meta = {"from": str(Path(source_dir).absolute()),
+  meta = {"from": portable_path(source_dir),
           "groups": {g: fingerprint(pure[g]) for g in groups}}
   return {k: v for k, v in pure.items() if k not in groups}, meta
 
@@ -68,7 +72,7 @@ def resolve(model_dir, meta: dict, share_from, dtype, load) -> dict:
   candidates = [] if share_from is None else (
       list(share_from) if isinstance(share_from, (list, tuple)) else [share_from])
   source = next((m for m in candidates if _matches(m, groups)), None)
-  recorded = Path(meta["from"])
+  recorded = recorded_path(meta["from"])
   if source is None:
     if not (recorded / "jax_specens.json").is_file():
       raise FileNotFoundError(

@@ -33,6 +33,8 @@ from typing import Sequence
 
 from jaxtyping import Array, Float
 
+from jax_specens.cli.user_cache import portable_path, recorded_path
+
 FINGERPRINT_FILE = "tokenizer_fingerprint.json"
 RECORD_VERSION = 1
 BORROWED_KEY = "tokenizer_of"  # a record of a tokenizer kept in another directory (`record`)
@@ -116,7 +118,7 @@ def record(directory: str | os.PathLike, borrowed_from: str | os.PathLike | None
   meta = {"version": RECORD_VERSION, "fingerprint": found[0], "vocab_size": found[1],
           "files": _files(directory)}
   if borrowed_from is not None:
-    meta[BORROWED_KEY] = str(Path(borrowed_from).absolute())
+    meta[BORROWED_KEY] = portable_path(borrowed_from)
   (directory / FINGERPRINT_FILE).write_text(json.dumps(meta, indent=2))
   return meta
 
@@ -155,7 +157,7 @@ def borrowed(directory: str | os.PathLike) -> Path | None:
     return None
   if not isinstance(meta, dict) or BORROWED_KEY not in meta:
     return None
-  source = Path(meta[BORROWED_KEY])
+  source = recorded_path(meta[BORROWED_KEY])
   # the source's own record when its files are unchanged (no 33 MB re-parse per load)
   found = identify(source, 0).fingerprint if source.is_dir() else None
   if found != meta.get("fingerprint"):

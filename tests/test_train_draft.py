@@ -147,6 +147,34 @@ def test_a_draft_can_borrow_its_targets_tokenizer_instead_of_a_copy(distilled, t
     load_tokenizer(slim)
 
 
+def test_a_draft_of_a_target_in_the_user_cache_finds_it_on_another_machine(distilled, tmp_path,
+                                                                          monkeypatch):
+  """A target the demo converted lives in the user cache; its draft records it relative to that
+  cache (`$JAX_SPECENS_CACHE/models/NAME`), so the shipped drafts find their targets' embedding and
+  tokenizer under any HOME, here a cache moved to another place."""
+  out, metrics = distilled
+  target = load_model(TARGET)
+  draft = load_model(out, share_from=target)
+  first = tmp_path / "home1" / "cache"
+  monkeypatch.setenv("JAX_SPECENS_CACHE", str(first))
+  shutil.copytree(TARGET, first / "models" / "code")
+  slim = save_draft(tmp_path / "slim", draft, first / "models" / "code", metrics,
+                    borrow_tokenizer=True)
+  meta = json.loads((slim / "jax_specens.json").read_text())
+  assert meta["shared_params"]["from"] == "$JAX_SPECENS_CACHE/models/code"
+  assert json.loads((slim / vocab.FINGERPRINT_FILE).read_text())[vocab.BORROWED_KEY] == (
+      "$JAX_SPECENS_CACHE/models/code")
+  second = tmp_path / "home2" / "cache"
+  shutil.move(first, second)
+  monkeypatch.setenv("JAX_SPECENS_CACHE", str(second))
+  np.testing.assert_array_equal(_embedding(load_model(slim)), _embedding(target))
+  text = "found in this machine's cache"
+  assert load_tokenizer(slim).encode(text) == load_tokenizer(TARGET).encode(text)
+  monkeypatch.setenv("JAX_SPECENS_CACHE", str(first))  # a cache without the target: named
+  with pytest.raises(FileNotFoundError, match="models/code, which is not there"):
+    load_model(slim)
+
+
 @pytest.mark.parametrize("name", ["smollm2-draft", "smollm2-feature-draft"])
 def test_the_demo_prefers_the_users_own_smollm2_draft_to_the_shipped_one(tmp_path, monkeypatch,
                                                                         name):

@@ -25,6 +25,27 @@ def user_cache_dir() -> Path:
   return Path(base).expanduser() / "jax_specens"
 
 
+CACHE_TOKEN = "$JAX_SPECENS_CACHE"  # how a recorded path names the user cache (`portable_path`)
+
+
+def portable_path(path: str | os.PathLike) -> str:
+  """`path` as a model directory records another directory (a draft its target): inside the user
+  cache (where the demo converts real models) as `$JAX_SPECENS_CACHE/models/NAME`, so the record
+  holds on another machine or under another HOME; anywhere else its absolute path."""
+  path = Path(path).absolute()
+  try:
+    return str(Path(CACHE_TOKEN) / path.relative_to(user_cache_dir().absolute()))
+  except ValueError:
+    return str(path)
+
+
+def recorded_path(recorded: str) -> Path:
+  """The directory a `portable_path` record names here (the user cache of this machine)."""
+  if recorded == CACHE_TOKEN or recorded.startswith(CACHE_TOKEN + "/"):
+    return user_cache_dir() / recorded[len(CACHE_TOKEN):].lstrip("/")
+  return Path(recorded)
+
+
 def compile_cache_disabled(flag: bool = False) -> bool:
   return flag or os.environ.get(NO_CACHE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
