@@ -193,11 +193,12 @@ def run(args) -> int:
                   f"{row['compile_s']:.1f}"])
   print("\n" + _table(["method", "models", "tokens/s", "acceptance", "compile s"], table))
   by = {row["method"]: row for row in rows}
-  for fast, slow in (("sd", "ar"), ("se", "ensemble"), ("sd (Gemma)", "ar (Gemma)")):
+  # (speculative, its baseline, whether its draft is SmolLM2 itself)
+  pairs = (("sd", "ar", not has_draft and feature_path is None), ("se", "ensemble", not has_draft),
+           ("sd (Gemma)", "ar (Gemma)", False))
+  for fast, slow, self_draft in pairs:
     if fast not in by:
       continue
-    self_draft = (fast != "sd (Gemma)" and not has_draft
-                  and (fast == "se" or feature_path is None))
     why = slower_sentence(by[fast], by[slow], args.gamma, self_draft=self_draft)
     if why:
       print(why)
