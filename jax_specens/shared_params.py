@@ -6,12 +6,12 @@ directory records instead, in `jax_specens.json`:
 
     "shared_params": {"from": "/abs/path/of/the/target", "groups": {"embed": "<fingerprint>"}}
 
-("from" is `$JAX_SPECENS_CACHE/models/NAME` for a target in the user cache, where the demo converts
-real models: `cli.user_cache.portable_path`, so a shipped draft finds its target on any machine.)
-
 and `load_model(draft_dir, share_from=target)` (or the target found at the recorded path) fills
 those parameter groups in, after checking that the fingerprints match: a draft is never silently
 given another model's embedding. The arrays are the target's own (no copy in memory).
+"from" is `$JAX_SPECENS_CACHE/models/NAME` for a target in the user cache, where the demo
+converts real models (`cli.user_cache.portable_path`), so a shipped draft finds its target on any
+machine.
 
 The fingerprint is a sha256 of the group's shapes and of its values rounded to bfloat16, so a
 target loaded in float32 or bfloat16 matches the same draft.
