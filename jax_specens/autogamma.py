@@ -64,10 +64,23 @@ class GammaChoice:
   seconds: float
   cached: bool = False
 
+  @property
+  def baseline(self) -> str:
+    """The method this one speeds up: ar (sd) or ensemble (se)."""
+    return "ar" if self.method == "sd" else "ensemble"
+
+  @property
+  def baseline_faster(self) -> bool:
+    """No gamma is priced faster than the baseline here (the best predicted speed-up < 1): the
+    caller is better served by `method=self.baseline` on this machine. Advice only: decode still
+    runs the method asked for, with the best gamma."""
+    return self.predicted_speedup < 1.0
+
   def to_dict(self) -> dict:
     g = lambda x: list(x) if isinstance(x, tuple) else x  # noqa: E731
     return {"method": self.method, "gamma": g(self.gamma), "alpha": self.alpha,
-            "predicted_speedup": self.predicted_speedup,
+            "predicted_speedup": self.predicted_speedup, "baseline": self.baseline,
+            "baseline_faster": self.baseline_faster,
             "candidates": [{"gamma": g(c if self.method == "se" else c[0]), "predicted": s}
                            for c, s in self.candidates],
             "pass_costs": self.costs.to_dict(), "probe_gamma": g(self.probe_gamma),

@@ -144,3 +144,23 @@ def test_cli_gamma_auto_refused_exit_2(model_dirs, capsys, argv, message):
   code, out, err = cli(capsys, "--model", model_dirs[0], "--prompt-ids", "1,2",
                        "--max-new-tokens", "4", *argv)
   assert code == 2 and out == "" and message in err and "Traceback" not in err
+
+
+def test_cli_says_when_no_gamma_is_priced_faster_than_the_baseline(model_dirs, capsys,
+                                                                   monkeypatch):
+  """Where every gamma is priced slower than ar (here forced: the best prediction 0.8x), the
+  choice says so and the CLI names the faster method; decode still runs sd with the best gamma."""
+  real = pricing.best_gammas
+  monkeypatch.setattr(pricing, "best_gammas", lambda *a, **k: (
+      lambda best, grid: (best, [(g, 0.8 if g == best else 0.5) for g, _ in grid]))(*real(*a, **k)))
+  code, out, err = cli(capsys, "--model", model_dirs[1], "--draft", model_dirs[0], "--method", "sd",
+                       "--gamma", "auto", "--prompt-ids", "1,2,3", "--max-new-tokens", "6",
+                       "--temperature", "0")
+  assert code == 0, err
+  assert "no gamma is priced faster than ar here (best 0.80x of ar): --method ar" in err
+  assert "-- sd:" in err
+  a, b, _ = dm.models()
+  choice = decode(b, dm.PROMPTS, dm.LENGTHS, method="sd", draft=a, gamma="auto",
+                  max_new_tokens=N, temperature=0.0).gamma_choice
+  assert choice.baseline == "ar" and choice.baseline_faster and choice.predicted_speedup == 0.8
+  assert choice.to_dict()["baseline_faster"]

@@ -239,6 +239,11 @@ def _run(args: argparse.Namespace) -> int:
     g = d["gamma_auto"]
     print(f"-- gamma auto: {g['gamma']} (acceptance alpha {g['alpha']:.2f}, predicted "
           f"{g['predicted_speedup']:.2f}x, calibration {g['calibration_s']:.1f} s)", file=sys.stderr)
+    if g["baseline_faster"]:
+      base = g["baseline"]
+      print(f"-- no gamma is priced faster than {base} here (best {g['predicted_speedup']:.2f}x of "
+            f"{base}): --method {base} gives the same distribution, faster on this machine",
+            file=sys.stderr)
   rate = "" if d["acceptance_rate"] is None else f", acceptance {d['acceptance_rate']:.2f}"
   print(f"-- {method}: {sum(len(t) for t in result.token_ids)} tokens, "
         f"{', '.join(result.finish_reasons)}, model calls {d['model_calls']}{rate}, "
