@@ -268,6 +268,17 @@ def test_cli_help_and_errors_name_the_flag(tmp_path):
   assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("name", ["smollm2-draft", "smollm2-feature-draft", "gemma3-feature-draft"])
+def test_the_shipped_drafts_name_their_targets_in_the_user_cache_not_by_a_build_path(name):
+  """The shipped drafts find their target where `jax-specens demo` converts it on any machine
+  (`$JAX_SPECENS_CACHE/models/NAME`), not at the build machine's absolute path."""
+  d = MODELS_DIR / name
+  meta = json.loads((d / "jax_specens.json").read_text())
+  assert meta["shared_params"]["from"].startswith("$JAX_SPECENS_CACHE/models/")
+  record = json.loads((d / vocab.FINGERPRINT_FILE).read_text())
+  assert record.get(vocab.BORROWED_KEY, "$JAX_SPECENS_CACHE/").startswith("$JAX_SPECENS_CACHE/")
+
+
 @pytest.mark.real
 @pytest.mark.parametrize("name,target_dir,layers,k,features", [
     ("smollm2-draft", "real_smollm2", 4, 8192, False),
