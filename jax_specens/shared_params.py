@@ -10,7 +10,7 @@ and `load_model(draft_dir, share_from=target)` (or the target found at the recor
 those parameter groups in, after checking that the fingerprints match: a draft is never silently
 given another model's embedding. The arrays are the target's own (no copy in memory).
 "from" is `$JAX_SPECENS_CACHE/models/NAME` for a target in the user cache, where the demo
-converts real models (`cli.user_cache.portable_path`), so a shipped draft finds its target on any
+converts real models (`user_cache.portable_path`), so a shipped draft finds its target on any
 machine.
 
 The fingerprint is a sha256 of the group's shapes and of its values rounded to bfloat16, so a
@@ -29,7 +29,7 @@ import ml_dtypes  # noqa: F401  (numpy bfloat16)
 import numpy as np
 from flax import nnx
 
-from jax_specens.cli.user_cache import portable_path, recorded_path
+from jax_specens.user_cache import portable_path, recorded_path
 
 KEY = "shared_params"
 

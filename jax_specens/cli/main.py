@@ -3,7 +3,7 @@
 Each module in SUBCOMMANDS defines `add_parser(subparsers)` (registers its parser and help) and
 `run(args) -> int`. Modules are imported lazily, so `jax-specens --help` stays fast.
 
-For every command: the persistent XLA compilation cache is on (`user_cache.py`;
+For every command: the persistent XLA compilation cache is on (`jax_specens/user_cache.py`;
 `--no-compile-cache` or JAX_SPECENS_NO_COMPILE_CACHE=1 turns it off), and transformers' advisory
 notice "PyTorch was not found..." is silenced (torch is only needed by the tests).
 """
@@ -15,7 +15,7 @@ import importlib
 import os
 import sys
 
-from jax_specens.cli import user_cache
+from jax_specens import user_cache
 
 # subcommand name -> module under jax_specens.cli
 SUBCOMMANDS = {

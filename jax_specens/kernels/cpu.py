@@ -63,7 +63,7 @@ def _build() -> Path:
   if not cxx:
     raise RuntimeError("no C++ compiler (set $CXX or install g++)")
   import jaxlib
-  from jax_specens.cli.user_cache import user_cache_dir
+  from jax_specens.user_cache import user_cache_dir
   key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()
                        + jaxlib.__version__.encode()).hexdigest()[:16]
   out = user_cache_dir() / "kernels" / f"small_matmul-{key}.so"

@@ -1,8 +1,13 @@
-"""The user's cache directory and the persistent XLA compilation cache of the CLI.
+"""The user's cache directory, the paths model records name in it, and the persistent XLA
+compilation cache of the CLI.
 
     ~/.cache/jax_specens/          ($XDG_CACHE_HOME/jax_specens, or $JAX_SPECENS_CACHE)
       xla/                         compiled XLA programs (jax's persistent compilation cache)
       models/                      real models the demo converted on its first run
+      kernels/                     the opt-in CPU kernel, built once (`jax_specens.kernels`)
+
+A draft records a target in models/ as `$JAX_SPECENS_CACHE/models/NAME` (`portable_path`), so the
+record holds on any machine; `recorded_path` reads it back.
 
 Every `jax-specens` command turns the compilation cache on, so a second identical call reuses the
 programs the first one compiled instead of compiling them again (the decode loops take 4-30 s
