@@ -128,9 +128,9 @@ def resolve(models, prompts, prompt_lengths, kw: dict) -> tuple[Any, GammaChoice
   method, n = kw.get("method"), int(kw.get("max_new_tokens", 1))
   b, t = np.shape(prompts)
   cache_len = kw.get("cache_len") or t + n + 2 * MAX_GAMMA
-  temperature = np.asarray(kw.get("temperature", 1.0))
+  greedy = bool(np.all(np.asarray(kw.get("temperature", 1.0)) == 0))
   ens = kw.get("ensemble", "wprob")
-  key = (method, tuple(id(m) for m in ordered), b, _bucket(cache_len), bool(np.all(temperature == 0)),
+  key = (method, tuple(id(m) for m in ordered), b, _bucket(cache_len), greedy,
          ens if isinstance(ens, str) else id(ens), cpu_kernels.requested())  # pass costs differ
   if key in _CACHE:
     return _CACHE[key][1].gamma, dataclasses.replace(_CACHE[key][1], cached=True)
@@ -148,7 +148,7 @@ def resolve(models, prompts, prompt_lengths, kw: dict) -> tuple[Any, GammaChoice
             for ws in pricing.needed_widths(method, MAX_GAMMA, ordered[0].config.feature_input)]
   costs = pricing.measure_pass_costs(ordered, widths, b, int(cache_len), context=t + n // 2)
   math = pricing.measure_math_costs(vocab.shared_size(ordered), b, MATH_GAMMAS,
-                                    0.0 if np.all(temperature == 0) else 1.0, repeats=3)
+                                    0.0 if greedy else 1.0, repeats=3)
   costs = dataclasses.replace(costs, math=math)
   best, grid = pricing.best_gammas(alpha, costs, method, MAX_GAMMA)
   gamma = best[0] if method == "sd" else best

@@ -92,12 +92,13 @@ class PassCosts:
     if not self.math:
       return 0.0
     table = dict(self.math)
+    if gamma in table:
+      return table[gamma]
     steps = sorted(g for g in table if g > 0)
-    if gamma not in table and not (gamma > 0 and steps and steps[0] <= gamma <= steps[-1]):
+    if not (gamma > 0 and steps and steps[0] <= gamma <= steps[-1]):
       raise ValueError(f"no math cost measured for gamma {gamma} (measured {sorted(table)}); "
                        "measure_math_costs(..., gammas=) must cover it")
-    return table[gamma] if gamma in table else float(
-        np.interp(gamma, steps, [table[g] for g in steps]))
+    return float(np.interp(gamma, steps, [table[g] for g in steps]))
 
   def to_dict(self) -> dict:
     return {"batch": self.batch, "cache_len": self.cache_len, "feature_draft": self.feature_draft,
