@@ -3,7 +3,8 @@
     python -m benchmarks.draft_bench --draft DRAFT_DIR          # target: SmolLM2 (the demo's cache)
     python -m benchmarks.draft_bench --identical                # draft = target (acceptance 1)
 
-On the held-out chat prompts (`jax_specens.draft.prompts`, split "test"), greedy, at each batch of
+On the held-out chat prompts (`jax_specens.draft.prompts`, split "test", --prompt-family: the
+first family by default), greedy, at each batch of
 --batches, in one run so that the ratios are measured side by side on the same (possibly busy)
 machine:
 - sd over ar and se (wprob, equal weights, gamma (g, 1)) over ensemble, measured (the minimum of
@@ -48,6 +49,7 @@ from jax_specens import pricing
 from jax_specens.builtin import resolve
 from jax_specens.checkpoint import load_model, load_tokenizer
 from jax_specens.decoding.api import decode
+from jax_specens.draft.prompts import FAMILIES
 from jax_specens.kernels import cpu
 
 COLUMNS = ["batch", "prompt", "kernel", "method", "gamma", "alpha", "c", "measured", "predicted",
@@ -74,7 +76,7 @@ def load_pair(args, tmp: Path, rows: int):
     draft = load_model(args.draft, share_from=[target]) if share else load_model(args.draft)
     what = f"{target_dir} + draft {args.draft}"
   tok = load_tokenizer(target_dir)
-  chats = [D.chat_ids(tok, p) for p in chat_prompts("test")]
+  chats = [D.chat_ids(tok, p) for p in chat_prompts("test", args.prompt_family)]
   toks, lens = D.pad(chats[:rows], max(map(len, chats)))
   return target, draft, toks, lens, what
 
@@ -152,6 +154,10 @@ def main(argv=None) -> int:
                   help="at batch 1, time each of the first N held-out prompts in turn (a row per "
                   "prompt) and add a row 'all' over them: summed baseline seconds / summed "
                   "seconds, mean alpha (default 1: the first prompt only)")
+  ap.add_argument("--prompt-family", default="first", choices=FAMILIES,
+                  help="held-out prompts of this family (jax_specens/draft/prompts.py): first "
+                  "(programming, science, everyday questions; the default, as in every earlier "
+                  "run), general (descriptions and stories) or all")
   ap.add_argument("--no-se", action="store_true", help="skip the se / ensemble rows (always "
                   "skipped for a draft that reads the target's features: sd only)")
   args = ap.parse_args(argv)
@@ -197,7 +203,8 @@ def main(argv=None) -> int:
                               {"models": what, "gamma": args.gamma, "max_new_tokens": n,
                                "batches": args.batches, "kernels": args.kernels,
                                "repeats": repeats,
-                               "prompts": "random" if args.small else "draft.prompts test split"},
+                               "prompts": "random" if args.small else
+                               f"draft.prompts test split, family {args.prompt_family}"},
                               rows, **extra)
   print(f"wrote {path}")
   return 0

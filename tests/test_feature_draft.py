@@ -218,6 +218,9 @@ def test_a_second_phase_continues_the_draft_on_the_first_phases_labels(distilled
   assert m2["final_eval"]["loss_3"] < m2["initial_eval"]["loss_3"] - 0.02
   a, b = load_model(first), load_model(out)
   assert b.config.num_layers == 1 and b.config.vocab_subset == a.config.vocab_subset
+  # the record names the draft's own layers and K, not the recipe's unused ones
+  assert m2["recipe"]["layers"] == m1["recipe"]["layers"] == [0]
+  assert m2["recipe"]["vocab_k"] == len(a.config.vocab_subset)
   assert m2["continued_from"]["steps"] == m1["steps"] and m2["train_config"]["unroll"] == 3
   with pytest.raises(ValueError, match="add --features"):
     train_draft(TARGET, tmp_path / "x", TINY, TrainConfig(max_steps=1), checkpoint_dir=ckpt,

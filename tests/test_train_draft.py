@@ -215,6 +215,27 @@ def test_generate_cli_runs_a_distilled_draft_given_its_target(distilled):
   assert r.returncode == 0, r.stderr
 
 
+def test_greedy_answers_are_labelled_by_their_tokens_or_by_the_teacher():
+  """--greedy-labels tokens: each greedy answer position's label is its next token with
+  probability 1 and the prompt is not trained on; teacher: the target's top-T at every position,
+  whose first id is that same token. The label cache's key tells the two apart."""
+  target, tok = load_model(TARGET), load_tokenizer(TARGET)
+  kw = dict(chat_prompts_n=2, answer_tokens=6, text_tokens=0, seq_len=32, top=4,
+            temperatures=(0.0,), gen_batch_size=2, progress=False)
+  hard = D.build_harvest(target, tok, "train", soft_answers=False, **kw)
+  soft = D.build_harvest(target, tok, "train", soft_answers=True, **kw)
+  chex.assert_trees_all_equal(hard.tokens, soft.tokens)
+  on = hard.mask > 0
+  assert np.isinf(hard.top_logp[..., 1:][on]).all() and (hard.top_logp[..., 0][on] == 0).all()
+  assert np.isfinite(soft.top_logp[soft.mask > 0]).all()
+  np.testing.assert_array_equal(soft.top_ids[..., 0][on], hard.top_ids[..., 0][on])
+  assert soft.mask.sum() > hard.mask.sum()  # the prompt's positions too
+  assert "greedy_labels" not in DraftRecipe().harvest_key()  # older caches: tokens
+  assert DraftRecipe(greedy_labels="teacher").harvest_key()["greedy_labels"] == "teacher"
+  with pytest.raises(ValueError, match="--greedy-labels"):
+    DraftRecipe(greedy_labels="soft")
+
+
 def test_an_interrupted_run_resumes_exactly(tmp_path):
   target, tok = load_model(TARGET), load_tokenizer(TARGET)
   rows = D.text_rows(tok, "train", 24, 800)

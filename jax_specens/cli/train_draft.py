@@ -65,13 +65,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="K: ids in the draft's head (default %(default)s; the target's full vocabulary "
                  "is used when K >= its size)")
   p.add_argument("--chat-prompts", type=int, default=R.chat_prompts,
-                 help="training prompts the target answers (default %(default)s: all shipped)")
+                 help="training prompts the target answers, the first N of "
+                 "jax_specens/draft/prompts.py's training split (default %(default)s: its first "
+                 "family, programming / science / everyday questions; 820: all, with the second "
+                 "family of descriptions and stories)")
   p.add_argument("--answer-tokens", type=int, default=R.answer_tokens,
                  help="tokens per answer (default %(default)s)")
   p.add_argument("--answer-temperatures", default=",".join(f"{t:g}" for t in R.answer_temperatures),
                  help="comma-separated temperatures: the target answers every training prompt "
                  "once per temperature (default %(default)s: greedy and three samples; 0: "
                  "greedy only)")
+  p.add_argument("--greedy-labels", choices=("tokens", "teacher"), default=R.greedy_labels,
+                 help="labels of the greedy answers: tokens (each answer's own next token; no "
+                 "teacher pass; default, the shipped recipes of the first phases) or teacher (the "
+                 "target's top-T distribution: one more teacher pass, about a third of the "
+                 "answers' generation time; the SmolLM2 feature draft's third phase: held-out "
+                 "agreement dropped with tokens)")
   p.add_argument("--text-tokens", type=int, default=R.text_tokens,
                  help="stdlib prose/code tokens labelled by the teacher (default %(default)s)")
   p.add_argument("--eval-chat-prompts", type=int, default=R.eval_chat_prompts,
@@ -140,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
       vocab_k=args.vocab_k, seq_len=args.seq_len, top=args.top,
       chat_prompts=args.chat_prompts, answer_tokens=args.answer_tokens,
       answer_temperatures=tuple(_floats(args.answer_temperatures, "--answer-temperatures")),
+      greedy_labels=args.greedy_labels,
       text_tokens=args.text_tokens, eval_chat_prompts=args.eval_chat_prompts,
       eval_text_tokens=args.eval_text_tokens, features=args.features)
   config = TrainConfig(batch_size=args.batch_size, learning_rate=args.learning_rate,

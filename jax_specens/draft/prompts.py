@@ -44,15 +44,54 @@ CODE_TASKS = (
     "returns the greatest common divisor of two numbers",
 )
 
+# A second family (added for the SmolLM2 draft's third phase, 2026-12-03): places, people, animals,
+# food, pastimes and everyday life, asked for descriptions and stories, the open-ended prose the
+# first family lacked (the first draft accepted 13-15% of its proposals at gamma 3 describing a
+# city). Listed after the first family, so `prompts("train")[:379]` and `prompts("test")[:27]` are
+# the prompts of the earlier phases. The demo's question (Paris) is in neither family.
+GENERAL_TOPICS = (
+    "London", "Tokyo", "New York", "Rome", "Venice", "the Amazon rainforest", "the Sahara desert",
+    "Mount Everest", "the Great Wall of China", "the pyramids of Egypt", "Japan", "Brazil",
+    "Canada", "Australia", "India", "Iceland", "dogs", "cats", "elephants", "dolphins", "owls",
+    "sharks", "horses", "pizza", "baking bread", "chocolate", "pasta", "sushi", "gardening",
+    "hiking", "photography", "painting", "knitting", "cycling", "swimming", "running a marathon",
+    "yoga", "the Olympic Games", "basketball", "tennis", "jazz", "the piano", "the guitar",
+    "movies", "video games", "social media", "smartphones", "airplanes", "trains",
+    "the printing press", "the wheel", "Albert Einstein", "Marie Curie", "Leonardo da Vinci",
+    "Isaac Newton", "Abraham Lincoln", "Cleopatra", "Mozart", "the Renaissance",
+    "the Industrial Revolution", "ancient Greece", "the Vikings", "winter", "autumn",
+    "a rainy day", "friendship", "happiness", "kindness", "a birthday party", "a road trip",
+    "a library", "a city park", "a farmers market", "the first day at a new school",
+    "moving to a new city", "saving money", "starting a small business", "teamwork",
+    "volunteering", "a lighthouse", "a thunderstorm", "the night sky",
+)
 
-def all_prompts() -> list[str]:
-  prompts = [tpl.format(t=t) for t in TOPICS for tpl in TEMPLATES]
-  prompts += [f"Write a Python function that {task}." for task in CODE_TASKS]
-  return prompts
+GENERAL_TEMPLATES = (
+    "Describe {t} in two sentences.",
+    "Tell me about {t}.",
+    "Write a short story about {t}.",
+    "What are some interesting things about {t}?",
+    "Write a few sentences about {t}.",
+    "What do people love about {t}?",
+)
 
 
-def prompts(split: str) -> list[str]:
-  """The prompts of `split` ("train", or "test" = held out); the "fusion" split trains too."""
-  if split == "test":
-    return [p for p in all_prompts() if split_of(f"chat:{p}") == "test"]
-  return [p for p in all_prompts() if split_of(f"chat:{p}") != "test"]
+FAMILIES = ("all", "first", "general")
+
+
+def all_prompts(family: str = "all") -> list[str]:
+  """Every shipped prompt of `family`: "first" (programming, science, everyday questions, code),
+  "general" (descriptions and stories) or "all" (the first, then the general)."""
+  if family not in FAMILIES:
+    raise ValueError(f"unknown prompt family {family!r}; one of {', '.join(FAMILIES)}")
+  first = [tpl.format(t=t) for t in TOPICS for tpl in TEMPLATES]
+  first += [f"Write a Python function that {task}." for task in CODE_TASKS]
+  general = [tpl.format(t=t) for t in GENERAL_TOPICS for tpl in GENERAL_TEMPLATES]
+  return {"all": first + general, "first": first, "general": general}[family]
+
+
+def prompts(split: str, family: str = "all") -> list[str]:
+  """The prompts of `split` ("train", or "test" = held out; the "fusion" split trains too) of
+  `family` (`all_prompts`)."""
+  test = split == "test"
+  return [p for p in all_prompts(family) if (split_of(f"chat:{p}") == "test") == test]

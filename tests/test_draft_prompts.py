@@ -1,0 +1,34 @@
+"""The chat prompts shipped for distillation (`jax_specens.draft.prompts`), as a specification."""
+
+import pytest
+
+from jax_specens.cli.demo_real import QUESTION
+from jax_specens.draft.prompts import all_prompts, prompts
+
+
+def test_families_partition_the_prompts_and_splits_partition_each_family():
+  first, general = all_prompts("first"), all_prompts("general")
+  assert all_prompts() == first + general
+  assert not set(first) & set(general)
+  for family in ("all", "first", "general"):
+    train, test = prompts("train", family), prompts("test", family)
+    assert not set(train) & set(test)
+    assert sorted(train + test) == sorted(all_prompts(family))
+    assert test, f"the {family} family has held-out prompts"
+
+
+def test_the_earlier_phases_prompts_come_first():
+  """`--chat-prompts 379` and `--eval-chat-prompts 27` name the first family's prompts, which the
+  first two phases of the shipped drafts were trained and measured on."""
+  assert len(prompts("train", "first")) == 379 and len(prompts("test", "first")) == 27
+  assert prompts("train")[:379] == prompts("train", "first")
+  assert prompts("test")[:27] == prompts("test", "first")
+
+
+def test_the_demo_question_is_never_trained_on():
+  assert QUESTION not in all_prompts()
+
+
+def test_an_unknown_family_is_named():
+  with pytest.raises(ValueError, match="unknown prompt family 'stories'"):
+    all_prompts("stories")
