@@ -47,6 +47,7 @@ use it:   jax-specens generate --model models/smollm2 --draft models/smollm2-dra
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
   from jax_specens.draft.pipeline import DraftRecipe
+  from jax_specens.draft.prompts import prompts as chat_prompts
   R = DraftRecipe()  # noqa: N806  (the flags' defaults are the recipe's)
   p = subparsers.add_parser(
       "train-draft", help="distil a small reduced-vocabulary draft model from a target",
@@ -67,8 +68,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--chat-prompts", type=int, default=R.chat_prompts,
                  help="training prompts the target answers, the first N of "
                  "jax_specens/draft/prompts.py's training split (default %(default)s: its first "
-                 "family, programming / science / everyday questions; 820: all, with the second "
-                 "family of descriptions and stories)")
+                 f"family, programming / science / everyday questions; "
+                 f"{len(chat_prompts('train'))}: all, with the second family of descriptions and "
+                 "stories)")
   p.add_argument("--answer-tokens", type=int, default=R.answer_tokens,
                  help="tokens per answer (default %(default)s)")
   p.add_argument("--answer-temperatures", default=",".join(f"{t:g}" for t in R.answer_temperatures),

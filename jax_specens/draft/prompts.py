@@ -1,9 +1,10 @@
 """Chat prompts shipped for distillation: the target answers them, the draft learns its answers.
 
-Prompts are built from templates x topics (a mix of programming, science and everyday questions,
-the kind of chat an instruct model is used for). Each prompt is a document of the held-out split
-rule of `jax_specens.builtin.data.split_of` (key `chat:<prompt>`): prompts in its `test` split
-are never trained on and serve as the held-out chat prompts of every measurement.
+Prompts are built from templates x topics, in two families (`all_prompts`): the first a mix of
+programming, science and everyday questions and small code tasks, the second descriptions and
+stories of places, people, animals, food and everyday life. Each prompt is a document of the
+held-out split rule of `jax_specens.builtin.data.split_of` (key `chat:<prompt>`): prompts in its
+`test` split are never trained on and serve as the held-out chat prompts of every measurement.
 """
 
 from __future__ import annotations
