@@ -219,7 +219,7 @@ def test_a_second_phase_continues_the_draft_on_the_first_phases_labels(distilled
   a, b = load_model(first), load_model(out)
   assert b.config.num_layers == 1 and b.config.vocab_subset == a.config.vocab_subset
   # the record names the draft's own layers and K, not the recipe's unused ones
-  assert m2["recipe"]["layers"] == m1["recipe"]["layers"] == [0]
+  assert m2["recipe"]["layers"] == list(m1["recipe"]["layers"]) == [0]
   assert m2["recipe"]["vocab_k"] == len(a.config.vocab_subset)
   assert m2["continued_from"]["steps"] == m1["steps"] and m2["train_config"]["unroll"] == 3
   with pytest.raises(ValueError, match="add --features"):
