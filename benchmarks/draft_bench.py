@@ -49,7 +49,7 @@ from jax_specens import pricing
 from jax_specens.builtin import resolve
 from jax_specens.checkpoint import load_model, load_tokenizer
 from jax_specens.decoding.api import decode
-from jax_specens.draft.prompts import FAMILIES
+from jax_specens.draft.prompts import FAMILIES, prompts as chat_prompts
 from jax_specens.kernels import cpu
 
 COLUMNS = ["batch", "prompt", "kernel", "method", "gamma", "alpha", "c", "measured", "predicted",
@@ -66,7 +66,6 @@ def load_pair(args, tmp: Path, rows: int):
     toks, lens = common.random_prompts(rows, 12, target.config.vocab_size)
     return target, (target if args.identical else draft), toks, lens, "converted random pair 'small'"
   from jax_specens.draft import data as D
-  from jax_specens.draft.prompts import prompts as chat_prompts
   target_dir = common.real_model(args.target, "smollm2")
   target = load_model(target_dir)
   if args.identical:

@@ -46,7 +46,7 @@ use it:   jax-specens generate --model models/smollm2 --draft models/smollm2-dra
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-  from jax_specens.draft.pipeline import DraftRecipe
+  from jax_specens.draft.pipeline import GREEDY_LABELS, DraftRecipe
   from jax_specens.draft.prompts import prompts as chat_prompts
   R = DraftRecipe()  # noqa: N806  (the flags' defaults are the recipe's)
   p = subparsers.add_parser(
@@ -77,7 +77,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="comma-separated temperatures: the target answers every training prompt "
                  "once per temperature (default %(default)s: greedy and three samples; 0: "
                  "greedy only)")
-  p.add_argument("--greedy-labels", choices=("tokens", "teacher"), default=R.greedy_labels,
+  p.add_argument("--greedy-labels", choices=GREEDY_LABELS, default=R.greedy_labels,
                  help="labels of the greedy answers: tokens (each answer's own next token; no "
                  "teacher pass; default, the shipped recipes of the first phases) or teacher (the "
                  "target's top-T distribution: one more teacher pass, about a third of the "

@@ -23,6 +23,7 @@ from jax_specens.draft.model import SHARED, init_from_target, own_bytes, read_by
 from jax_specens.draft.train import TrainConfig, evaluate, train
 
 DISTILL_FILE = "distill.json"
+GREEDY_LABELS = ("tokens", "teacher")  # DraftRecipe.greedy_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,7 @@ class DraftRecipe:
     if not self.answer_temperatures or any(t < 0 for t in self.answer_temperatures):
       raise ValueError("answer_temperatures must be >= 0 and non-empty (--answer-temperatures "
                        f"0,1), got {self.answer_temperatures}")
-    if self.greedy_labels not in ("tokens", "teacher"):
+    if self.greedy_labels not in GREEDY_LABELS:
       raise ValueError(f"greedy_labels must be 'tokens' or 'teacher' (--greedy-labels), got "
                        f"{self.greedy_labels!r}")
     if self.seq_len < 8 or self.top < 1:
