@@ -156,7 +156,8 @@ def main(argv=None) -> int:
   ap.add_argument("--prompt-family", default="first", choices=FAMILIES,
                   help="held-out prompts of this family (jax_specens/draft/prompts.py): first "
                   "(programming, science, everyday questions; the default, as in every earlier "
-                  "run), general (descriptions and stories) or all")
+                  "run), general (descriptions and stories), openings (beginnings of stories and "
+                  "articles) or all")
   ap.add_argument("--no-se", action="store_true", help="skip the se / ensemble rows (always "
                   "skipped for a draft that reads the target's features: sd only)")
   args = ap.parse_args(argv)

@@ -2,15 +2,15 @@
 
 import pytest
 
-from jax_specens.cli.demo_real import QUESTION
-from jax_specens.draft.prompts import all_prompts, prompts
+from jax_specens.cli.demo_real import CONTINUE, QUESTION
+from jax_specens.draft.prompts import FAMILIES, all_prompts, prompts
 
 
 def test_families_partition_the_prompts_and_splits_partition_each_family():
-  first, general = all_prompts("first"), all_prompts("general")
-  assert all_prompts() == first + general
-  assert not set(first) & set(general)
-  for family in ("all", "first", "general"):
+  first, general, openings = (all_prompts(f) for f in ("first", "general", "openings"))
+  assert all_prompts() == first + general + openings
+  assert len(set(first + general + openings)) == len(first) + len(general) + len(openings)
+  for family in FAMILIES:
     train, test = prompts("train", family), prompts("test", family)
     assert not set(train) & set(test)
     assert sorted(train + test) == sorted(all_prompts(family))
@@ -19,14 +19,16 @@ def test_families_partition_the_prompts_and_splits_partition_each_family():
 
 def test_the_earlier_phases_prompts_come_first():
   """`--chat-prompts 379` and `--eval-chat-prompts 27` name the first family's prompts, which the
-  first two phases of the shipped drafts were trained and measured on."""
+  first two phases of the shipped drafts were trained and measured on; `--chat-prompts 820` the
+  first two families (the SmolLM2 feature draft's third phase)."""
   assert len(prompts("train", "first")) == 379 and len(prompts("test", "first")) == 27
   assert prompts("train")[:379] == prompts("train", "first")
   assert prompts("test")[:27] == prompts("test", "first")
+  assert prompts("train")[:820] == prompts("train", "first") + prompts("train", "general")
 
 
-def test_the_demo_question_is_never_trained_on():
-  assert QUESTION not in all_prompts()
+def test_the_demo_prompts_are_never_trained_on():
+  assert QUESTION not in all_prompts() and CONTINUE not in all_prompts()
 
 
 def test_an_unknown_family_is_named():

@@ -24,6 +24,7 @@ from jax_specens.decoding.api import decode
 from jax_specens.draft import DraftRecipe, TrainConfig, init_from_target, train_draft
 from jax_specens.draft import data as D
 from jax_specens.draft.pipeline import rounded, save_draft
+from jax_specens.draft.prompts import prompts
 from jax_specens.draft.train import train
 from jax_specens.precision import stored_dtype
 from tests.conftest import tiny_models_xla_env
@@ -234,6 +235,22 @@ def test_greedy_answers_are_labelled_by_their_tokens_or_by_the_teacher():
   assert DraftRecipe(greedy_labels="teacher").harvest_key()["greedy_labels"] == "teacher"
   with pytest.raises(ValueError, match="--greedy-labels"):
     DraftRecipe(greedy_labels="soft")
+
+
+def test_a_prompt_family_answers_only_its_prompts():
+  """--prompt-family openings: the target answers the openings' training prompts alone (a phase
+  on a family the draft has not seen), and the label cache's key says so."""
+  target, tok = load_model(TARGET), load_tokenizer(TARGET)
+  kw = dict(chat_prompts_n=2, answer_tokens=4, text_tokens=0, seq_len=32, top=4,
+            temperatures=(0.0,), gen_batch_size=2, progress=False)
+  h = D.build_harvest(target, tok, "train", family="openings", **kw)
+  for row, prompt in zip(h.tokens, prompts("train", "openings")[:2]):
+    ids = D.chat_ids(tok, prompt)
+    np.testing.assert_array_equal(row[:len(ids)], ids)
+  assert "prompt_family" not in DraftRecipe().harvest_key()  # older caches: all
+  assert DraftRecipe(prompt_family="openings").harvest_key()["prompt_family"] == "openings"
+  with pytest.raises(ValueError, match="--prompt-family"):
+    DraftRecipe(prompt_family="stories")
 
 
 def test_an_interrupted_run_resumes_exactly(tmp_path):

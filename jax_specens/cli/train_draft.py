@@ -47,6 +47,7 @@ use it:   jax-specens generate --model models/smollm2 --draft models/smollm2-dra
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
   from jax_specens.draft.pipeline import GREEDY_LABELS, DraftRecipe
+  from jax_specens.draft.prompts import FAMILIES
   from jax_specens.draft.prompts import prompts as chat_prompts
   R = DraftRecipe()  # noqa: N806  (the flags' defaults are the recipe's)
   p = subparsers.add_parser(
@@ -67,10 +68,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  "is used when K >= its size)")
   p.add_argument("--chat-prompts", type=int, default=R.chat_prompts,
                  help="training prompts the target answers, the first N of "
-                 "jax_specens/draft/prompts.py's training split (default %(default)s: its first "
-                 f"family, programming / science / everyday questions; "
-                 f"{len(chat_prompts('train'))}: all, with the second family of descriptions and "
-                 "stories)")
+                 "jax_specens/draft/prompts.py's training split of --prompt-family (default "
+                 "%(default)s: the first family, programming / science / everyday questions; "
+                 f"{len(chat_prompts('train', 'first')) + len(chat_prompts('train', 'general'))}: "
+                 "the first two, with descriptions and stories; "
+                 f"{len(chat_prompts('train'))}: all three, with openings of stories and articles)")
+  p.add_argument("--prompt-family", choices=FAMILIES, default=R.prompt_family,
+                 help="the prompts' family (default %(default)s: every family in turn; first, "
+                 "general or openings: that family alone, e.g. a phase that continues a draft on "
+                 "a family it has not seen, labelling only its prompts)")
   p.add_argument("--answer-tokens", type=int, default=R.answer_tokens,
                  help="tokens per answer (default %(default)s)")
   p.add_argument("--answer-temperatures", default=",".join(f"{t:g}" for t in R.answer_temperatures),
@@ -149,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
   recipe = DraftRecipe(
       layers=DraftRecipe.layers if args.layers is None else _layers(args.layers),
       vocab_k=args.vocab_k, seq_len=args.seq_len, top=args.top,
-      chat_prompts=args.chat_prompts, answer_tokens=args.answer_tokens,
+      chat_prompts=args.chat_prompts, prompt_family=args.prompt_family,
+      answer_tokens=args.answer_tokens,
       answer_temperatures=tuple(_floats(args.answer_temperatures, "--answer-temperatures")),
       greedy_labels=args.greedy_labels,
       text_tokens=args.text_tokens, eval_chat_prompts=args.eval_chat_prompts,

@@ -216,23 +216,24 @@ def frequent_ids(h: Harvest, k: int, vocab_size: int, always: tuple[int, ...] = 
   return np.sort(np.argsort(-score, kind="stable")[:k]).astype(np.int32)
 
 
-def chat_rows(tok, split: str) -> list[list[int]]:
-  return [chat_ids(tok, p) for p in chat_prompts.prompts(split)]
+def chat_rows(tok, split: str, family: str = "all") -> list[list[int]]:
+  return [chat_ids(tok, p) for p in chat_prompts.prompts(split, family)]
 
 
-def build_harvest(target: Model, tok, split: str, *, chat_prompts_n: int, answer_tokens: int,
+def build_harvest(target: Model, tok, split: str, *, chat_prompts_n: int, family: str = "all",
+                  answer_tokens: int,
                   text_tokens: int, seq_len: int, top: int = 32, temperatures=(0.0,),
                   batch_size: int = 16, gen_batch_size: int = 32, seed: int = 0,
                   soft_answers: bool = True, progress: bool = True) -> Harvest:
-  """Teacher labels for `split`: the target's answers to up to `chat_prompts_n` chat prompts (one
-  answer per temperature) and `text_tokens` tokens of stdlib prose and code.
+  """Teacher labels for `split`: the target's answers to up to `chat_prompts_n` chat prompts of
+  `family` (`prompts.FAMILIES`; one answer per temperature) and `text_tokens` tokens of stdlib prose and code.
 
   soft_answers=False: the greedy answers are labelled by `hard_labels` (no teacher pass; on
   SmolLM2-135M with 2 CPU cores the pass over 820 answers took 3.5 minutes, generating them 9.5),
   sampled answers and text by the teacher's top-T.
   """
   rows, hard, starts = [], [], []
-  prompt_rows = chat_rows(tok, split)[:chat_prompts_n]
+  prompt_rows = chat_rows(tok, split, family)[:chat_prompts_n]
   for i, temp in enumerate(temperatures):
     if prompt_rows and answer_tokens > 0:
       answers = target_answers(target, prompt_rows, max_new_tokens=answer_tokens,

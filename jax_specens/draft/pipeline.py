@@ -20,6 +20,7 @@ from jax_specens.checkpoint import (atomic_dir, copy_tokenizer_files, load_model
                                     write_model_files)
 from jax_specens.draft import data as D
 from jax_specens.draft.model import SHARED, init_from_target, own_bytes, read_bytes_per_token
+from jax_specens.draft.prompts import FAMILIES
 from jax_specens.draft.train import TrainConfig, evaluate, train
 
 DISTILL_FILE = "distill.json"
@@ -35,9 +36,12 @@ class DraftRecipe:
   vocab_k: int = 8192  # K: head over the K target ids most often the target's top-1
   seq_len: int = 160
   top: int = 32  # teacher labels: the target's top-T tokens per position
-  # training prompts the target answers: the first N of `prompts.prompts("train")` (379: the
-  # first family; 820: both, with the descriptions and stories of the second)
+  # training prompts the target answers: the first N of `prompts.prompts("train", prompt_family)`
+  # (of "all": 379 the first family; 820 the first two, with the descriptions and stories of the
+  # second; 1148 all three, with the openings of stories and articles). Held-out prompts: the first
+  # `eval_chat_prompts` of the family's test split
   chat_prompts: int = 379
+  prompt_family: str = "all"  # prompts.FAMILIES
   answer_tokens: int = 128
   # the target answers every training prompt once per temperature (0: greedy, labelled by its own
   # tokens; > 0: sampled with a new key each time, labelled by the teacher's top-T); held-out
@@ -68,6 +72,9 @@ class DraftRecipe:
     if self.greedy_labels not in GREEDY_LABELS:
       raise ValueError(f"greedy_labels must be 'tokens' or 'teacher' (--greedy-labels), got "
                        f"{self.greedy_labels!r}")
+    if self.prompt_family not in FAMILIES:
+      raise ValueError(f"prompt_family must be one of {', '.join(FAMILIES)} (--prompt-family), "
+                       f"got {self.prompt_family!r}")
     if self.seq_len < 8 or self.top < 1:
       raise ValueError("seq_len must be >= 8 (--seq-len) and top >= 1 (--top)")
 
@@ -79,6 +86,8 @@ class DraftRecipe:
       key["answer_temperatures"] = list(self.answer_temperatures)
     if self.greedy_labels != "tokens":  # nor this one
       key["greedy_labels"] = self.greedy_labels
+    if self.prompt_family != "all":  # nor this one
+      key["prompt_family"] = self.prompt_family
     return key
 
 
@@ -97,7 +106,8 @@ def _harvests(target, tok, recipe: DraftRecipe, ckpt: Path, progress: bool):
     if path.is_file():
       out[split] = D.Harvest.load(path)
       continue
-    h = D.build_harvest(target, tok, split, chat_prompts_n=n, answer_tokens=recipe.answer_tokens,
+    h = D.build_harvest(target, tok, split, chat_prompts_n=n, family=recipe.prompt_family,
+                        answer_tokens=recipe.answer_tokens,
                         text_tokens=text, seq_len=recipe.seq_len, top=recipe.top,
                         temperatures=(0.0,) if split == "test" else recipe.answer_temperatures,
                         batch_size=recipe.harvest_batch, gen_batch_size=recipe.gen_batch,

@@ -1,8 +1,10 @@
 """Chat prompts shipped for distillation: the target answers them, the draft learns its answers.
 
-Prompts are built from templates x topics, in two families (`all_prompts`): the first a mix of
+Prompts are built from templates x topics, in three families (`all_prompts`): the first a mix of
 programming, science and everyday questions and small code tasks, the second descriptions and
-stories of places, people, animals, food and everyday life. Each prompt is a document of the
+stories of places, people, animals, food and everyday life, the third the openings of stories and
+articles (unfinished text: a base model continues it; a chat model reads it as a message). Each
+prompt is a document of the
 held-out split rule of `jax_specens.builtin.data.split_of` (key `chat:<prompt>`): prompts in its
 `test` split are never trained on and serve as the held-out chat prompts of every measurement.
 """
@@ -77,18 +79,52 @@ GENERAL_TEMPLATES = (
 )
 
 
-FAMILIES = ("all", "first", "general")
+# A third family (added for Gemma-3-270M's draft, 2026-12-03): the openings of stories and
+# articles. A base model reads a question as text to continue, and often continues the second
+# family's requests by repeating them ("Write a short story about the Vikings.\n\nWrite a short
+# story about the Vikings. ..."); its stories and articles start from openings like these. Its
+# draft, trained on the first family, agreed with it on 12-17% of the tokens of a story or a
+# history (teacher-forced) against 73% on a description of Paris. Listed after the second family,
+# so `prompts("train")[:820]` stays the first two families. The demo's continuation ("Once upon a
+# time, in a small village,") is in no family.
+OPENING_CHARACTERS = (
+    "a young girl", "an old fisherman", "a curious cat", "a lonely robot", "a brave knight",
+    "a shy boy", "a poor farmer", "a little bird", "a wise old woman", "a clever detective",
+    "a young sailor", "a baker", "a new teacher", "a small dragon", "a proud king",
+    "a princess", "a hungry fox", "a sleepy bear", "two best friends", "a large family",
+)
+
+OPENING_TEMPLATES = (
+    "Once upon a time, there was {t} who",
+    "Long ago, in a land far away, there lived {t}.",
+    "It was early in the morning when {t}",
+    "Every day, {t} would",
+    "One summer afternoon, {t}",
+    "This is the story of {t}.",
+)
+
+OPENING_TOPIC_TEMPLATES = (  # over GENERAL_TOPICS
+    "Here are a few facts about {t}:",
+    "In this article, we will talk about {t}.",
+    "The first thing you notice about {t} is",
+)
+
+FAMILIES = ("all", "first", "general", "openings")
 
 
 def all_prompts(family: str = "all") -> list[str]:
   """Every shipped prompt of `family`: "first" (programming, science, everyday questions, code),
-  "general" (descriptions and stories) or "all" (the first, then the general)."""
+  "general" (descriptions and stories), "openings" (the beginnings of stories and articles) or
+  "all" (the first, the general, then the openings)."""
   if family not in FAMILIES:
     raise ValueError(f"unknown prompt family {family!r}; one of {', '.join(FAMILIES)}")
   first = [tpl.format(t=t) for t in TOPICS for tpl in TEMPLATES]
   first += [f"Write a Python function that {task}." for task in CODE_TASKS]
   general = [tpl.format(t=t) for t in GENERAL_TOPICS for tpl in GENERAL_TEMPLATES]
-  return {"all": first + general, "first": first, "general": general}[family]
+  openings = [tpl.format(t=t) for t in OPENING_CHARACTERS for tpl in OPENING_TEMPLATES]
+  openings += [tpl.format(t=t) for t in GENERAL_TOPICS for tpl in OPENING_TOPIC_TEMPLATES]
+  return {"all": first + general + openings, "first": first, "general": general,
+          "openings": openings}[family]
 
 
 def prompts(split: str, family: str = "all") -> list[str]:
