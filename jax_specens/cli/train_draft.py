@@ -32,8 +32,9 @@ alpha (T=1 acceptance), loss, the draft's own bytes and its bytes read per token
 --init-from DIR continues a draft (a second phase): the shipped feature draft is the command
 below with --features --layers 29 --unroll 2, then the same with --features --init-from the
 first result --unroll 3 --learning-rate 5e-4 --checkpoint-dir the first's checkpoint dir.
-Gemma-3-270M's shipped draft is one command: --features --layers 17 --vocab-k 16384 --unroll 3
---borrow-tokenizer and a smaller text recipe (README "A draft for Gemma-3-270M").
+Gemma-3-270M's shipped draft: --features --layers 17 --vocab-k 16384 --unroll 3 --borrow-tokenizer
+and a smaller text recipe, continued likewise, last on --prompt-family openings (README "A draft
+for Gemma-3-270M").
 
 example:  jax-specens train-draft --target models/smollm2 --out models/smollm2-draft
           (defaults: the recipe of the shipped SmolLM2-135M-Instruct draft, about 50 min of labels
