@@ -221,12 +221,13 @@ def chat_rows(tok, split: str, family: str = "all") -> list[list[int]]:
 
 
 def build_harvest(target: Model, tok, split: str, *, chat_prompts_n: int, family: str = "all",
-                  answer_tokens: int,
-                  text_tokens: int, seq_len: int, top: int = 32, temperatures=(0.0,),
+                  answer_tokens: int, text_tokens: int, seq_len: int, top: int = 32,
+                  temperatures=(0.0,),
                   batch_size: int = 16, gen_batch_size: int = 32, seed: int = 0,
                   soft_answers: bool = True, progress: bool = True) -> Harvest:
   """Teacher labels for `split`: the target's answers to up to `chat_prompts_n` chat prompts of
-  `family` (`prompts.FAMILIES`; one answer per temperature) and `text_tokens` tokens of stdlib prose and code.
+  `family` (`prompts.FAMILIES`; one answer per temperature) and `text_tokens` tokens of stdlib
+  prose and code.
 
   soft_answers=False: the greedy answers are labelled by `hard_labels` (no teacher pass; on
   SmolLM2-135M with 2 CPU cores the pass over 820 answers took 3.5 minutes, generating them 9.5),

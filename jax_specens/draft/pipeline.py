@@ -70,8 +70,8 @@ class DraftRecipe:
       raise ValueError("answer_temperatures must be >= 0 and non-empty (--answer-temperatures "
                        f"0,1), got {self.answer_temperatures}")
     if self.greedy_labels not in GREEDY_LABELS:
-      raise ValueError(f"greedy_labels must be 'tokens' or 'teacher' (--greedy-labels), got "
-                       f"{self.greedy_labels!r}")
+      raise ValueError(f"greedy_labels must be one of {', '.join(GREEDY_LABELS)} "
+                       f"(--greedy-labels), got {self.greedy_labels!r}")
     if self.prompt_family not in FAMILIES:
       raise ValueError(f"prompt_family must be one of {', '.join(FAMILIES)} (--prompt-family), "
                        f"got {self.prompt_family!r}")

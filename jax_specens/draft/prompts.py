@@ -4,9 +4,9 @@ Prompts are built from templates x topics, in three families (`all_prompts`): th
 programming, science and everyday questions and small code tasks, the second descriptions and
 stories of places, people, animals, food and everyday life, the third the openings of stories and
 articles (unfinished text: a base model continues it; a chat model reads it as a message). Each
-prompt is a document of the
-held-out split rule of `jax_specens.builtin.data.split_of` (key `chat:<prompt>`): prompts in its
-`test` split are never trained on and serve as the held-out chat prompts of every measurement.
+prompt is a document of the held-out split rule of `jax_specens.builtin.data.split_of` (key
+`chat:<prompt>`): prompts in its `test` split are never trained on and serve as the held-out chat
+prompts of every measurement.
 """
 
 from __future__ import annotations
