@@ -278,6 +278,24 @@ def test_an_interrupted_run_resumes_exactly(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_keep_best_returns_the_start_when_training_only_hurts_and_keep_last_the_end(tmp_path):
+  target, tok = load_model(TARGET), load_tokenizer(TARGET)
+  rows = D.text_rows(tok, "train", 24, 800)
+  h = D.hard_labels(rows, [1] * len(rows), 24, 4)
+  subset = D.frequent_ids(h, 256, target.config.vocab_size)
+  start = init_from_target(target, [0], subset)
+  ruinous = dict(batch_size=4, max_steps=4, eval_every=2, learning_rate=10.0)  # loss only rises
+  best, hb = train(start, h, h, TrainConfig(**ruinous), progress=False)
+  last, hl = train(start, h, h, TrainConfig(**ruinous, keep="last"), progress=False)
+  assert hb["kept"] == "best" and hl["kept"] == "last"
+  assert min(e["eval_loss"] for e in hl["evals"]) > hl["initial_eval"]["loss"]
+  for a, b in zip(jax_leaves(best), jax_leaves(start)):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax_leaves(last), jax_leaves(start)))
+  with pytest.raises(ValueError, match="keep must be one of"):
+    TrainConfig(keep="first")
+
+
 def jax_leaves(model):
   import jax
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(model.params)]

@@ -110,6 +110,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--time-budget", type=float, default=40.0, metavar="MINUTES",
                  help="stop training after this many minutes (the learning-rate schedule follows "
                  "the elapsed time, so it completes; labels are not counted; default %(default)g)")
+  p.add_argument("--keep", choices=("best", "last"), default="best",
+                 help="the draft written: best (lowest held-out loss, the start included; "
+                 "default) or last (the final weights). The held-out prompts are the first "
+                 "family's (--eval-chat-prompts), so a phase on other families may learn what "
+                 "their loss does not show: keep last there and measure it (README)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--checkpoint-dir", metavar="DIR",
                  help="teacher labels and training state (default OUT.ckpt); rerun to resume")
@@ -164,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
       eval_text_tokens=args.eval_text_tokens, features=args.features)
   config = TrainConfig(batch_size=args.batch_size, learning_rate=args.learning_rate,
                        max_steps=args.steps, eval_every=args.eval_every, seed=args.seed,
-                       unroll=args.unroll,
+                       unroll=args.unroll, keep=args.keep,
                        time_budget_s=None if args.time_budget is None else args.time_budget * 60)
   m = train_draft(args.target, args.out, recipe, config, checkpoint_dir=args.checkpoint_dir,
                   overwrite=args.overwrite, store_dtype=args.store_dtype,

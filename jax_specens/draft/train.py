@@ -33,6 +33,9 @@ from jax_specens.draft.model import SHARED
 from jax_specens.models.model import Model
 
 
+KEEP = ("best", "last")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Optimisation of the draft (the data and the draft's shape are set in `pipeline`)."""
@@ -46,10 +49,15 @@ class TrainConfig:
   seed: int = 0
   unroll: int = 1  # feature-input drafts: passes along their own chain (`distill_metrics`)
   time_budget_s: float | None = None  # the cosine schedule follows the elapsed time when set
+  # the draft returned: "best" (lowest held-out loss, the start included) or "last" (the final
+  # weights: a phase on prompts unlike the held-out ones, whose loss may not show what it learnt)
+  keep: str = "best"
 
   def __post_init__(self):
     if self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1:
       raise ValueError("batch_size, max_steps and eval_every must be >= 1")
+    if self.keep not in KEEP:
+      raise ValueError(f"keep must be one of {KEEP}, got {self.keep!r}")
     if not self.learning_rate > 0:
       raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
@@ -144,7 +152,8 @@ def train(
     callback: Callable[[int, dict], None] | None = None,
 ) -> tuple[Model, dict]:
   """Trains `draft` (initialised by `model.init_from_target`); returns the draft with the best
-  held-out loss and a history. checkpoint_dir: orbax CheckpointManager dir; resumes from it."""
+  held-out loss (`config.keep` "best") or the last weights ("last"), and a history.
+  checkpoint_dir: orbax CheckpointManager dir; resumes from it."""
   graphdef, params, frozen = split_trainable(draft)
   idx = subset_index(train_data.top_ids, draft.config.vocab_subset, draft.config.vocab_size)
   steps = config.max_steps
@@ -222,6 +231,7 @@ def train(
     history["evals"].append({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
   if manager is not None:
     manager.close()
-  history.update(steps=step, seconds=round(time.time() - t0, 1), best_eval_loss=state["best_loss"])
-  return as_model(state["best_params"]), history
+  history.update(steps=step, seconds=round(time.time() - t0, 1), best_eval_loss=state["best_loss"],
+                 kept=config.keep)
+  return as_model(state["best_params"] if config.keep == "best" else p), history
 
