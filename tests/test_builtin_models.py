@@ -161,3 +161,24 @@ def test_demo_prints_every_method_side_by_side(tmp_path, capsys):
     assert prompt.replace("\n", "⏎") in printed
   with pytest.raises(ValueError, match="unknown demo run"):
     demo.run(_parse(demo, ["demo", "--builtin", "--runs", "beam"]))
+
+
+def test_demo_gamma_auto_shows_the_gamma_each_row_chose(tmp_path, capsys):
+  from jax_specens.cli import demo
+  args = _parse(demo, ["demo", "--builtin", "--max-new-tokens", "4", "--runs", "se,cosd",
+                       "--gamma", "auto", "--json", str(tmp_path / "demo.json")])
+  assert args.run(args) == 0
+  results = json.loads((tmp_path / "demo.json").read_text())["results"]
+  se = results["se"]["gamma"]  # one per model, chosen by the calibration
+  assert len(se) == 2 and all(1 <= g <= 8 for g in se)
+  assert results["cosd"]["gamma"] == demo.COSD_AUTO_WINDOW  # cosd is not priced: a fixed window
+  printed = capsys.readouterr().out
+  assert f"{se[0]},{se[1]}" in printed and "gamma" in printed
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "three", "auto,2"])
+def test_demo_gamma_must_be_a_positive_integer_or_auto(text, capsys):
+  from jax_specens.cli import demo
+  with pytest.raises(SystemExit):
+    _parse(demo, ["demo", "--gamma", text])
+  assert "--gamma takes an integer >= 1 or 'auto'" in capsys.readouterr().err

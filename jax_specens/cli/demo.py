@@ -43,6 +43,39 @@ RUNS = {
 }
 
 
+COSD_AUTO_WINDOW = 3  # cosd's window under --gamma auto (gamma="auto" prices sd and se only)
+
+
+def gamma_arg(text: str) -> int | str:
+  """--gamma: an int >= 1 or 'auto' (argparse type; a clear error for anything else)."""
+  if text == "auto":
+    return text
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"--gamma takes an integer >= 1 or 'auto', got {text!r}")
+  return value
+
+
+def fixed_gamma(gamma: int | str) -> int:
+  """The window of a method gamma='auto' does not price (cosd) under --gamma auto."""
+  return COSD_AUTO_WINDOW if gamma == "auto" else gamma
+
+
+def gamma_used(stats: dict, asked: int | tuple | str | None) -> int | list | None:
+  """The gamma a run decoded with: what gamma='auto' chose (`stats["gamma_auto"]`), else asked."""
+  return stats["gamma_auto"]["gamma"] if "gamma_auto" in stats else asked
+
+
+def gamma_cell(gamma: int | list | tuple | str | None) -> str:
+  """A gamma as the demo's tables show it: '—' (none), '3', '1,3' (se, one per model)."""
+  if gamma is None:
+    return "—"
+  return ",".join(str(g) for g in gamma) if isinstance(gamma, (list, tuple)) else str(gamma)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
   p = subparsers.add_parser(
       "demo", help="the built-in models decoding code and prose with ar, ensemble, se and cosd",
@@ -51,8 +84,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="tokens per prompt (default 48 with the real models, 32 built-in)")
   p.add_argument("--temperature", type=float, default=0.0,
                  help="sampling temperature (default 0: greedy)")
-  p.add_argument("--gamma", type=int, default=3,
-                 help="speculation length of se and cosd (default 3)")
+  p.add_argument("--gamma", type=gamma_arg, default=None, metavar="N|auto",
+                 help="speculation length of sd and se, and cosd's window (default auto with "
+                 "the real models, 3 built-in); auto: sd and se choose theirs from a short "
+                 "calibration on the demo's prompt (`gamma=\"auto\"`, README \"Choosing "
+                 f"gamma\"; ~10-30 s a row on a 2-core CPU), cosd keeps {COSD_AUTO_WINDOW}")
   p.add_argument("--runs", default=",".join(RUNS),
                  help="comma-separated subset of: " + ", ".join(RUNS))
   p.add_argument("--width", type=int, default=56, help="characters of each output shown")
@@ -83,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
   real = not args.builtin and args.models_dir is None and not missing_real
   if args.max_new_tokens is None:
     args.max_new_tokens = 48 if real else 32
+  if args.gamma is None:
+    args.gamma = "auto" if real else 3
   if real:
     return demo_real.run(args)
   if not args.builtin and args.models_dir is None:
@@ -102,8 +140,8 @@ def run_builtin(args: argparse.Namespace) -> int:
   unknown = [n for n in names if n not in RUNS]
   if unknown or not names:
     raise ValueError(f"unknown demo run(s) {unknown}; choose from {', '.join(RUNS)}")
-  if args.max_new_tokens < 1 or args.gamma < 1:
-    raise ValueError("--max-new-tokens and --gamma must be >= 1")
+  if args.max_new_tokens < 1:
+    raise ValueError("--max-new-tokens must be >= 1")
   missing = [n for n in names if RUNS[n][0] not in METHODS]
   names = [n for n in names if n not in missing]
 
@@ -129,7 +167,7 @@ def run_builtin(args: argparse.Namespace) -> int:
     if draft is not None:
       kwargs["draft"] = models[draft]
     if METHODS[method].speculative:
-      kwargs["gamma"] = args.gamma
+      kwargs["gamma"] = args.gamma if method in ("sd", "se") else fixed_gamma(args.gamma)
     group = [models[m] for m in members]
     group = group[0] if len(group) == 1 else group
     out, compile_s, run_s = _timed(name, lambda: decode(group, prompts, lengths, **kwargs))
@@ -139,7 +177,8 @@ def run_builtin(args: argparse.Namespace) -> int:
                      "tokens_per_s": tokens / run_s, "wall_s": run_s,
                      "compile_s": compile_s, "acceptance_rate": stats["acceptance_rate"],
                      "steps": stats["steps"], "model_calls": stats["model_calls"],
-                     "tokens": int(np.sum(out.lengths))}
+                     "tokens": int(np.sum(out.lengths)),
+                     "gamma": gamma_used(stats, kwargs.get("gamma"))}
     print(f"  {name}: compiled in {compile_s:.1f}s", flush=True)
 
   for i, (domain, prompt) in enumerate(PROMPTS):
@@ -150,16 +189,16 @@ def run_builtin(args: argparse.Namespace) -> int:
   for n in names:
     r = results[n]
     acc = "—" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
-    rows.append([n, f"{r['tokens_per_s']:.1f}", acc, str(r["steps"]), str(r["tokens"]),
-                 f"{r['compile_s']:.1f}"])
-  print("\n" + _table(["method", "tokens/s", "acceptance", "loop steps", "tokens", "compile s"],
-                      rows))
+    rows.append([n, f"{r['tokens_per_s']:.1f}", acc, gamma_cell(r["gamma"]), str(r["steps"]),
+                 str(r["tokens"]), f"{r['compile_s']:.1f}"])
+  print("\n" + _table(["method", "tokens/s", "acceptance", "gamma", "loop steps", "tokens",
+                       "compile s"], rows))
   if "se" in results and "ensemble" in results:
     why = slower_sentence({"method": "se", "tok/s": results["se"]["tokens_per_s"],
                            "acceptance": results["se"]["acceptance_rate"],
                            "calls": results["se"]["model_calls"]},
                           {"method": "ensemble", "tok/s": results["ensemble"]["tokens_per_s"]},
-                          args.gamma)
+                          results["se"]["gamma"])
     if why:
       print(why)
   if missing:

