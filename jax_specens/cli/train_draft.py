@@ -31,7 +31,9 @@ alpha (T=1 acceptance), loss, the draft's own bytes and its bytes read per token
 
 --init-from DIR continues a draft (a second phase): the shipped feature draft is the command
 below with --features --layers 29 --unroll 2, then the same with --features --init-from the
-first result --unroll 3 --learning-rate 5e-4 --checkpoint-dir the first's checkpoint dir.
+first result --unroll 3 --learning-rate 5e-4 --checkpoint-dir the first's checkpoint dir, then
+two phases on greedy answers (--chat-prompts 820, then 1148 with --keep last; README "A fourth
+phase").
 Gemma-3-270M's shipped draft: --features --layers 17 --vocab-k 16384 --unroll 3 --borrow-tokenizer
 and a smaller text recipe, continued likewise, last on --prompt-family openings (README "A draft
 for Gemma-3-270M").
