@@ -253,11 +253,16 @@ def test_a_prompt_family_answers_only_its_prompts():
     DraftRecipe(prompt_family="stories")
 
 
-def test_an_interrupted_run_resumes_exactly(tmp_path):
+def _text_labels():
+  """(target, hard labels of 800 stdlib tokens, their 256 most frequent ids): a tiny train set."""
   target, tok = load_model(TARGET), load_tokenizer(TARGET)
   rows = D.text_rows(tok, "train", 24, 800)
   h = D.hard_labels(rows, [1] * len(rows), 24, 4)
-  subset = D.frequent_ids(h, 256, target.config.vocab_size)
+  return target, h, D.frequent_ids(h, 256, target.config.vocab_size)
+
+
+def test_an_interrupted_run_resumes_exactly(tmp_path):
+  target, h, subset = _text_labels()
   cfg = TrainConfig(batch_size=4, max_steps=12, eval_every=6)
   straight, _ = train(init_from_target(target, [0], subset), h, h, cfg,
                       checkpoint_dir=tmp_path / "a", progress=False)
@@ -278,11 +283,8 @@ def test_an_interrupted_run_resumes_exactly(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_keep_best_returns_the_start_when_training_only_hurts_and_keep_last_the_end(tmp_path):
-  target, tok = load_model(TARGET), load_tokenizer(TARGET)
-  rows = D.text_rows(tok, "train", 24, 800)
-  h = D.hard_labels(rows, [1] * len(rows), 24, 4)
-  subset = D.frequent_ids(h, 256, target.config.vocab_size)
+def test_keep_best_returns_the_start_when_training_only_hurts_and_keep_last_the_end():
+  target, h, subset = _text_labels()
   start = init_from_target(target, [0], subset)
   ruinous = dict(batch_size=4, max_steps=4, eval_every=2, learning_rate=10.0)  # loss only rises
   best, hb = train(start, h, h, TrainConfig(**ruinous), progress=False)

@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_builtin(args: argparse.Namespace) -> int:
+  from jax_specens.autogamma import PROBE_GAMMA  # the methods gamma="auto" prices
   from jax_specens.cli.demo_real import _timed, slower_sentence
   from jax_specens.decoding.api import decode
   from jax_specens.decoding import METHODS
@@ -167,7 +168,7 @@ def run_builtin(args: argparse.Namespace) -> int:
     if draft is not None:
       kwargs["draft"] = models[draft]
     if METHODS[method].speculative:
-      kwargs["gamma"] = args.gamma if method in ("sd", "se") else fixed_gamma(args.gamma)
+      kwargs["gamma"] = args.gamma if method in PROBE_GAMMA else fixed_gamma(args.gamma)
     group = [models[m] for m in members]
     group = group[0] if len(group) == 1 else group
     out, compile_s, run_s = _timed(name, lambda: decode(group, prompts, lengths, **kwargs))

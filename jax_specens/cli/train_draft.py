@@ -52,6 +52,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   from jax_specens.draft.pipeline import GREEDY_LABELS, DraftRecipe
   from jax_specens.draft.prompts import FAMILIES
   from jax_specens.draft.prompts import prompts as chat_prompts
+  from jax_specens.draft.train import KEEP, TrainConfig
   R = DraftRecipe()  # noqa: N806  (the flags' defaults are the recipe's)
   p = subparsers.add_parser(
       "train-draft", help="distil a small reduced-vocabulary draft model from a target",
@@ -112,7 +113,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--time-budget", type=float, default=40.0, metavar="MINUTES",
                  help="stop training after this many minutes (the learning-rate schedule follows "
                  "the elapsed time, so it completes; labels are not counted; default %(default)g)")
-  p.add_argument("--keep", choices=("best", "last"), default="best",
+  p.add_argument("--keep", choices=KEEP, default=TrainConfig.keep,
                  help="the draft written: best (lowest held-out loss, the start included; "
                  "default) or last (the final weights). The held-out prompts are the first "
                  "family's (--eval-chat-prompts), so a phase on other families may learn what "
