@@ -20,7 +20,7 @@ from jax_specens.checkpoint import (atomic_dir, copy_tokenizer_files, load_model
                                     write_model_files)
 from jax_specens.draft import data as D
 from jax_specens.draft.model import SHARED, init_from_target, own_bytes, read_bytes_per_token
-from jax_specens.draft.prompts import FAMILIES
+from jax_specens.draft.prompts import FAMILIES, held_out_count
 from jax_specens.draft.train import TrainConfig, evaluate, train
 
 DISTILL_FILE = "distill.json"
@@ -55,7 +55,10 @@ class DraftRecipe:
   # 820 answers cost 3.5 minutes, their generation 9.5.
   greedy_labels: str = "tokens"
   text_tokens: int = 150000  # stdlib prose + code tokens labelled by the teacher
-  eval_chat_prompts: int = 27  # all the held-out ones
+  # None: every held-out prompt of the families the training prompts come from
+  # (`prompts.held_out_count`: 27 for the first family's 379, 116 for all 1148). A fixed 27 (the
+  # first family's) made the SmolLM2 fourth phase's held-out loss blind to what it learnt
+  eval_chat_prompts: int | None = None
   eval_text_tokens: int = 3000
   harvest_batch: int = 16  # rows per teacher pass
   gen_batch: int = 32  # rows per generation call
@@ -75,6 +78,9 @@ class DraftRecipe:
     if self.prompt_family not in FAMILIES:
       raise ValueError(f"prompt_family must be one of {', '.join(FAMILIES)} (--prompt-family), "
                        f"got {self.prompt_family!r}")
+    if self.eval_chat_prompts is None:
+      object.__setattr__(self, "eval_chat_prompts",
+                         held_out_count(self.chat_prompts, self.prompt_family))
     if self.seq_len < 8 or self.top < 1:
       raise ValueError("seq_len must be >= 8 (--seq-len) and top >= 1 (--top)")
 

@@ -132,3 +132,13 @@ def prompts(split: str, family: str = "all") -> list[str]:
   `family` (`all_prompts`)."""
   test = split == "test"
   return [p for p in all_prompts(family) if (split_of(f"chat:{p}") == "test") == test]
+
+
+def held_out_count(train_n: int, family: str = "all") -> int:
+  """How many held-out prompts match the first `train_n` training prompts of `family`: every
+  held-out prompt of each family those come from. Families come in order, so they are
+  `prompts("test", family)[:count]`: of "all", 379 (the first family) -> 27, 820 (the first two)
+  -> 78, 1148 (all three) -> 116."""
+  trained = set(prompts("train", family)[:train_n])
+  families = FAMILIES[1:] if family == "all" else (family,)
+  return sum(len(prompts("test", f)) for f in families if trained & set(all_prompts(f)))
