@@ -18,10 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jax_specens
 from jax_specens.decoding.api import decode
 from jax_specens.draft import init_from_target
+from jax_specens.draft.model import grown
+from jax_specens.models.layout import unrolled
 from tests.fixtures_models import CASES, VOCAB, one_torch_thread
 
 B, T, CACHE = 2, 12, 32
@@ -81,6 +84,29 @@ def test_the_test_has_power(hf_zoo):
   for other in ((0, 1), (1, 2), (0, 1, 2)):
     ref = torch_logits_with_layers(case.torch_model, other)[..., SUBSET]
     assert np.abs(ours - ref).max() > 100 * ATOL, other
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_grown_draft_computes_what_its_parent_did_with_the_new_layers_types(hf_zoo, name):
+  """`grown`: the target's layer 0 inserted before a draft of its last layer starts as the
+  identity (output projections zero), so the logits are the parent's; the new layer keeps its
+  own window and RoPE type, and its other weights are the target's."""
+  case = hf_zoo[name]
+  last = case.config.num_layers - 1
+  parent = init_from_target(case.model, (last,), SUBSET)
+  child = grown(parent, case.model, (0,))
+  assert child.config.num_layers == 2
+  if case.config.layer_types:
+    assert child.config.layer_types == (case.config.layer_type(0), case.config.layer_type(last))
+  a = np.asarray(our_logits(parent, jnp.asarray(TOKENS)))[..., SUBSET]
+  b = np.asarray(our_logits(child, jnp.asarray(TOKENS)))[..., SUBSET]
+  np.testing.assert_allclose(b, a, atol=ATOL)
+  layer = nnx.to_pure_dict(child.params)["layers"][0]
+  source = nnx.to_pure_dict(unrolled(case.model).params)["layers"][0]
+  assert not np.any(np.asarray(layer["attn"]["o"]["kernel"]))
+  assert not np.any(np.asarray(layer["mlp"]["down"]["kernel"]))
+  np.testing.assert_array_equal(np.asarray(layer["attn"]["q"]["kernel"]),
+                                np.asarray(source["attn"]["q"]["kernel"]))
 
 
 @pytest.mark.parametrize("name", ["gemma3-softcap-mqa-untied", "mistral-gqa-window5-untied",

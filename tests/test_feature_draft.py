@@ -11,7 +11,8 @@ own along its chain of proposals); `sd` runs `decoding/sd_features.py` for it. S
 - such a draft is refused everywhere but as sd's draft, and without features;
 - `train-draft --features`: distillation lowers the held-out loss (unrolled along the chain),
   writes the target's features beside the labels, and the directory serves sd losslessly; a
-  second phase (`init_from`) continues it on the same labels.
+  second phase (`init_from`) continues it on the same labels, and may grow it by target layers
+  that start as the identity (`grow_layers`).
 """
 
 import dataclasses
@@ -225,6 +226,33 @@ def test_a_second_phase_continues_the_draft_on_the_first_phases_labels(distilled
   with pytest.raises(ValueError, match="add --features"):
     train_draft(TARGET, tmp_path / "x", TINY, TrainConfig(max_steps=1), checkpoint_dir=ckpt,
                 init_from=first, progress=False)
+  assert not (tmp_path / "x").exists()
+
+
+def test_a_grown_draft_starts_where_its_parent_ended_and_trains_its_new_layer(distilled,
+                                                                               tmp_path):
+  """`grow_layers`: a target layer inserted before the draft's own starts as the identity (the
+  held-out numbers start at the parent's), then trains; the result is a two-layer draft that
+  serves sd losslessly and records both layers."""
+  first, m1 = distilled
+  ckpt = first.parent / f"{first.name}.ckpt"
+  out = tmp_path / "grown"
+  m2 = train_draft(TARGET, out, dataclasses.replace(TINY, features=True),
+                   TrainConfig(batch_size=8, max_steps=20, eval_every=10, learning_rate=3e-3,
+                               unroll=2), checkpoint_dir=ckpt, init_from=first, grow_layers=(1,),
+                   progress=False)
+  for key in ("loss", "loss_2", "agree", "alpha"):
+    assert m2["initial_eval"][key] == pytest.approx(m1["final_eval"][key], rel=1e-4), key
+  assert m2["final_eval"]["loss"] < m2["initial_eval"]["loss"] - 0.005
+  assert m2["recipe"]["layers"] == [1, 0]
+  assert m2["read_bytes_ratio"] > m1["read_bytes_ratio"]
+  _, draft, _, _ = assert_greedy_sd_equals_ar(out)
+  assert draft.config.num_layers == 2 and draft.config.feature_input
+  new = nnx.to_pure_dict(draft.params)["layers"][0]
+  assert np.abs(np.asarray(new["attn"]["o"]["kernel"])).max() > 1e-4  # no longer the identity
+  with pytest.raises(ValueError, match="--init-from"):
+    train_draft(TARGET, tmp_path / "x", TINY, TrainConfig(max_steps=1), checkpoint_dir=ckpt,
+                grow_layers=(1,), progress=False)
   assert not (tmp_path / "x").exists()
 
 

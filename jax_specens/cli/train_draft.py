@@ -67,6 +67,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  "builtin:NAME) instead of starting from the target's layers: its layers and K ids "
                  "are kept. With the first phase's --checkpoint-dir its labels are reused; e.g. a "
                  "second phase with a longer --unroll")
+  p.add_argument("--grow-layers", default=None, metavar="LAYERS",
+                 help="with --init-from: comma-separated target layers inserted before the "
+                 "continued draft's own, each starting as the identity (its output projections "
+                 "zero), so training goes on from where that draft ended with more depth (e.g. "
+                 "--grow-layers 28 on the SmolLM2 feature draft, started from layer 29)")
   p.add_argument("--vocab-k", type=int, default=R.vocab_k,
                  help="K: ids in the draft's head (default %(default)s; the target's full vocabulary "
                  "is used when K >= its size)")
@@ -138,13 +143,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   return p
 
 
-def _layers(text: str) -> tuple[int, ...]:
+def _layers(text: str, flag: str = "--layers") -> tuple[int, ...]:
   try:
     layers = tuple(int(x) for x in text.split(",") if x.strip())
   except ValueError:
-    raise ValueError(f"--layers must be comma-separated integers such as 0,1; got {text!r}")
+    raise ValueError(f"{flag} must be comma-separated integers such as 0,1; got {text!r}")
   if not layers:
-    raise ValueError("--layers is empty; give target layer indices such as --layers 0,1")
+    raise ValueError(f"{flag} is empty; give target layer indices such as {flag} 0,1")
   return layers
 
 
@@ -180,7 +185,9 @@ def run(args: argparse.Namespace) -> int:
   m = train_draft(args.target, args.out, recipe, config, checkpoint_dir=args.checkpoint_dir,
                   overwrite=args.overwrite, store_dtype=args.store_dtype,
                   progress=not args.quiet, init_from=args.init_from,
-                  borrow_tokenizer=args.borrow_tokenizer)
+                  borrow_tokenizer=args.borrow_tokenizer,
+                  grow_layers=() if args.grow_layers is None else _layers(args.grow_layers,
+                                                                          "--grow-layers"))
   summary = {k: m[k] for k in ("train_tokens", "eval_tokens", "subset_coverage_eval",
                                "initial_eval", "final_eval", "steps", "train_seconds",
                                "draft_own_bytes", "read_bytes_ratio")}

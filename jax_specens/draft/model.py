@@ -71,6 +71,40 @@ def init_from_target(target: Model, layers: Sequence[int], vocab_subset: Sequenc
   return Model(config=config, graphdef=abstract.graphdef, params=params)
 
 
+def grown(draft: Model, target: Model, layers: Sequence[int]) -> Model:
+  """`draft` (a draft of `target`) with the target's `layers` inserted before its own layers, each
+  starting as the identity: its attention and MLP output projections are zero, so the grown
+  draft's logits equal `draft`'s and training continues from where `draft` ended with more depth
+  (e.g. SmolLM2's one-layer feature draft grown by layer 28)."""
+  layers = [int(i) for i in layers]
+  t = target.config
+  bad = [i for i in layers if not 0 <= i < t.num_layers]
+  if not layers or bad:
+    raise ValueError(f"layers to grow {layers} must be a non-empty list of target layer indices "
+                     f"in [0, {t.num_layers}) (e.g. --grow-layers 28)")
+  c = draft.config
+  types = (tuple(t.layer_type(i) for i in layers) + tuple(c.layer_type(j)
+                                                          for j in range(c.num_layers))
+           if t.layer_types else ())
+  config = dataclasses.replace(c, num_layers=c.num_layers + len(layers), layer_types=types)
+  pure = nnx.to_pure_dict(unrolled(draft).params)
+  source = nnx.to_pure_dict(unrolled(target).params)["layers"]
+
+  def silent(block: dict) -> dict:  # the block's residual contributions made zero
+    out = jax.tree_util.tree_map(jnp.asarray, block)
+    for part, proj in (("attn", "o"), ("mlp", "down")):
+      out[part][proj] = jax.tree_util.tree_map(jnp.zeros_like, out[part][proj])
+    return out
+
+  own = pure.pop("layers")
+  pure["layers"] = {j: silent(source[i]) for j, i in enumerate(layers)}
+  pure["layers"].update({len(layers) + j: own[j] for j in range(c.num_layers)})
+  abstract = abstract_model(config, draft.dtype)
+  params = abstract.params
+  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map(jnp.asarray, pure))
+  return Model(config=config, graphdef=abstract.graphdef, params=params)
+
+
 def own_bytes(draft: Model) -> int:
   """Bytes of the draft's own weights: everything but the embedding it shares with its target."""
   pure = nnx.to_pure_dict(draft.params)

@@ -19,7 +19,8 @@ from jax_specens.builtin import resolve
 from jax_specens.checkpoint import (atomic_dir, copy_tokenizer_files, load_model, load_tokenizer,
                                     write_model_files)
 from jax_specens.draft import data as D
-from jax_specens.draft.model import SHARED, init_from_target, own_bytes, read_bytes_per_token
+from jax_specens.draft.model import (SHARED, grown, init_from_target, own_bytes,
+                                     read_bytes_per_token)
 from jax_specens.draft.prompts import FAMILIES, held_out_count
 from jax_specens.draft.train import TrainConfig, evaluate, train
 
@@ -195,12 +196,18 @@ def _continued(init_from, target, recipe: DraftRecipe):
                  if k in previous}
 
 
+def _own_layers(previous: dict, grow_layers) -> list[int] | None:
+  """The target layers a continued draft started from: its parent's, after `grow_layers`."""
+  parent = previous.get("recipe", {}).get("layers")
+  return None if parent is None else [*map(int, grow_layers), *parent]
+
+
 def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 recipe: DraftRecipe = DraftRecipe(), config: TrainConfig = TrainConfig(), *,
                 checkpoint_dir: str | os.PathLike | None = None, overwrite: bool = False,
                 store_dtype=None, progress: bool = True,
-                init_from: str | os.PathLike | None = None, borrow_tokenizer: bool = False
-                ) -> dict:
+                init_from: str | os.PathLike | None = None, borrow_tokenizer: bool = False,
+                grow_layers: tuple[int, ...] = ()) -> dict:
   """Distils a draft of the model in `target_dir` into `out_dir`; returns the metrics written
   to `out_dir/distill.json`. checkpoint_dir (default `<out_dir>.ckpt`): teacher labels and
   training state; an interrupted run resumes from it. store_dtype: see `save_draft` (the
@@ -210,11 +217,15 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
   starting from the target's layers: its layers and K ids are kept (`recipe.layers` and
   `recipe.vocab_k` are not used), e.g. a second phase with a longer `config.unroll`. Its training
   state goes to `<checkpoint_dir>/continue-<out name>`, so the first phase's labels are reused
-  when `checkpoint_dir` is the first phase's."""
+  when `checkpoint_dir` is the first phase's. grow_layers (with init_from): target layers inserted
+  before the continued draft's own, each starting as the identity (`model.grown`)."""
   out = Path(out_dir)
   if config.unroll > 1 and not recipe.features:
     raise ValueError(f"--unroll {config.unroll} trains a draft along its own features: add "
                      "--features (DraftRecipe(features=True)), or leave --unroll at 1")
+  if grow_layers and init_from is None:
+    raise ValueError("--grow-layers deepens a trained draft: give the draft to grow with "
+                     "--init-from (a new draft takes its layers from --layers)")
   if out.exists() and not overwrite:
     raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
   t0 = time.time()
@@ -224,7 +235,7 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
     raise FileNotFoundError(f"{target_dir} has no tokenizer files; the draft is distilled on "
                             "text tokenized by the target's tokenizer (convert the target with its "
                             "tokenizer)")
-  bad = [i for i in recipe.layers if not 0 <= i < target.config.num_layers]
+  bad = [i for i in recipe.layers + tuple(grow_layers) if not 0 <= i < target.config.num_layers]
   if bad:
     raise ValueError(f"--layers {bad} not in [0, {target.config.num_layers}) (the target's layers)")
   start = None if init_from is None else _continued(init_from, target, recipe)
@@ -239,6 +250,8 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
     draft, train_dir = init_from_target(target, recipe.layers, subset, recipe.features), "train"
   else:
     (draft, previous), train_dir = start, f"continue-{out.name}"
+    if grow_layers:
+      draft = grown(draft, target, grow_layers)
     subset = np.asarray(draft.config.vocab_subset)
   draft, history = train(draft, train_h, test_h, config, checkpoint_dir=ckpt / train_dir,
                          progress=progress)
@@ -246,7 +259,7 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
   final = evaluate(draft, test_h, config.batch_size, config.unroll)
   top1 = test_h.top_ids[..., 0][test_h.mask > 0]
   kept = {} if start is None else {  # a continued draft's own layers and K, not the recipe's
-      "layers": previous.get("recipe", {}).get("layers"), "vocab_k": len(subset)}
+      "layers": _own_layers(previous, grow_layers), "vocab_k": len(subset)}
   metrics = {
       "target": str(Path(target_dir).absolute()),
       "recipe": dataclasses.asdict(recipe) | kept, "train_config": dataclasses.asdict(config),
