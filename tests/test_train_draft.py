@@ -327,6 +327,9 @@ def test_cli_help_and_errors_name_the_flag(tmp_path):
   assert r.returncode == 2 and "--grow-layers" in r.stderr and "--init-from" in r.stderr
   r = _cli("--target", str(TARGET), "--out", str(tmp_path / "o"), "--grow-layers", "x")
   assert r.returncode == 2 and "--grow-layers must be comma-separated" in r.stderr
+  r = _cli("--target", str(TARGET), "--out", str(tmp_path / "o"), "--grow-layers", "9",
+           "--init-from", str(tmp_path))
+  assert r.returncode == 2 and "--grow-layers [9] not in" in r.stderr
   assert not (tmp_path / "o").exists()
 
 

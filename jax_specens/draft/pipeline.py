@@ -235,9 +235,10 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
     raise FileNotFoundError(f"{target_dir} has no tokenizer files; the draft is distilled on "
                             "text tokenized by the target's tokenizer (convert the target with its "
                             "tokenizer)")
-  bad = [i for i in recipe.layers + tuple(grow_layers) if not 0 <= i < target.config.num_layers]
-  if bad:
-    raise ValueError(f"--layers {bad} not in [0, {target.config.num_layers}) (the target's layers)")
+  for flag, layers in (("--layers", recipe.layers), ("--grow-layers", grow_layers)):
+    bad = [i for i in layers if not 0 <= i < target.config.num_layers]
+    if bad:
+      raise ValueError(f"{flag} {bad} not in [0, {target.config.num_layers}) (the target's layers)")
   start = None if init_from is None else _continued(init_from, target, recipe)
   ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else out.parent / f"{out.name}.ckpt"
   ckpt.mkdir(parents=True, exist_ok=True)
