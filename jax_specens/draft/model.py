@@ -58,7 +58,6 @@ def init_from_target(target: Model, layers: Sequence[int], vocab_subset: Sequenc
   the feature before it."""
   config = draft_config(target.config, layers, vocab_subset, features)
   pure = nnx.to_pure_dict(unrolled(target).params)
-  abstract = abstract_model(config, target.dtype)
   new = {k: pure[k] for k in SHARED if k in pure}
   new["final_norm"] = pure["final_norm"]
   new["layers"] = {j: pure["layers"][i] for j, i in enumerate(layers)}
@@ -66,8 +65,14 @@ def init_from_target(target: Model, layers: Sequence[int], vocab_subset: Sequenc
   if features:
     d = config.hidden_size
     new["fuse"] = {"kernel": jnp.concatenate([jnp.eye(d), jnp.eye(d)]).astype(target.dtype)}
+  return _built(config, target.dtype, new)
+
+
+def _built(config: ModelConfig, dtype, pure: dict) -> Model:
+  """The model of `config` whose parameters are the pure dict `pure` (arrays or numpy)."""
+  abstract = abstract_model(config, dtype)
   params = abstract.params
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map(jnp.asarray, new))
+  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map(jnp.asarray, pure))
   return Model(config=config, graphdef=abstract.graphdef, params=params)
 
 
@@ -99,10 +104,7 @@ def grown(draft: Model, target: Model, layers: Sequence[int]) -> Model:
   own = pure.pop("layers")
   pure["layers"] = {j: silent(source[i]) for j, i in enumerate(layers)}
   pure["layers"].update({len(layers) + j: own[j] for j in range(c.num_layers)})
-  abstract = abstract_model(config, draft.dtype)
-  params = abstract.params
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map(jnp.asarray, pure))
-  return Model(config=config, graphdef=abstract.graphdef, params=params)
+  return _built(config, draft.dtype, pure)
 
 
 def own_bytes(draft: Model) -> int:
