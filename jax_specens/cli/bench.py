@@ -20,6 +20,8 @@ BENCHMARKS = {
     "roofline": ("gpu_roofline", "decode step time of a ~1B Llama-shaped bf16 model vs the memory "
                  "bandwidth roofline, and tokens/s of every method at batch 1 and 16 (--small on "
                  "CPU)"),
+    "gpu-rows": ("gpu_rows", "batch 1 on GPU: bf16 products of 1 / 2 / 16 activation rows, and "
+                 "in-loop ar at batch 1 with one-row products padded to 1 / 2 / 4 rows"),
     "compile": ("compile_bench", "compile time and number of compilations of decode() per method"),
     "sampling": ("sampling_bench", "the cost of a sampling distribution per filter (greedy, "
                  "temperature, top-k, top-p, min-p) next to a sort of the same logits"),

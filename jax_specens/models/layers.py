@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,18 @@ INIT = nnx.initializers.normal(0.02)
 
 # float32 bytes of one converted piece of a weight (see `weight_dot`): small enough to stay in cache
 CHUNK_BYTES = 4 << 20
+
+
+def gpu_min_rows() -> int:
+  """Rows a one-row product is padded to on GPU (`JAX_SPECENS_GPU_MIN_ROWS`, default 2; 1: off).
+
+  Read when a function is traced: benchmarks compare settings with `jax.clear_caches()` between.
+  """
+  value = os.environ.get("JAX_SPECENS_GPU_MIN_ROWS", "2")
+  if not value.strip().isdigit() or int(value) < 1:
+    raise ValueError(f"JAX_SPECENS_GPU_MIN_ROWS={value!r}: give a whole number of rows >= 1 "
+                     "(2, the default, pads one-row products on GPU to two rows; 1 turns it off)")
+  return int(value)
 
 
 def _after(w: Array, y: Array) -> Array:
@@ -38,14 +51,19 @@ def weight_dot(x: Array, w: Array, dims, precision=None, preferred_element_type=
   low-precision `w` is therefore converted only after `x` exists (a data dependency), and a
   2-D `w` larger than `CHUNK_BYTES` in float32 in pieces along its output dimension, each after
   the previous piece's product: the converted copies are small and reused, and stay in cache.
-  Elsewhere (GPU, TPU) the product reads `w` as it is. With `JAX_SPECENS_CPU_KERNELS=1` the
-  products of decode passes (at most 16 rows) run in `jax_specens/kernels/cpu.py`'s kernel.
+  Elsewhere (GPU, TPU) the product reads `w` as it is; on GPU a product of one activation row (a
+  batch-1 decode step) is padded with zero rows to `gpu_min_rows()`: on an H200 a 1B bf16 model's
+  batch-1 step took 1.81 ms with XLA's one-row products, 1.04 ms padded (`benchmarks/gpu_rows.py`).
+  With `JAX_SPECENS_CPU_KERNELS=1` the products of decode passes (at most 16 rows) run in
+  `jax_specens/kernels/cpu.py`'s kernel.
   """
   out = preferred_element_type or x.dtype
   (xc, wc), batch = dims
   if out_sharding is None and _cpu_kernel(x, w, dims, precision):
     y = cpu.small_matmul(x.reshape(-1, x.shape[-1]), w, transposed=wc[0] == 1)
     return y.reshape(x.shape[:-1] + y.shape[-1:]).astype(out)
+  if _one_row_on_gpu(x, dims, out_sharding):
+    return _padded_dot(x, w, wc, precision, gpu_min_rows()).astype(out)
   if w.dtype == jnp.float32 or jax.default_backend() != "cpu":
     return jax.lax.dot_general(x, w, dims, precision, preferred_element_type=jnp.float32,
                                out_sharding=out_sharding).astype(out)
@@ -63,6 +81,24 @@ def weight_dot(x: Array, w: Array, dims, precision=None, preferred_element_type=
                                preferred_element_type=jnp.float32)
     pieces.append(prev)
   return jnp.concatenate(pieces, -1).astype(out)
+
+
+def _one_row_on_gpu(x, dims, out_sharding) -> bool:
+  """Whether `x` is one activation row contracted on its last dim, on GPU, to be padded."""
+  (xc, _), batch = dims
+  return (out_sharding is None and batch == ((), ()) and tuple(xc) == (x.ndim - 1,)
+          and x.size == x.shape[-1] and gpu_min_rows() > 1 and jax.default_backend() == "gpu")
+
+
+def _padded_dot(x: Array, w: Array, wc, precision, rows: int) -> Float[Array, "..."]:
+  """`x` (one row, any leading shape of ones) times `w` as a `rows`-row product; row 0, float32.
+
+  The zero rows sit behind an optimisation barrier so that XLA cannot fold the padding away.
+  """
+  padded = jax.lax.optimization_barrier(jnp.pad(x.reshape(1, -1), ((0, rows - 1), (0, 0))))
+  y = jax.lax.dot_general(padded, w, (((1,), tuple(wc)), ((), ())), precision,
+                          preferred_element_type=jnp.float32)
+  return y[0].reshape(x.shape[:-1] + y.shape[1:])
 
 
 def _cpu_kernel(x, w, dims, precision) -> bool:
