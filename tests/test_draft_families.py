@@ -13,6 +13,7 @@ decoder layer list cut to the same layers (each HF layer keeps its own attention
 from __future__ import annotations
 
 import copy
+import re
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from flax import nnx
 import jax_specens
 from jax_specens.decoding.api import decode
 from jax_specens.draft import init_from_target
-from jax_specens.draft.model import grown
+from jax_specens.draft.model import grown, target_layers
 from jax_specens.models.layout import unrolled
 from tests.fixtures_models import CASES, VOCAB, one_torch_thread
 
@@ -127,3 +128,14 @@ def test_greedy_sd_with_a_sliding_window_draft_equals_ar(hf_zoo, name):
   np.testing.assert_array_equal(np.asarray(sd.tokens), np.asarray(ar.tokens))
   stats = sd.stats.to_dict()
   assert stats["accepted"] > 0 and stats["rejections"] > 0, f"{name}: {stats}"
+
+
+@pytest.mark.parametrize("layers,flag,named", [((0, 4), "--layers", "[4]"), ((), "--layers", "[]"),
+                                               ((-1,), "--grow-layers", "[-1]")])
+def test_layer_indices_outside_the_target_are_refused_by_their_flag(layers, flag, named):
+  config = jax_specens.ModelConfig(family="llama", vocab_size=16, hidden_size=8,
+                                   intermediate_size=16, num_layers=4, num_heads=2, num_kv_heads=1,
+                                   head_dim=4)
+  assert target_layers((3, 0), config, flag) == [3, 0]
+  with pytest.raises(ValueError, match="^" + re.escape(f"{flag} {named} not in [0, 4)")):
+    target_layers(layers, config, flag)

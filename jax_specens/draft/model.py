@@ -25,15 +25,23 @@ from jax_specens.models.model import Model
 SHARED = ("embed", "pos_embed")
 
 
+def target_layers(layers: Sequence[int], target: ModelConfig,
+                  flag: str = "--layers") -> list[int]:
+  """`layers` as ints, checked to be a non-empty list of `target`'s layer indices; the error names
+  the command-line `flag` that gave them."""
+  layers = [int(i) for i in layers]
+  bad = [i for i in layers if not 0 <= i < target.num_layers]
+  if not layers or bad:
+    raise ValueError(f"{flag} {bad or layers} not in [0, {target.num_layers}) (the target's "
+                     f"layers): give a non-empty list of target layer indices (e.g. {flag} 0,1)")
+  return layers
+
+
 def draft_config(target: ModelConfig, layers: Sequence[int], vocab_subset: Sequence[int],
                  features: bool = False) -> ModelConfig:
   """The target's config with only `layers` (target layer indices) and a K-id head; features:
   a draft that also reads the target's hidden states (`ModelConfig.feature_input`)."""
-  layers = [int(i) for i in layers]
-  bad = [i for i in layers if not 0 <= i < target.num_layers]
-  if not layers or bad:
-    raise ValueError(f"draft layers {layers} must be a non-empty list of target layer indices in "
-                     f"[0, {target.num_layers}) (e.g. --layers 0,1)")
+  layers = target_layers(layers, target)
   if target.vocab_subset:
     raise ValueError("the target already has a reduced vocabulary; distil from a full model")
   types = tuple(target.layer_type(i) for i in layers) if target.layer_types else ()
@@ -81,12 +89,8 @@ def grown(draft: Model, target: Model, layers: Sequence[int]) -> Model:
   starting as the identity: its attention and MLP output projections are zero, so the grown
   draft's logits equal `draft`'s and training continues from where `draft` ended with more depth
   (e.g. SmolLM2's one-layer feature draft grown by layer 28)."""
-  layers = [int(i) for i in layers]
   t = target.config
-  bad = [i for i in layers if not 0 <= i < t.num_layers]
-  if not layers or bad:
-    raise ValueError(f"layers to grow {layers} must be a non-empty list of target layer indices "
-                     f"in [0, {t.num_layers}) (e.g. --grow-layers 28)")
+  layers = target_layers(layers, t, "--grow-layers")
   c = draft.config
   types = (tuple(t.layer_type(i) for i in layers) + tuple(c.layer_type(j)
                                                           for j in range(c.num_layers))
