@@ -233,6 +233,8 @@ def test_greedy_answers_are_labelled_by_their_tokens_or_by_the_teacher():
   assert soft.mask.sum() > hard.mask.sum()  # the prompt's positions too
   assert "greedy_labels" not in DraftRecipe().harvest_key()  # older caches: tokens
   assert DraftRecipe(greedy_labels="teacher").harvest_key()["greedy_labels"] == "teacher"
+  assert "answer_temperatures" not in DraftRecipe(answer_temperatures=(0.0,)).harvest_key()
+  assert DraftRecipe(answer_temperatures=(0.0, 1.0)).harvest_key()["answer_temperatures"] == [0, 1]
   with pytest.raises(ValueError, match="--greedy-labels"):
     DraftRecipe(greedy_labels="soft")
 

@@ -20,12 +20,15 @@ from jax_specens.checkpoint import (atomic_dir, copy_tokenizer_files, load_model
                                     write_model_files)
 from jax_specens.draft import data as D
 from jax_specens.draft.model import (SHARED, grown, init_from_target, own_bytes,
-                                     read_bytes_per_token)
+                                     read_bytes_per_token, target_layers)
 from jax_specens.draft.prompts import FAMILIES, held_out_count
 from jax_specens.draft.train import TrainConfig, evaluate, train
 
 DISTILL_FILE = "distill.json"
 GREEDY_LABELS = ("tokens", "teacher")  # DraftRecipe.greedy_labels
+# recipe fields added after the first label caches were written, with the value they then had
+LATER_HARVEST_FIELDS = {"answer_temperatures": (0.0,), "greedy_labels": "tokens",
+                        "prompt_family": "all"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +92,9 @@ class DraftRecipe:
     d = dataclasses.asdict(self)
     key = {k: d[k] for k in ("seq_len", "top", "chat_prompts", "answer_tokens", "text_tokens",
                              "eval_chat_prompts", "eval_text_tokens")}
-    if self.answer_temperatures != (0.0,):  # older label caches have no such key
-      key["answer_temperatures"] = list(self.answer_temperatures)
-    if self.greedy_labels != "tokens":  # nor this one
-      key["greedy_labels"] = self.greedy_labels
-    if self.prompt_family != "all":  # nor this one
-      key["prompt_family"] = self.prompt_family
+    # fields that older label caches do not record: in the key only when not at their old value
+    key.update({k: list(d[k]) if isinstance(d[k], tuple) else d[k]
+                for k, old in LATER_HARVEST_FIELDS.items() if d[k] != old})
     return key
 
 
@@ -235,10 +235,9 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
     raise FileNotFoundError(f"{target_dir} has no tokenizer files; the draft is distilled on "
                             "text tokenized by the target's tokenizer (convert the target with its "
                             "tokenizer)")
-  for flag, layers in (("--layers", recipe.layers), ("--grow-layers", grow_layers)):
-    bad = [i for i in layers if not 0 <= i < target.config.num_layers]
-    if bad:
-      raise ValueError(f"{flag} {bad} not in [0, {target.config.num_layers}) (the target's layers)")
+  target_layers(recipe.layers, target.config)
+  if grow_layers:
+    target_layers(grow_layers, target.config, "--grow-layers")
   start = None if init_from is None else _continued(init_from, target, recipe)
   ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else out.parent / f"{out.name}.ckpt"
   ckpt.mkdir(parents=True, exist_ok=True)
