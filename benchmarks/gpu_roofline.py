@@ -123,6 +123,7 @@ def main(argv=None) -> int:
                  help="stop after the roofline (no method table)")
   args = p.parse_args(argv)
   from jax_specens.decoding.api import decode
+  from jax_specens.models.layers import gpu_min_rows
 
   shape = "small" if args.small else "1b"
   n_new = args.max_new_tokens or (8 if args.small else 128)
@@ -157,7 +158,8 @@ def main(argv=None) -> int:
         f"{roof['loop_pct_of_roofline']:.1f}% of roofline", flush=True)
   config = dict(shape=shape, dims=SHAPES[shape], max_new_tokens=n_new, prompt_len=prompt_len,
                 gamma=args.gamma, dtype="bfloat16",
-                matmul_precision=str(jax.config.jax_default_matmul_precision))
+                matmul_precision=str(jax.config.jax_default_matmul_precision),
+                gpu_min_rows=gpu_min_rows())
   if args.roofline_only:
     path = common.write_results(args.out, "roofline", config, [], roofline=roof)
     print(f"wrote {path}")
