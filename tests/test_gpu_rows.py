@@ -54,6 +54,15 @@ def test_several_rows_or_setting_one_keep_the_plain_product(monkeypatch, shape, 
       lambda x, w: layers.weight_dot(x, w, dims), x, w)
 
 
+def test_a_batched_product_keeps_the_plain_product(monkeypatch):
+  _on_gpu(monkeypatch, "2")
+  x, w = jnp.ones((1, 1, K), jnp.float32), jnp.ones((1, K, N), jnp.float32)
+  dims = (((2,), (1,)), ((0,), (0,)))
+  assert "optimization_barrier" not in _primitives(
+      lambda x, w: layers.weight_dot(x, w, dims), x, w)
+  assert layers.weight_dot(x, w, dims).shape == (1, 1, N)
+
+
 def test_cpu_never_pads():
   x, w = jnp.ones((1, K), jnp.float32), jnp.ones((K, N), jnp.float32)
   assert "optimization_barrier" not in _primitives(
