@@ -62,8 +62,8 @@ def weight_dot(x: Array, w: Array, dims, precision=None, preferred_element_type=
   if out_sharding is None and _cpu_kernel(x, w, dims, precision):
     y = cpu.small_matmul(x.reshape(-1, x.shape[-1]), w, transposed=wc[0] == 1)
     return y.reshape(x.shape[:-1] + y.shape[-1:]).astype(out)
-  if _one_row_on_gpu(x, dims, out_sharding):
-    return _padded_dot(x, w, wc, precision, gpu_min_rows()).astype(out)
+  if (rows := _gpu_padded_rows(x, dims, out_sharding)) > 1:
+    return _padded_dot(x, w, wc, precision, rows).astype(out)
   if w.dtype == jnp.float32 or jax.default_backend() != "cpu":
     return jax.lax.dot_general(x, w, dims, precision, preferred_element_type=jnp.float32,
                                out_sharding=out_sharding).astype(out)
@@ -83,11 +83,14 @@ def weight_dot(x: Array, w: Array, dims, precision=None, preferred_element_type=
   return jnp.concatenate(pieces, -1).astype(out)
 
 
-def _one_row_on_gpu(x, dims, out_sharding) -> bool:
-  """Whether `x` is one activation row contracted on its last dim, on GPU, to be padded."""
+def _gpu_padded_rows(x, dims, out_sharding) -> int:
+  """The rows to pad `x` to: `gpu_min_rows()` where `x` is one activation row contracted on its
+  last dim, on GPU; else 1 (no padding)."""
   (xc, _), batch = dims
-  return (out_sharding is None and batch == ((), ()) and tuple(xc) == (x.ndim - 1,)
-          and x.size == x.shape[-1] and gpu_min_rows() > 1 and jax.default_backend() == "gpu")
+  one_row = (out_sharding is None and batch == ((), ()) and tuple(xc) == (x.ndim - 1,)
+             and x.size == x.shape[-1])
+  rows = gpu_min_rows() if one_row else 1
+  return rows if rows > 1 and jax.default_backend() == "gpu" else 1
 
 
 def _padded_dot(x: Array, w: Array, wc, precision, rows: int) -> Float[Array, "..."]:
