@@ -6,7 +6,12 @@
    float32 array (bytes read / time; `bandwidth`).
 2. The same checkpoint loaded in float32 and in bfloat16. For each, interleaved round by round:
    - step: one jitted decode step (`jax_specens.step`, 1 token, batch 1), the best of 8 calls;
-   - ar: greedy `decode(method="ar")` of --tokens new tokens after an 8-token prompt, ms/token.
+   - ar: greedy `decode(method="ar")` of --tokens new tokens after an 8-token prompt, ms/token;
+   - loop: the same decode of 2 x --tokens minus that of --tokens, per token: the marginal cost
+     of a token inside the decode loop (no prompt pass, no fixed costs);
+   - products: the pass's matrix products alone (every linear layer's weight and the LM head,
+     in pass order, each once, through `weight_dot`: XLA's product or, with
+     JAX_SPECENS_CPU_KERNELS=1, the CPU kernel), one activation row, in one jitted chain.
    A decode step reads every parameter once, so its floor is `param bytes / bandwidth`; the
    share of the limit is floor / measured. Prints a table and writes bf16.json.
 Timings on a shared machine are noisy: compare the two dtypes within one run (same rounds).
@@ -36,6 +41,36 @@ def bandwidth(num_bytes: int, repeats: int) -> float:
   probes = [jax.jit(jnp.sum), jax.jit(lambda m: m @ v)]
   best = min(common.time_call(lambda f=f: f(x), repeats=repeats) for _ in range(2) for f in probes)
   return num_bytes / best
+
+
+def products_chain(model):
+  """A jitted function of the model's params running every matrix product of a one-token pass
+  (each linear layer's kernel, then the LM head), each once, in order, on one activation row,
+  each product's input depending on the previous product (so they run one after another)."""
+  from flax import nnx
+
+  from jax_specens.models.layers import weight_dot
+  leaves = [(tuple(str(k) for k in path), v[...]) for path, v in nnx.to_flat_state(model.params)]
+  weights = [v for path, v in leaves
+             if path[-1] == "kernel" and "lm_head" not in path and v.ndim == 2]
+  head = [v for path, v in leaves if path[-1] == "kernel" and "lm_head" in path]
+  tied = not head
+  weights += head or [v for path, v in leaves if path[-2:] == ("embed", "embedding")]
+  nn, nt = (((1,), (0,)), ((), ())), (((1,), (1,)), ((), ()))
+
+  @jax.jit
+  def chain(weights):
+    link, out = jnp.zeros((), jnp.float32), []
+    for i, w in enumerate(weights):
+      dims = nt if tied and i == len(weights) - 1 else nn
+      k = w.shape[dims[0][1][0]]
+      x = jnp.full((1, k), 0.01, w.dtype) + link.astype(w.dtype)
+      y = weight_dot(x, w, dims, preferred_element_type=jnp.float32)
+      link = y[0, 0] * 0.0
+      out.append(y[0, 0])
+    return jnp.stack(out)
+
+  return lambda: chain(weights)
 
 
 def main(argv=None) -> int:
@@ -71,11 +106,15 @@ def main(argv=None) -> int:
     cache = model.init_cache(1, 256)
     tok = jnp.zeros((1, 1), jnp.int32)
     _, t_compile = common.first_call(lambda: step(model, cache, tok, jnp.zeros(1, jnp.int32)))
-    ar = lambda m=model: decode(m, prompt, lengths, method="ar", max_new_tokens=args.tokens,
-                                temperature=0.0).tokens
-    common.first_call(ar)
-    runs[name] = {"model": model, "ar": ar, "step_ms": [], "ar_ms": [],
-                  "compile_step_s": t_compile, "bytes": param_bytes(model)}
+    ar, ar2 = (lambda m=model, n=n: decode(m, prompt, lengths, method="ar", max_new_tokens=n,
+                                           temperature=0.0).tokens
+               for n in (args.tokens, 2 * args.tokens))
+    products = products_chain(model)
+    for f in (ar, ar2, products):
+      common.first_call(f)
+    runs[name] = {"model": model, "ar": ar, "ar2": ar2, "products": products, "step_ms": [],
+                  "ar_ms": [], "loop_ms": [], "products_ms": [], "compile_step_s": t_compile,
+                  "bytes": param_bytes(model)}
   for _ in tqdm(range(args.repeats), desc="interleaved rounds"):
     for r in runs.values():
       cache = r["model"].init_cache(1, 256)
@@ -86,26 +125,38 @@ def main(argv=None) -> int:
         logits.block_until_ready()
         best = min(best, time.perf_counter() - t0)
       r["step_ms"].append(best * 1e3)
-      r["ar_ms"].append(common.time_call(r["ar"], repeats=1, warmup=0) * 1e3 / args.tokens)
+      t_ar = common.time_call(r["ar"], repeats=1, warmup=0)
+      r["ar_ms"].append(t_ar * 1e3 / args.tokens)
+      t_ar2 = common.time_call(r["ar2"], repeats=1, warmup=0)
+      r["loop_ms"].append((t_ar2 - t_ar) * 1e3 / args.tokens)
+      r["products_ms"].append(common.time_call(r["products"], repeats=5, warmup=0) * 1e3)
 
   rows = []
   for name, r in runs.items():
     floor_ms = r["bytes"] / bw * 1e3
     step_ms, ar_ms = float(np.min(r["step_ms"])), float(np.min(r["ar_ms"]))
+    loop_ms, products_ms = float(np.median(r["loop_ms"])), float(np.median(r["products_ms"]))
     rows.append({"dtype": name, "param MB": r["bytes"] / 1e6, "floor ms": floor_ms,
                  "step ms": step_ms, "step share": floor_ms / step_ms,
                  "ar ms/token": ar_ms, "ar share": floor_ms / ar_ms,
+                 "loop ms/token": loop_ms, "loop share": floor_ms / loop_ms,
+                 "products ms": products_ms, "products share": floor_ms / products_ms,
                  "step ms (all rounds)": r["step_ms"], "ar ms (all rounds)": r["ar_ms"],
+                 "loop ms (all rounds)": r["loop_ms"],
+                 "products ms (all rounds)": r["products_ms"],
                  "compile step s": r["compile_step_s"]})
   f32, bf16 = rows
   print(f"bandwidth {bw / 1e9:.1f} GB/s ({args.bandwidth_mib} MiB float32, best of a sum and a "
         f"matvec); model {args.model}")
   print(common.table(rows, ["dtype", "param MB", "floor ms", "step ms", "step share",
-                            "ar ms/token", "ar share"]))
+                            "ar ms/token", "ar share", "loop ms/token", "loop share",
+                            "products ms", "products share"]))
   print(f"bfloat16 / float32 time: step {bf16['step ms'] / f32['step ms']:.2f}, "
         f"ar {bf16['ar ms/token'] / f32['ar ms/token']:.2f} (floor ratio "
         f"{bf16['floor ms'] / f32['floor ms']:.2f})")
-  path = common.write_results(args.out, "bf16", vars(args) | {"model": str(args.model)}, rows,
+  from jax_specens.kernels import cpu
+  config = vars(args) | {"model": str(args.model), "cpu_kernels": cpu.requested()}
+  path = common.write_results(args.out, "bf16", config, rows,
                               bandwidth_GBps=bw / 1e9)
   print(f"wrote {path}")
   return 0

@@ -60,6 +60,20 @@ def test_products_equal_xla_for_both_layouts_and_dtypes(kernel_on, x_dtype, w_dt
                              rtol=2e-5, atol=2e-4)
 
 
+@pytest.mark.parametrize("w_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("k", [70, 71, 1031])
+@pytest.mark.parametrize("rows", [1, 4, 5])
+def test_a_kernel_layout_product_takes_any_number_of_weight_rows(kernel_on, w_dtype, k, rows):
+  # `[K, N]` weights are read 8 rows (bfloat16: 4 pairs) at a time, then the rest one (a pair) at
+  # a time; an odd K leaves a last row without a partner, multiplied against a zero row
+  rng = np.random.default_rng(k)
+  w = jnp.asarray(rng.standard_normal((k, 64)), w_dtype)
+  x = jnp.asarray(rng.standard_normal((rows, k)), w_dtype)
+  out = jax.jit(cpu.small_matmul, static_argnums=2)(x, w, False)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(_xla(x, w, (((1,), (0,)), ((), ())))),
+                             rtol=2e-5, atol=2e-4)
+
+
 def test_weight_dot_routes_only_the_products_the_kernel_takes(kernel_on):
   w = jnp.ones((64, 32), jnp.float32)
   nn = (((2,), (0,)), ((), ()))
