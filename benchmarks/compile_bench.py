@@ -68,8 +68,14 @@ def main(argv=None) -> int:
   p.add_argument("--step-tokens", type=int, default=0,
                  help="also time greedy ar and se per token at batch 1 over this many tokens, "
                  "the layouts interleaved (0: skip; e.g. 64)")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                 help="the models' parameter dtype (with JAX_SPECENS_CPU_KERNELS=1 the step times "
+                 "compare the layouts on the opt-in CPU kernel)")
   args = p.parse_args(argv)
+  import jax.numpy as jnp
+
   from jax_specens import ModelConfig, create_model
+  from jax_specens.kernels import cpu
   from jax_specens.models.layout import scanned
 
   n_new = args.max_new_tokens or (8 if args.small else 32)
@@ -89,7 +95,9 @@ def main(argv=None) -> int:
     built = {}
     for layout in layouts:
       place = scanned if layout == "scanned" else (lambda m: m)
-      built[layout] = place(create_model(cfg(depth), 0)), place(create_model(cfg(1), 1))
+      dtype = jnp.dtype(args.dtype)
+      built[layout] = (place(create_model(cfg(depth), 0, dtype)),
+                       place(create_model(cfg(1), 1, dtype)))
     steps = _ms_per_token(built, dims["vocab_size"], args.step_tokens) if args.step_tokens else {}
     for layout, (target, draft) in built.items():
       if steps:
@@ -104,7 +112,8 @@ def main(argv=None) -> int:
               f"values {row['new_values_s']:.2f} s ({row['compiles_new_values']}), new "
               f"max_new_tokens {row['new_static_s']:.1f} s ({row['compiles_new_static']})",
               flush=True)
-  config = dict(batch=args.batch, max_new_tokens=n_new, shape=args.shape, **dims)
+  config = dict(batch=args.batch, max_new_tokens=n_new, shape=args.shape, dtype=args.dtype,
+                cpu_kernels=cpu.requested(), **dims)
   path = common.write_results(args.out, "compile", config, rows)
   label = lambda r: (r["method"] if len(rows) == len(args.methods) else
                      f"{r['method']} {r['layers']}L {r['layout'][:4]}")

@@ -1,11 +1,11 @@
 """Decode step time against the context in use at a fixed cache: blocked vs dense attention.
 
     python -m benchmarks.long_context [--cache 32768] [--contexts 512,2048,8192,24576]
-        [--blocks 512] [--repeats 5] [--models smollm2,gemma3] [--small]
+        [--blocks 512] [--repeats 5] [--models smollm2,gemma3] [--dtype float32] [--small]
 
-For each model (SmolLM2-135M-Instruct and Gemma-3-270M in float32, from the user cache that
-`jax-specens demo` fills; --small: two tiny random models, one with sliding-window layers), batch 1,
-one cache of --cache slots per attention mode:
+For each model (SmolLM2-135M-Instruct and Gemma-3-270M in --dtype, default float32, from the user
+cache that `jax-specens demo` fills; --small: two tiny random models, one with sliding-window
+layers), batch 1, one cache of --cache slots per attention mode:
 - dense: `attention_block=None`, every pass reads all --cache slots (the program before blocking);
 - blocked@N: `attention_block=N` (`jax_specens/models/attend.py`), a pass reads the blocks of N slots
   up to its position (on sliding layers only those inside the window);
@@ -42,14 +42,14 @@ from jax_specens import cache as kv
 RING_SLACK = kv.ring_slack(4)  # sd at gamma 4 writes up to 4 positions past its committed length
 
 
-def small_models():
+def small_models(dtype=jnp.float32):
   from jax_specens import ModelConfig, create_model
   base = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
               num_kv_heads=2, head_dim=16, max_position_embeddings=1 << 20)
-  return {"tiny-llama": create_model(ModelConfig(family="llama", **base)),
+  return {"tiny-llama": create_model(ModelConfig(family="llama", **base), dtype=dtype),
           "tiny-sliding": create_model(ModelConfig(
               family="gemma3_text", **base, qk_norm=True, sliding_window=64,
-              layer_types=("sliding", "sliding", "sliding", "full")))}
+              layer_types=("sliding", "sliding", "sliding", "full")), dtype=dtype)}
 
 
 def kv_read_mb(config, context: int, itemsize: int) -> float:
@@ -126,6 +126,9 @@ def main(argv=None) -> int:
   p.add_argument("--contexts", default="512,2048,8192,24576",
                  help="comma-separated tokens already in the cache")
   p.add_argument("--blocks", default="512", help="comma-separated attention_block sizes")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                 help="the models' dtype, and their caches' (bfloat16 writes "
+                 "long_context_bfloat16.json)")
   p.set_defaults(repeats=5)
   args = p.parse_args(argv)
   if args.small:
@@ -138,15 +141,16 @@ def main(argv=None) -> int:
           file=sys.stderr)
     return 2
 
+  dtype = jnp.dtype(args.dtype)
   if args.small:
-    models = small_models()
+    models = small_models(dtype)
   else:
     from jax_specens import load_model
     models = {n: common.real_model(None, n) for n in args.models.split(",")}
   rows, compile_s, memory = [], {}, []
   for name, model in models.items():
     if not args.small:
-      model = load_model(model)
+      model = load_model(model, dtype=dtype)
     r, c = time_model(name, model, args.cache, contexts, blocks, args.repeats)
     print(common.table(r, _columns(blocks, has_windows(model.config))), flush=True)
     rows += r
@@ -166,10 +170,11 @@ def main(argv=None) -> int:
     print(common.table(memory, ["model", "dtype", "full_gib", "ring_gib", "x_less"]))
   config = {"cache": args.cache, "contexts": contexts, "blocks": blocks, "repeats": args.repeats,
             "ring_slack": RING_SLACK,
-            "small": args.small, "batch": 1, "width": 1,
+            "small": args.small, "batch": 1, "width": 1, "dtype": args.dtype,
             "models": {n: str(m) if not args.small else n for n, m in models.items()}}
-  path = common.write_results(args.out, "long_context_small" if args.small else "long_context",
-                              config, rows, kv_memory=memory, compile_s=compile_s)
+  name = "long_context_small" if args.small else "long_context"
+  name += "_bfloat16" if args.dtype == "bfloat16" else ""
+  path = common.write_results(args.out, name, config, rows, kv_memory=memory, compile_s=compile_s)
   print(f"\nwrote {path}")
   return 0
 

@@ -8,6 +8,7 @@ compiler: it then warns and decoding keeps XLA's product, also tested)."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -19,6 +20,8 @@ from jax_specens import ModelConfig, create_model
 from jax_specens.decoding.api import decode
 from jax_specens.kernels import cpu
 from jax_specens.models import layers
+from jax_specens.models.layout import scanned
+from jax_specens.step import step
 
 
 @pytest.fixture
@@ -92,6 +95,41 @@ def test_weight_dot_routes_only_the_products_the_kernel_takes(kernel_on):
 
 CFG = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("w_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_weight_of_a_stack_is_read_at_its_layer(kernel_on, w_dtype, transposed):
+  rng = np.random.default_rng(5)
+  stack = jnp.asarray(rng.standard_normal((3, 64, 96) if transposed else (3, 96, 64)), w_dtype)
+  x = jnp.asarray(rng.standard_normal((2, 96)), w_dtype)
+  dims = (((1,), (1 if transposed else 0,)), ((), ()))
+  f = jax.jit(lambda x, s, layer: cpu.small_matmul(x, s, transposed, layer=layer))
+  for layer in range(3):
+    np.testing.assert_allclose(np.asarray(f(x, stack, jnp.int32(layer))),
+                               np.asarray(_xla(x, stack[layer], dims)), rtol=2e-5, atol=2e-4)
+  with pytest.raises(Exception, match="layer outside the stack"):
+    np.asarray(f(x, stack, jnp.int32(3)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_scanned_layers_read_their_weights_in_the_stack(kernel_on, dtype):
+  """A scanned model's products read each layer's weights in place (XLA would copy a slice
+  out of the stack before every call: ~7 MB a layer a step for SmolLM2 in bfloat16) and give
+  the unrolled model's logits."""
+  cfg = dataclasses.replace(CFG, num_layers=3)
+  model = create_model(cfg, seed=0, dtype=dtype)
+  stacked = scanned(model)
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 128, (2, 3)), jnp.int32)
+  start = jnp.asarray([0, 2], jnp.int32)
+  fn = jax.jit(lambda m, c, t, p: step(m, c, t, p)[0])
+  hlo = fn.lower(stacked, stacked.init_cache(2, 8), tokens, start).as_text()
+  assert hlo.count(f"@{cpu.STACKED_TARGET}(") == 7  # q, k, v, o, gate, up, down of the block
+  assert hlo.count(f"@{cpu.TARGET}(") == 1  # the (tied) head, outside the stack
+  out = fn(stacked, stacked.init_cache(2, 8), tokens, start)
+  ref = fn(model, model.init_cache(2, 8), tokens, start)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=tol, atol=tol)
 
 
 def test_a_model_decodes_the_same_tokens_and_sd_stays_lossless(kernel_on, monkeypatch):

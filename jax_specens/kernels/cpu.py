@@ -30,12 +30,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 ENV = "JAX_SPECENS_CPU_KERNELS"
 MAX_ROWS = 16  # rows (batch x pass width) the kernel takes; wider products stay with XLA
 SOURCE = Path(__file__).with_name("small_matmul.cc")
 TARGET = "jax_specens_small_matmul"
+STACKED_TARGET = "jax_specens_small_matmul_stacked"  # one weight of a stack, read in place
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC", "-std=c++17", "-w")
 
 
@@ -100,21 +101,33 @@ def _register(path: Path) -> None:
   lib = ctypes.cdll.LoadLibrary(str(path))
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxSpecensSmallMatmul),
                               platform="cpu")
+  jax.ffi.register_ffi_target(STACKED_TARGET, jax.ffi.pycapsule(lib.JaxSpecensSmallMatmulStacked),
+                              platform="cpu")
   _REGISTERED.append(path)
 
 
-def small_matmul(x: Float[Array, "M K"], w: Array, transposed: bool) -> Float[Array, "M N"]:
+def small_matmul(x: Float[Array, "M K"], w: Array, transposed: bool,
+                 layer: Int[Array, ""] | None = None) -> Float[Array, "M N"]:
   """`x @ w` (`transposed`: `x @ w.T`, w `[N, K]`) in float32, for M <= MAX_ROWS rows; w float32
   or bfloat16 with N (and, transposed, K) a multiple of 16. Call `available()` first.
 
   x and w both bfloat16 (a bfloat16 model) take the AVX512-BF16 path where the CPU has it (and,
-  for `[K, N]`, N % 32 == 0): the same exact products, another summation order."""
-  n = w.shape[0] if transposed else w.shape[1]
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
+  for `[K, N]`, N % 32 == 0): the same exact products, another summation order.
+
+  layer: w is a stack `[n, K, N]` (or `[n, N, K]`) of such weights, a scanned model's layers, and
+  the product is with `w[layer]`, read in place: XLA would copy a slice `w[layer]` out of the
+  stack before the call, on every step (`models/layout.py`).
+  """
+  n = w.shape[-2] if transposed else w.shape[-1]
+  target = TARGET if layer is None else STACKED_TARGET
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
                           vmap_method="sequential")
   bf16 = (x.dtype == w.dtype == jnp.bfloat16 and (transposed or n % 32 == 0)
           and "avx512_bf16" in _cpu_flags())
-  return call(x if bf16 else x.astype(jnp.float32), w, transposed=bool(transposed))
+  args = (x if bf16 else x.astype(jnp.float32), w)
+  if layer is not None:
+    args += (jnp.asarray(layer, jnp.int32),)
+  return call(*args, transposed=bool(transposed))
 
 
 def fits(x: Array, w: Array, dims, precision) -> bool:

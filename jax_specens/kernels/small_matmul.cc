@@ -290,35 +290,58 @@ void Run(ffi::ThreadPool& pool, bool nt, const X* x, const W* w, float* y, int64
   }
 }
 
-ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                ffi::ResultBuffer<ffi::F32> y, bool transposed) {
+// y = x @ w (or x @ w.T) for the 2-D weight of `dims` starting at `data` (its first element)
+ffi::Error Product(ffi::ThreadPool& pool, ffi::AnyBuffer x, const void* data,
+                   ffi::DataType w_type, int64_t rows, int64_t cols,
+                   ffi::ResultBuffer<ffi::F32>& y, bool transposed) {
   const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("x and w must be 2-D");
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
   const int64_t M = xd[0], K = xd[1];
-  const int64_t N = transposed ? wd[0] : wd[1];
-  if ((transposed ? wd[1] : wd[0]) != K) return ffi::Error::InvalidArgument("K differs");
+  const int64_t N = transposed ? rows : cols;
+  if ((transposed ? cols : rows) != K) return ffi::Error::InvalidArgument("K differs");
   if (N % 16 || (transposed && K % 16)) return ffi::Error::InvalidArgument("sizes not % 16");
-  const auto* wf = static_cast<const float*>(w.untyped_data());
-  const auto* wb = static_cast<const uint16_t*>(w.untyped_data());
+  const auto* wf = static_cast<const float*>(data);
+  const auto* wb = static_cast<const uint16_t*>(data);
   float* out = y->typed_data();
   if (x.element_type() == ffi::BF16) {
-    if (w.element_type() != ffi::BF16 || (!transposed && N % 32))
+    if (w_type != ffi::BF16 || (!transposed && N % 32))
       return ffi::Error::InvalidArgument("bfloat16 x needs bfloat16 w (and N % 32 == 0 for nn)");
     Run<uint16_t, uint16_t>(pool, transposed, static_cast<const uint16_t*>(x.untyped_data()), wb,
                             out, M, K, N);
   } else if (x.element_type() != ffi::F32) {
     return ffi::Error::InvalidArgument("x must be float32 or bfloat16");
-  } else if (w.element_type() == ffi::F32) {
+  } else if (w_type == ffi::F32) {
     Run<float, float>(pool, transposed, static_cast<const float*>(x.untyped_data()), wf, out, M,
                       K, N);
-  } else if (w.element_type() == ffi::BF16) {
+  } else if (w_type == ffi::BF16) {
     Run<float, uint16_t>(pool, transposed, static_cast<const float*>(x.untyped_data()), wb, out,
                          M, K, N);
   } else {
     return ffi::Error::InvalidArgument("weights must be float32 or bfloat16");
   }
   return ffi::Error::Success();
+}
+
+ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                ffi::ResultBuffer<ffi::F32> y, bool transposed) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 2) return ffi::Error::InvalidArgument("w must be 2-D");
+  return Product(pool, x, w.untyped_data(), w.element_type(), wd[0], wd[1], y, transposed);
+}
+
+// w: a stack [n, rows, cols] of weights (a scanned model's layers); layer: which one, read in
+// place (XLA would otherwise copy the layer's slice out of the stack before the call)
+ffi::Error ImplStacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                       ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y,
+                       bool transposed) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 3 || layer.element_count() != 1)
+    return ffi::Error::InvalidArgument("w must be a 3-D stack and layer a scalar");
+  const int64_t i = layer.typed_data()[0];
+  if (i < 0 || i >= wd[0]) return ffi::Error::InvalidArgument("layer outside the stack");
+  const int64_t size = w.element_type() == ffi::F32 ? 4 : 2;
+  const auto* data = static_cast<const char*>(w.untyped_data()) + i * wd[1] * wd[2] * size;
+  return Product(pool, x, data, w.element_type(), wd[1], wd[2], y, transposed);
 }
 
 }  // namespace
@@ -328,5 +351,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecensSmallMatmul, Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecensSmallMatmulStacked, ImplStacked,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transposed"));

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 
@@ -60,7 +62,8 @@ def weight_dot(x: Array, w: Array, dims, precision=None, preferred_element_type=
   out = preferred_element_type or x.dtype
   (xc, wc), batch = dims
   if out_sharding is None and _cpu_kernel(x, w, dims, precision):
-    y = cpu.small_matmul(x.reshape(-1, x.shape[-1]), w, transposed=wc[0] == 1)
+    stack, layer = _in_place(w)
+    y = cpu.small_matmul(x.reshape(-1, x.shape[-1]), stack, transposed=wc[0] == 1, layer=layer)
     return y.reshape(x.shape[:-1] + y.shape[-1:]).astype(out)
   if (rows := _gpu_padded_rows(x, dims, out_sharding)) > 1:
     return _padded_dot(x, w, wc, precision, rows).astype(out)
@@ -81,6 +84,40 @@ def weight_dot(x: Array, w: Array, dims, precision=None, preferred_element_type=
                                preferred_element_type=jnp.float32)
     pieces.append(prev)
   return jnp.concatenate(pieces, -1).astype(out)
+
+
+# id(w) -> (w, stack, layer) for the 2-D weights `layer_views` sliced out of stacks (see there)
+_LAYER_VIEWS: contextvars.ContextVar[dict] = contextvars.ContextVar("layer_views", default={})
+
+
+@contextlib.contextmanager
+def layer_views(stacked, layer: Int[Array, ""]):
+  """Yields `stacked` (a pytree of arrays stacked on a leading axis: a scanned model's layers,
+  `models/layout.py`) at index `layer`. While open, a product of `weight_dot` with one of those
+  2-D slices that goes to the CPU kernel reads it in place from its stack
+  (`cpu.small_matmul(layer=...)`), so XLA, which copies a sliced operand out before a custom call
+  (~7 MB a layer a step for SmolLM2 in bfloat16), leaves the unused slice out of the program.
+  Every other use of a slice computes on the slice as usual."""
+  views = {}
+
+  def take(a):
+    w = jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)
+    if w.ndim == 2:
+      views[id(w)] = (w, a, layer)
+    return w
+
+  sliced = jax.tree_util.tree_map(take, stacked)
+  token = _LAYER_VIEWS.set({**_LAYER_VIEWS.get(), **views})
+  try:
+    yield sliced
+  finally:
+    _LAYER_VIEWS.reset(token)
+
+
+def _in_place(w: Array) -> tuple[Array, Array | None]:
+  """(stack, layer) where an open `layer_views` sliced `w` out of a stack, else (w, None)."""
+  view = _LAYER_VIEWS.get().get(id(w))
+  return (view[1], view[2]) if view is not None and view[0] is w else (w, None)
 
 
 def _gpu_padded_rows(x, dims, out_sharding) -> int:

@@ -12,7 +12,7 @@ from jaxtyping import Array, Float, Int
 from jax_specens.cache import KVCache
 from jax_specens.models.attention import Attention
 from jax_specens.models.config import ModelConfig
-from jax_specens.models.layers import INIT, MLP, Norm, linear, weight_dot
+from jax_specens.models.layers import INIT, MLP, Norm, layer_views, linear, weight_dot
 
 
 class Block(nnx.Module):
@@ -119,15 +119,17 @@ class Transformer(nnx.Module):
     period = len(self.stack)
     graphdef, params = nnx.split(self.stack)
 
-    def body(carry, params_r):
+    def body(carry, _):
       x, ks, vs, r = carry
       ks, vs = list(ks), list(vs)
-      for j, block in enumerate(nnx.merge(graphdef, params_r)):
-        x, ks[j], vs[j] = block(x, positions, ks[j], vs[j], cache.ring[j], valid, r)
+      with layer_views(params, r) as params_r:  # the CPU kernel reads weights in the stack
+        for j, block in enumerate(nnx.merge(graphdef, params_r)):
+          x, ks[j], vs[j] = block(x, positions, ks[j], vs[j], cache.ring[j], valid, r)
       return (x, tuple(ks), tuple(vs), r + 1), None
 
     carry = (x, cache.k[:period], cache.v[:period], jnp.zeros((), jnp.int32))
-    (x, ks, vs, _), _ = jax.lax.scan(body, carry, params)
+    repeats = jax.tree_util.tree_leaves(params)[0].shape[0]
+    (x, ks, vs, _), _ = jax.lax.scan(body, carry, None, length=repeats)
     return x, list(ks), list(vs)
 
   def head(self, x: Float[Array, "B W D"], full: bool = True) -> Float[Array, "B W V"]:
