@@ -182,3 +182,50 @@ def test_scanned_models_decode_the_same_tokens_on_a_mesh():
     got = jax.device_get(_every_method(t, o, d, p, ln, methods))
   for name in methods:
     np.testing.assert_array_equal(got[name][0], ref[name][0], err_msg=name)
+
+
+def test_a_bfloat16_cache_on_cpu_is_stored_as_bits_and_written_in_place():
+  """XLA's CPU backend has no bfloat16 dynamic-update-slice: it converted a bfloat16 cache array
+  to float32 and back around every write (a stacked cache: every layer's, at every layer). On
+  CPU the cache holds the bits (uint16); writes land where they did, and nothing converts the
+  stack."""
+  from jax_specens import cache as kv
+  stored = kv.stored_dtype(jnp.bfloat16)
+  assert stored == (jnp.uint16 if jax.default_backend() == "cpu" else jnp.bfloat16)
+  assert kv.stored_dtype(jnp.float32) == jnp.float32
+  new = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 2, 4)), jnp.bfloat16)
+  start = jnp.asarray([1, 6], jnp.int32)  # row 1 writes slots 6, 7; its third token is dropped
+  out = kv.values(kv.write(jnp.zeros((2, 8, 2, 4), stored), new, start))
+  want = np.zeros((2, 8, 2, 4), np.float32)
+  want[0, 1:4], want[1, 6:8] = np.asarray(new[0], np.float32), np.asarray(new[1, :2], np.float32)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out, np.float32), want)
+
+  write_each_layer = jax.jit(lambda s, n: jax.lax.fori_loop(
+      0, 3, lambda i, s: kv.write(s, n, start, layer=i), s), donate_argnums=0)
+  stack = jnp.zeros((3, 2, 8, 2, 4), stored)
+  hlo = write_each_layer.lower(stack, new).compile().as_text()
+  assert "f32[3,2,8,2,4]" not in hlo  # no float32 copy of the stack
+  out = kv.values(write_each_layer(stack, new))
+  for layer in range(3):
+    np.testing.assert_array_equal(np.asarray(out[layer], np.float32), want)
+
+
+def test_a_cache_made_for_training_passes_the_gradient_to_k_and_v():
+  """Bits carry no gradient: a cache differentiated through is made with `grad=True` (the
+  draft and built-in trainers do), which keeps it in bfloat16, and the K / V projections get
+  their gradient; the bits cache of a decode would give them none on CPU."""
+  model = create_model(LLAMA, seed=0, dtype=jnp.bfloat16)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 6)), jnp.int32)
+
+  def k_grad(grad: bool) -> np.ndarray:
+    def loss(m):
+      cache = m.init_cache(2, 6, grad=grad)
+      logits, _ = forward(m, cache, tokens, jnp.zeros((2,), jnp.int32))
+      return jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0].mean()
+    g = nnx.to_pure_dict(jax.grad(loss)(model).params)
+    return np.abs(np.asarray(g["layers"][0]["attn"]["k"]["kernel"], np.float32)).sum()
+
+  assert k_grad(True) > 0
+  if jax.default_backend() == "cpu":
+    assert k_grad(False) == 0  # why the trainers ask for grad=True

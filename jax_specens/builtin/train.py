@@ -107,7 +107,7 @@ def sample_batch(rng: np.random.Generator, streams: dict[str, np.ndarray], recip
 
 def logits_of(model: Model, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
   """The model's logits at every position of `tokens` (one pass over a fresh cache)."""
-  cache = model.init_cache(tokens.shape[0], tokens.shape[1])
+  cache = model.init_cache(tokens.shape[0], tokens.shape[1], grad=True)
   logits, _ = forward(model, cache, tokens, jnp.zeros((tokens.shape[0],), jnp.int32))
   return logits
 

@@ -91,7 +91,7 @@ def distill_metrics(
   over the passes; `agree_k` / `alpha_k` report pass k (`agree` = pass 1).
   """
   b, l = tokens.shape
-  cache = init_cache(module.config, b, l, module.embed.embedding[...].dtype)
+  cache = init_cache(module.config, b, l, module.embed.embedding[...].dtype, grad=True)
   positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
   inside = idx >= 0
   p = jnp.exp(logp) * inside

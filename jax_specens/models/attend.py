@@ -15,6 +15,10 @@ a row's position hold stale keys of rolled-back tokens and are never visible (se
   than one block and the pass is at most one block wide (decode and verification passes), else
   `dense`. Small caches, prompt passes over a whole cache and training (W = S) therefore keep the
   dense program, which is also reverse-differentiable (a traced trip count is not).
+- The caches come as stored (`cache.py`: a bfloat16 cache on CPU is uint16 bits); each function
+  reads values with `cache.values` after slicing, so XLA's CPU backend, which converts a
+  bfloat16 array to float32 around a dynamic slice, never converts a whole cache (SmolLM2 in
+  bfloat16 at 8192 slots: every layer's whole K and V, every step).
 - On GPU (and TPU) `attend` is always `dense`. Measured on an H200 (`benchmarks/attention_kernels`,
   1B shapes: 32 heads over 8 kv heads, bf16, 8192 slots), one attention of 1 new query at batch 1
   took 27-37 us dense whatever the length in use, and 89 / 300 / 532 us blocked at 512 / 4096 /
@@ -30,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
+
+from jax_specens.cache import values as read
 
 NEG_INF = -1e30
 
@@ -69,7 +75,7 @@ def dense(
 ) -> Float[Array, "B W H Dh"]:
   """Softmax attention over all S slots (GQA: H = K x G query heads share a kv head)."""
   mask = visible(positions, jnp.arange(cache_k.shape[1]), window)
-  return _masked(q, cache_k, cache_v, mask[:, None, None], scale, softcap)
+  return _masked(q, read(cache_k), read(cache_v), mask[:, None, None], scale, softcap)
 
 
 def _masked(
@@ -113,8 +119,8 @@ def blocked(
   def body(i, carry):
     run_max, run_sum, acc = carry  # B K G W; B K G W; B K G W Dh (float32)
     start = jnp.minimum(i * block, s - block)
-    keys = lax.dynamic_slice_in_dim(cache_k, start, block, axis=1)
-    values = lax.dynamic_slice_in_dim(cache_v, start, block, axis=1)
+    keys = read(lax.dynamic_slice_in_dim(cache_k, start, block, axis=1))
+    values = read(lax.dynamic_slice_in_dim(cache_v, start, block, axis=1))
     slots = start + jnp.arange(block)
     mask = (visible(positions, slots, window) & (slots >= i * block)[None, None])[:, None, None]
     scores = _scores(qg, keys, scale, softcap)
@@ -151,8 +157,8 @@ def ring(
 ) -> Float[Array, "B W H Dh"]:
   """Sliding-window attention of W queries at `positions` over a ring of R slots (read before
   the pass writes into it) and the pass's own keys: `dense` over the R + W keys by position."""
-  keys = jnp.concatenate([ring_k.astype(new_k.dtype), new_k], axis=1)
-  values = jnp.concatenate([ring_v.astype(new_v.dtype), new_v], axis=1)
+  keys = jnp.concatenate([read(ring_k).astype(new_k.dtype), new_k], axis=1)
+  values = jnp.concatenate([read(ring_v).astype(new_v.dtype), new_v], axis=1)
   key_pos = jnp.concatenate([ring_positions(positions[:, 0], ring_k.shape[1]), positions], 1)
   p, j = positions[:, :, None], key_pos[:, None, :]
   mask = (j <= p) & (j > p - window) & (j >= 0)  # B W R+W

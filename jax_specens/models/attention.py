@@ -58,7 +58,7 @@ class Attention(nnx.Module):
       inv = np.asarray(self.inv_freq, np.float32)
       q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
     kw = dict(scale=self.scale, window=self.window, softcap=self.softcap)
-    own = (lambda c: c) if layer is None else (lambda c: c[layer])
+    own = (lambda c: c) if layer is None else (lambda c: c[layer])  # as stored (attend.py)
     if ring:
       self._check_ring(cache_k.shape[-3], w, valid)
       out = ring_attend(q, own(cache_k), own(cache_v), k, v, positions, **kw)

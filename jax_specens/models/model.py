@@ -45,10 +45,11 @@ class Model:
     return jax.tree_util.tree_leaves(self.params)[0].dtype
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None,
-                 ring_slack: int | None = None) -> KVCache:
-    """See `jax_specens.cache.init_cache` (ring_slack: ring caches for sliding layers)."""
+                 ring_slack: int | None = None, grad: bool = False) -> KVCache:
+    """See `jax_specens.cache.init_cache` (ring_slack: ring caches for sliding layers; grad: a
+    cache that training differentiates through)."""
     return init_cache(self.config, batch_size, max_len, dtype or self.dtype, ring_slack,
-                      self.stack)
+                      self.stack, grad)
 
   def module(self) -> Transformer:
     return nnx.merge(self.graphdef, self.params)
