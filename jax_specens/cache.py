@@ -15,9 +15,10 @@ after c - 1 can see, as long as `ring_slack > lookahead` (`decode` uses lookahea
 passes (a prompt longer than the ring) write only their last R valid positions.
 
 Storage. On CPU a bfloat16 cache is stored as its bits (uint16; `stored_dtype`): XLA's CPU
-backend has no bfloat16 dynamic-update-slice, so it converted the whole cache array to float32
-and back around every write, at every layer and step (a scanned model's stacked cache: all its
-layers at each layer). Writes go through the bits; `values` gives the bfloat16 view (a bitcast).
+backend has no bfloat16 dynamic-update-slice or dynamic-slice, so it converted the whole cache
+array to float32 and back around every write, at every layer and step (a scanned model's stacked
+cache: all its layers at each layer), and before slicing a block of it. Writes go through the
+bits; `values` gives the bfloat16 view (a bitcast), which attention takes after slicing.
 """
 
 from __future__ import annotations
@@ -155,8 +156,8 @@ def write_ring(
 
 def stored_dtype(dtype) -> jnp.dtype:
   """The dtype a cache of `dtype` values is stored in: bfloat16 as uint16 bits on CPU (module
-  notes; measured on SmolLM2 in bfloat16 at 256 slots, scanned layers: 4 ms of a 16 ms step),
-  else `dtype` itself."""
+  notes; measured on SmolLM2 in bfloat16 with the CPU kernel, scanned layers, 256 slots: a step
+  16.3 -> 13.7 ms; unrolled, blocked attention at 8192 slots: 47.8 -> 29.0 ms), else `dtype`."""
   if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
     return jnp.dtype(jnp.uint16)
   return jnp.dtype(dtype)
