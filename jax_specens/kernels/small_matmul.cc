@@ -4,8 +4,11 @@
 //   exact products of two bfloat16 pairs to each float32 lane (one instruction per 32 weights,
 //   where the conversion costs three; built for the CPUs that have it, chosen by cpu.py).
 // Weight layouts:
-//   "nn": w[K, N] (a Linear kernel), rows of w streamed four at a time;
+//   "nn": w[K, N] (a Linear kernel), rows of w streamed 8 at a time (4 for more than 2 rows of x;
+//         bfloat16 x: 4 pairs) into accumulators kept in L1;
 //   "nt": w[N, K] (a tied embedding used as the head), one dot product per row of w.
+// A second target takes a stack w[n, ., .] (a scanned model's layers) and an index, and reads
+// w[index] in place (XLA copies a sliced operand out before a custom call).
 // A task reads its part of w once for every 4 rows of x ("nn") or 8 ("nt"): once per call for
 // the 1-4 rows of a batch-1 decode pass, while XLA's CPU matrix product reads a weight at about
 // half the bandwidth as soon as M > 1 (measured: a 4-row product costs 2x a 1-row one there).
