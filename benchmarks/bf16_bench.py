@@ -9,8 +9,8 @@
    - ar: greedy `decode(method="ar")` of --tokens new tokens after an 8-token prompt, ms/token;
    - loop: the same decode of 2 x --tokens minus that of --tokens, per token: the marginal cost
      of a token inside the decode loop (no prompt pass, no fixed costs);
-   - products: the pass's matrix products alone (every linear layer's weight and the LM head,
-     in pass order, each once, through `weight_dot`: XLA's product or, with
+   - products: the pass's matrix products alone (every linear layer's weight, then the LM head,
+     each once, through `weight_dot`: XLA's product or, with
      JAX_SPECENS_CPU_KERNELS=1, the CPU kernel), one activation row, in one jitted chain.
    A decode step reads every parameter once, so its floor is `param bytes / bandwidth`; the
    share of the limit is floor / measured. Prints a table and writes bf16.json.
@@ -44,9 +44,9 @@ def bandwidth(num_bytes: int, repeats: int) -> float:
 
 
 def products_chain(model):
-  """A jitted function of the model's params running every matrix product of a one-token pass
-  (each linear layer's kernel, then the LM head), each once, in order, on one activation row,
-  each product's input depending on the previous product (so they run one after another)."""
+  """A jitted function running every matrix product of a one-token pass (each linear layer's
+  kernel in the params' order, then the LM head), each once, on one activation row, each
+  product's input depending on the previous product (so they run one after another)."""
   from flax import nnx
 
   from jax_specens.models.layers import weight_dot
