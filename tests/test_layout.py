@@ -4,6 +4,8 @@ A model's layers regrouped by their period (Llama-style: every layer alike; Gemm
 layers and one global) and run by `lax.scan`, with the KV cache stacked the same way, gives the
 unrolled model's logits and caches pass for pass (prompt, ring caches, blocked attention,
 rollback), every method's greedy tokens, the same tokens on a mesh, and a per-layer checkpoint.
+A bfloat16 cache on CPU is stored as bits, written and read without converting it whole; a cache
+made for training passes the gradient to K and V.
 """
 
 from __future__ import annotations
@@ -209,6 +211,18 @@ def test_a_bfloat16_cache_on_cpu_is_stored_as_bits_and_written_in_place():
   out = kv.values(write_each_layer(stack, new))
   for layer in range(3):
     np.testing.assert_array_equal(np.asarray(out[layer], np.float32), want)
+
+  # blocked attention reads a block's values after slicing it: no float32 copy of the cache
+  from jax_specens.models import attend as A
+  keys = jnp.asarray(np.random.default_rng(1).standard_normal((1, 64, 2, 4)), jnp.bfloat16)
+  q = jnp.asarray(np.random.default_rng(2).standard_normal((1, 1, 4, 4)), jnp.bfloat16)
+  bits = kv.write(jnp.zeros((1, 64, 2, 4), stored), keys, jnp.zeros((1,), jnp.int32))
+  pos = jnp.asarray([[40]], jnp.int32)
+  attend = jax.jit(functools.partial(A.blocked, scale=0.5, block=16))
+  assert "f32[1,64,2,4]" not in attend.lower(q, bits, bits, pos).compile().as_text()
+  np.testing.assert_allclose(np.asarray(attend(q, bits, bits, pos), np.float32),
+                             np.asarray(A.dense(q, keys, keys, pos, scale=0.5), np.float32),
+                             rtol=2e-2, atol=2e-2)
 
 
 def test_a_cache_made_for_training_passes_the_gradient_to_k_and_v():
