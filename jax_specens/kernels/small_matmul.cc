@@ -110,11 +110,12 @@ void BlockNT(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t
 template <int MB, int P>
 BF16_TARGET inline void PairsNNbf16(const uint16_t* xr, const uint16_t* w, float* acc, int64_t K,
                                     int64_t N, int64_t c0, int64_t cn, int64_t k, int64_t k1) {
+  bool pair[P];  // row k + 2j + 1 exists (P > 1: called with k + 2P <= k1)
   __m512bh xv[P][MB];
   for (int j = 0; j < P; ++j) {
-    const bool pair = P > 1 || k + 2 * j + 1 < k1;  // P > 1: called with k + 2P <= k1
+    pair[j] = P > 1 || k + 2 * j + 1 < k1;
     for (int m = 0; m < MB; ++m) {
-      const uint32_t hi = pair ? uint32_t(xr[m * K + k + 2 * j + 1]) << 16 : 0u;
+      const uint32_t hi = pair[j] ? uint32_t(xr[m * K + k + 2 * j + 1]) << 16 : 0u;
       xv[j][m] = (__m512bh)_mm512_set1_epi32(int(xr[m * K + k + 2 * j] | hi));
     }
   }
@@ -122,9 +123,9 @@ BF16_TARGET inline void PairsNNbf16(const uint16_t* xr, const uint16_t* w, float
   for (int64_t t = 0; t < cn; t += 32) {
     __m512bh lo[P], hi[P];
     for (int j = 0; j < P; ++j) {
-      const bool pair = P > 1 || k + 2 * j + 1 < k1;
       const __m512i a = _mm512_loadu_si512(r0 + 2 * j * N + t);
-      const __m512i b = pair ? _mm512_loadu_si512(r0 + (2 * j + 1) * N + t) : _mm512_setzero_si512();
+      const __m512i b =
+          pair[j] ? _mm512_loadu_si512(r0 + (2 * j + 1) * N + t) : _mm512_setzero_si512();
       lo[j] = (__m512bh)_mm512_unpacklo_epi16(a, b);
       hi[j] = (__m512bh)_mm512_unpackhi_epi16(a, b);
     }
@@ -342,8 +343,8 @@ ffi::Error ImplStacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     return ffi::Error::InvalidArgument("w must be a 3-D stack and layer a scalar");
   const int64_t i = layer.typed_data()[0];
   if (i < 0 || i >= wd[0]) return ffi::Error::InvalidArgument("layer outside the stack");
-  const int64_t size = w.element_type() == ffi::F32 ? 4 : 2;
-  const auto* data = static_cast<const char*>(w.untyped_data()) + i * wd[1] * wd[2] * size;
+  const auto* data = static_cast<const char*>(w.untyped_data()) +
+                     i * wd[1] * wd[2] * ffi::ByteWidth(w.element_type());
   return Product(pool, x, data, w.element_type(), wd[1], wd[2], y, transposed);
 }
 
