@@ -79,6 +79,7 @@ def main(argv=None) -> int:
   from jax_specens.models.layout import scanned
 
   n_new = args.max_new_tokens or (8 if args.small else 32)
+  dtype = jnp.dtype(args.dtype)
   if args.shape == "smollm2":
     dims = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_heads=9,
                 num_kv_heads=3, head_dim=64, tie_embeddings=True)
@@ -95,7 +96,6 @@ def main(argv=None) -> int:
     built = {}
     for layout in layouts:
       place = scanned if layout == "scanned" else (lambda m: m)
-      dtype = jnp.dtype(args.dtype)
       built[layout] = (place(create_model(cfg(depth), 0, dtype)),
                        place(create_model(cfg(1), 1, dtype)))
     steps = _ms_per_token(built, dims["vocab_size"], args.step_tokens) if args.step_tokens else {}

@@ -128,7 +128,7 @@ class Transformer(nnx.Module):
       return (x, tuple(ks), tuple(vs), r + 1), None
 
     carry = (x, cache.k[:period], cache.v[:period], jnp.zeros((), jnp.int32))
-    repeats = jax.tree_util.tree_leaves(params)[0].shape[0]
+    _, repeats = self.config.layer_stack()
     (x, ks, vs, _), _ = jax.lax.scan(body, carry, None, length=repeats)
     return x, list(ks), list(vs)
 
