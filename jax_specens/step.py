@@ -39,14 +39,17 @@ def forward(
 
 def forward_hidden(
     model: Model, cache: KVCache, tokens: Int[Array, "B W"], start: Int[Array, "B"],
-    valid: Int[Array, "B"] | None = None, features: Float[Array, "B W D"] | None = None,
-) -> tuple[Float[Array, "B W V"], Float[Array, "B W D"], KVCache]:
+    valid: Int[Array, "B"] | None = None, features: Float[Array, "B W F"] | None = None,
+    taps: tuple[int, ...] = (),
+) -> tuple[Float[Array, "B W V"], Float[Array, "B W F"], KVCache]:
   """`forward`, also returning the final-normed hidden states `[B, W, D]` the head scored (the
-  features a feature-input draft reads)."""
+  features a feature-input draft reads), followed by the layers `taps`' normed outputs (a draft
+  with `ModelConfig.feature_taps` reads `[B, W, (1 + taps) D]`; `Transformer.hidden`)."""
   start, positions = _positions(start, tokens.shape[1])
   module = model.module()
-  x, cache = module.hidden(tokens, positions, cache, valid, features)
-  return module.head(x), x, cache.replace(pos=start + tokens.shape[1])
+  x, cache = module.hidden(tokens, positions, cache, valid, features, taps)
+  return (module.head(x[..., :module.config.hidden_size]), x,
+          cache.replace(pos=start + tokens.shape[1]))
 
 
 def _positions(start: Int[Array, "B"], width: int) -> tuple[Int[Array, "B"], Int[Array, "B W"]]:

@@ -24,6 +24,8 @@ position is the token's embedding and the target's final-normed hidden state of 
 before, and along its chain of proposals its own. It serves sd only (not as an se member); the
 labels then also hold the target's features (one more teacher pass over every row), and
 --unroll N trains it along N of its own proposals. E.g. --features --layers 29 --unroll 2.
+--feature-taps 2,15,26 also feeds it the target's layers 2, 15 and 26 (EAGLE-3; README "The
+target's middle layers too").
 
 OUT (created only when complete) is an ordinary model directory (usable as --draft, or as a
 --model of an se ensemble) with distill.json: held-out agreement (greedy acceptance per token),
@@ -111,6 +113,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="a draft that reads the target's hidden states (EAGLE style): sd only, "
                       "not an ensemble member; --layers then names the target layers it starts "
                       "from (e.g. 29: one layer)")
+  p.add_argument("--feature-taps", default=None, metavar="LAYERS",
+                 help="--features: comma-separated target layers whose outputs the draft also "
+                 "reads (EAGLE-3's low / middle / high features, e.g. 2,15,26 on SmolLM2's 30); "
+                 "with --init-from a draft without them, it starts where that draft ended")
   p.add_argument("--unroll", type=int, default=1,
                  help="--features: training passes along the draft's own chain (default 1)")
   p.add_argument("--steps", type=int, default=5000, help="max training steps (default 5000)")
@@ -177,7 +183,9 @@ def run(args: argparse.Namespace) -> int:
       answer_temperatures=tuple(_floats(args.answer_temperatures, "--answer-temperatures")),
       greedy_labels=args.greedy_labels,
       text_tokens=args.text_tokens, eval_chat_prompts=args.eval_chat_prompts,
-      eval_text_tokens=args.eval_text_tokens, features=args.features)
+      eval_text_tokens=args.eval_text_tokens, features=args.features,
+      feature_taps=() if args.feature_taps is None else tuple(_layers(args.feature_taps,
+                                                                      "--feature-taps")))
   config = TrainConfig(batch_size=args.batch_size, learning_rate=args.learning_rate,
                        max_steps=args.steps, eval_every=args.eval_every, seed=args.seed,
                        unroll=args.unroll, keep=args.keep,

@@ -163,6 +163,11 @@ def prepare(models, prompts, prompt_lengths, *, method: str = "ar", max_new_toke
         "a draft that reads its target's hidden states (feature_input, e.g. `train-draft "
         "--features`) can only be the draft of method='sd' (draft=...); for ar / ensemble / se "
         "use an ordinary model (train-draft without --features)")
+  taps = ordered[0].config.feature_taps if readers else ()
+  if taps and max(taps) >= ordered[-1].config.num_layers:
+    raise ValueError(f"the draft reads its target's layers {list(taps)} (feature_taps) but the "
+                     f"target has {ordered[-1].config.num_layers}: give the target it was "
+                     "distilled from")
   lo, hi = m.num_models
   if len(models) + (1 if m.uses_draft else 0) < lo or (
       hi is not None and len(ordered) > hi):

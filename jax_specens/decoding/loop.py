@@ -102,16 +102,23 @@ def prefill(models: tuple[Model, ...], req: Request, cfg: Config, extra=None) ->
   return prefill_hidden(models, req, cfg, extra)[0]
 
 
+def feature_taps(models: tuple[Model, ...]) -> tuple[int, ...]:
+  """The target layers a feature-input draft among `models` also reads (`ModelConfig.feature_taps`;
+  () for none): the target's passes return them after its final-normed states."""
+  return next((m.config.feature_taps for m in models if m.config.feature_input), ())
+
+
 def prefill_hidden(models: tuple[Model, ...], req: Request, cfg: Config, extra=None
-                   ) -> tuple[LoopState, Float[Array, "B T D"]]:
+                   ) -> tuple[LoopState, Float[Array, "B T F"]]:
   """`prefill`, also returning the last model's (sd: the target's) final-normed hidden states
-  `[B, T, D]` over the prompts. A feature-input draft (`ModelConfig.feature_input`) is fed after
+  `[B, T, D]` over the prompts (`[B, T, (1 + taps) D]` with a draft's `feature_taps`). A feature-input draft (`ModelConfig.feature_input`) is fed after
   the others, reading those states shifted by one position (the feature before each token)."""
   b, t = req.prompts.shape
   s = cfg.cache_len
   lengths = req.prompt_lengths.astype(jnp.int32)
   caches = [None] * len(models)
   hidden = None
+  taps = feature_taps(models)
   for k in sorted(range(len(models)), key=lambda k: models[k].config.feature_input):
     m = models[k]
     features = None
@@ -119,7 +126,7 @@ def prefill_hidden(models: tuple[Model, ...], req: Request, cfg: Config, extra=N
       features = jnp.pad(hidden, ((0, 0), (1, 0), (0, 0)))[:, :t]
     cache = m.init_cache(b, s, ring_slack=ring_slack(cfg.lookahead))
     _, x, cache = forward_hidden(m, cache, req.prompts, jnp.zeros((b,), jnp.int32), lengths,
-                                 features)
+                                 features, () if m.config.feature_input else taps)
     hidden = x if k == len(models) - 1 else hidden
     caches[k] = cache.rollback(lengths - 1)
   seq = jnp.zeros((b, s), jnp.int32).at[:, :min(t, s)].set(req.prompts[:, :s].astype(jnp.int32))

@@ -37,13 +37,14 @@ from jax_specens.step import forward_hidden
 
 @flax.struct.dataclass
 class FeatureState:
-  """ring `[B, R, D]`: the target's feature of position s at `ring[:, s % R]` (R = gamma + 1)."""
+  """ring `[B, R, F]`: the target's feature of position s at `ring[:, s % R]` (R = gamma + 1;
+  F = D, or (1 + taps) D for a draft with `feature_taps`)."""
 
-  ring: Float[Array, "B R D"]
+  ring: Float[Array, "B R F"]
 
 
 def init(models, req: Request, cfg: Config) -> LoopState:
-  state, hidden = prefill_hidden(models, req, cfg)  # hidden: the target's, `[B, T, D]`
+  state, hidden = prefill_hidden(models, req, cfg)  # hidden: the target's, `[B, T, F]`
   b = hidden.shape[0]
   r = cfg.gammas[0] + 1
   last = req.prompt_lengths.astype(jnp.int32) - 2  # f_{c-2}: the first catch-up's feature
@@ -98,7 +99,8 @@ def step(models, req: Request, cfg: Config, state: LoopState) -> LoopState:
   tcache = state.caches[1]
   tpos = tcache.pos
   tokens = jnp.concatenate([state.seq[rows, jnp.maximum(c - 1, 0)][:, None], proposals], axis=1)
-  logits, x, tcache = forward_hidden(target, tcache, tokens, at(c - 1))
+  logits, x, tcache = forward_hidden(target, tcache, tokens, at(c - 1),
+                                     taps=draft.config.feature_taps)
   slots = jnp.where(act[:, None], (c[:, None] - 1 + jnp.arange(g + 1)[None, :]) % r, r)
   ring = ring.at[rows[:, None], slots].set(x.astype(jnp.float32), mode="drop")
   logits = vocab.restrict(logits, size)  # B g+1 V

@@ -117,12 +117,13 @@ def text_rows(tok, split: str, seq_len: int, max_tokens: int) -> list[list[int]]
   return rows
 
 
-def _teacher_forward(target: Model, tokens: Int[Array, "B L"]
-                     ) -> tuple[Float[Array, "B L V"], Float[Array, "B L D"]]:
+def _teacher_forward(target: Model, tokens: Int[Array, "B L"], taps: tuple[int, ...] = ()
+                     ) -> tuple[Float[Array, "B L V"], Float[Array, "B L F"]]:
   """One teacher-forced pass over whole rows from an empty cache: logits and the final-normed
-  hidden states."""
+  hidden states (followed by the layers `taps`' normed outputs: `step.forward_hidden`)."""
   cache = target.init_cache(tokens.shape[0], tokens.shape[1])
-  logits, x, _ = forward_hidden(target, cache, tokens, jnp.zeros((tokens.shape[0],), jnp.int32))
+  logits, x, _ = forward_hidden(target, cache, tokens, jnp.zeros((tokens.shape[0],), jnp.int32),
+                                taps=taps)
   return logits, x
 
 
@@ -163,17 +164,21 @@ def harvest(target: Model, rows: list[list[int]], seq_len: int, *, top: int = 32
   return Harvest(tokens=toks[:, :seq_len], mask=mask, top_ids=ids, top_logp=logp)
 
 
-@jax.jit
-def _hidden(target: Model, tokens: Int[Array, "B L"]) -> Float[Array, "B L D"]:
-  return _teacher_forward(target, tokens)[1].astype(jnp.float16)
+@functools.partial(jax.jit, static_argnames="taps")
+def _hidden(target: Model, tokens: Int[Array, "B L"], taps: tuple[int, ...] = ()
+            ) -> Float[Array, "B L F"]:
+  return _teacher_forward(target, tokens, taps)[1].astype(jnp.float16)
 
 
-def target_features(target: Model, h: Harvest, *, batch_size: int = 16, progress: bool = True,
+def target_features(target: Model, h: Harvest, *, taps: tuple[int, ...] = (),
+                    batch_size: int = 16, progress: bool = True,
                     desc: str = "target features") -> Harvest:
   """`h` with `features`: the target's hidden states over its tokens, in fixed-shape batches
-  (float16: 0.18 MB per 160-token row of a 576-wide model)."""
-  out = np.zeros(h.tokens.shape + (target.config.hidden_size,), np.float16)
-  for rows, (x,) in _batches(lambda c: (_hidden(target, c),), h.tokens, batch_size,
+  (float16: 0.18 MB per 160-token row of a 576-wide model), followed by the normed outputs of
+  its layers `taps` (a draft with `ModelConfig.feature_taps`; F = (1 + taps) D)."""
+  width = target.config.hidden_size * (1 + len(taps))
+  out = np.zeros(h.tokens.shape + (width,), np.float16)
+  for rows, (x,) in _batches(lambda c: (_hidden(target, c, tuple(taps)),), h.tokens, batch_size,
                              progress=progress, desc=desc):
     out[rows] = x
   return dataclasses.replace(h, features=out)

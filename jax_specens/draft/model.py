@@ -38,16 +38,20 @@ def target_layers(layers: Sequence[int], target: ModelConfig,
 
 
 def draft_config(target: ModelConfig, layers: Sequence[int], vocab_subset: Sequence[int],
-                 features: bool = False) -> ModelConfig:
+                 features: bool = False, taps: Sequence[int] = ()) -> ModelConfig:
   """The target's config with only `layers` (target layer indices) and a K-id head; features:
-  a draft that also reads the target's hidden states (`ModelConfig.feature_input`)."""
+  a draft that also reads the target's hidden states (`ModelConfig.feature_input`), and with
+  `taps` its layers' outputs too (`ModelConfig.feature_taps`)."""
   layers = target_layers(layers, target)
+  taps = tuple(target_layers(taps, target, "--feature-taps")) if taps else ()
+  if taps and not features:
+    raise ValueError("--feature-taps are read by a feature draft: add --features")
   if target.vocab_subset:
     raise ValueError("the target already has a reduced vocabulary; distil from a full model")
   types = tuple(target.layer_type(i) for i in layers) if target.layer_types else ()
   return dataclasses.replace(target, num_layers=len(layers), layer_types=types,
                              vocab_subset=tuple(int(i) for i in vocab_subset),
-                             tie_embeddings=False, feature_input=features)
+                             tie_embeddings=False, feature_input=features, feature_taps=taps)
 
 
 def target_head_rows(target: Model, ids: np.ndarray) -> jax.Array:
@@ -60,11 +64,12 @@ def target_head_rows(target: Model, ids: np.ndarray) -> jax.Array:
 
 
 def init_from_target(target: Model, layers: Sequence[int], vocab_subset: Sequence[int],
-                     features: bool = False) -> Model:
+                     features: bool = False, taps: Sequence[int] = ()) -> Model:
   """A draft whose every weight is copied from `target` (see the module docstring). features: a
   feature-input draft, whose `fuse` `[2D, D]` starts as the sum of the token's embedding and
-  the feature before it."""
-  config = draft_config(target.config, layers, vocab_subset, features)
+  the feature before it; taps: its `feature_fc` starts by reading the final feature alone
+  (`tapped`)."""
+  config = draft_config(target.config, layers, vocab_subset, features, taps)
   pure = nnx.to_pure_dict(unrolled(target).params)
   new = {k: pure[k] for k in SHARED if k in pure}
   new["final_norm"] = pure["final_norm"]
@@ -73,7 +78,30 @@ def init_from_target(target: Model, layers: Sequence[int], vocab_subset: Sequenc
   if features:
     d = config.hidden_size
     new["fuse"] = {"kernel": jnp.concatenate([jnp.eye(d), jnp.eye(d)]).astype(target.dtype)}
+  if config.feature_taps:
+    new["feature_fc"] = {"kernel": _first_of(config).astype(target.dtype)}
   return _built(config, target.dtype, new)
+
+
+def _first_of(config: ModelConfig) -> jax.Array:
+  """`[(1 + taps) D, D]`: the `feature_fc` that passes the final feature and ignores the taps."""
+  d = config.hidden_size
+  return jnp.concatenate([jnp.eye(d)] + [jnp.zeros((d, d))] * len(config.feature_taps))
+
+
+def tapped(draft: Model, target: Model, taps: Sequence[int]) -> Model:
+  """`draft` (a feature draft of `target` without taps) also reading the target's layers `taps`
+  (EAGLE-3's low / middle / high features): its `feature_fc` starts at `[I; 0; ...]`, so its
+  logits equal `draft`'s and training continues from where `draft` ended."""
+  c = draft.config
+  if not c.feature_input or c.feature_taps:
+    raise ValueError("--feature-taps extend a feature draft without taps (this draft: "
+                     f"features {c.feature_input}, taps {list(c.feature_taps)})")
+  config = dataclasses.replace(c, feature_taps=tuple(target_layers(taps, target.config,
+                                                                   "--feature-taps")))
+  pure = nnx.to_pure_dict(unrolled(draft).params)
+  pure["feature_fc"] = {"kernel": _first_of(config).astype(draft.dtype)}
+  return _built(config, draft.dtype, pure)
 
 
 def _built(config: ModelConfig, dtype, pure: dict) -> Model:
@@ -124,4 +152,6 @@ def read_bytes_per_token(config: ModelConfig, dtype_bytes: int = 4) -> int:
   attn = d * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
   mlp = d * f * (3 if config.gated_mlp else 2)
   fuse = 2 * d * d if config.feature_input else 0
+  taps = len(config.feature_taps)
+  fuse += (1 + taps) * d * d if taps else 0  # feature_fc
   return dtype_bytes * (config.num_layers * (attn + mlp) + d * config.head_size + d + fuse)

@@ -20,7 +20,7 @@ from jax_specens.checkpoint import (atomic_dir, copy_tokenizer_files, load_model
                                     write_model_files)
 from jax_specens.draft import data as D
 from jax_specens.draft.model import (SHARED, grown, init_from_target, own_bytes,
-                                     read_bytes_per_token, target_layers)
+                                     read_bytes_per_token, tapped, target_layers)
 from jax_specens.draft.prompts import FAMILIES, held_out_count
 from jax_specens.draft.train import TrainConfig, evaluate, train
 
@@ -69,8 +69,14 @@ class DraftRecipe:
   # a draft that reads the target's hidden states (EAGLE style, `ModelConfig.feature_input`):
   # its labels also hold the target's features (one more teacher pass over every row)
   features: bool = False
+  # target layers whose outputs a feature draft also reads (EAGLE-3's low / middle / high
+  # features, `ModelConfig.feature_taps`); their labels are one more file beside the features
+  feature_taps: tuple[int, ...] = ()
 
   def __post_init__(self):
+    if self.feature_taps and not self.features:
+      raise ValueError(f"feature_taps {list(self.feature_taps)} are read by a feature draft: add "
+                       "--features (DraftRecipe(features=True))")
     if self.vocab_k < 2:
       raise ValueError(f"vocab_k must be >= 2 (--vocab-k), got {self.vocab_k}")
     if not self.answer_temperatures or any(t < 0 for t in self.answer_temperatures):
@@ -127,16 +133,30 @@ def _harvests(target, tok, recipe: DraftRecipe, ckpt: Path, progress: bool):
     out[split] = h
   if recipe.features:
     for split, h in out.items():
-      path = ckpt / f"features_{split}.npy"
-      if path.is_file():
-        out[split] = dataclasses.replace(h, features=np.load(path))
-        continue
-      out[split] = h = D.target_features(target, h, batch_size=recipe.harvest_batch,
-                                         progress=progress, desc=f"target features {split}")
-      tmp = ckpt / f".features_{split}.tmp.npy"
-      np.save(tmp, h.features)
-      os.replace(tmp, path)
+      out[split] = dataclasses.replace(h, features=_features(target, h, recipe, ckpt, split,
+                                                             progress))
   return out["train"], out["test"]
+
+
+def _features(target, h: D.Harvest, recipe: DraftRecipe, ckpt: Path, split: str, progress: bool
+              ) -> np.ndarray:
+  """The target's features over `h` (`[N, L, D]`), then its tapped layers' (`[N, L, taps D]`):
+  two files in `ckpt`, read when a run made them before (the first serves drafts without taps)."""
+  d = target.config.hidden_size
+  taps = recipe.feature_taps
+  paths = [ckpt / f"features_{split}.npy"]
+  if taps:
+    paths.append(ckpt / f"features_taps{'-'.join(map(str, taps))}_{split}.npy")
+  if not all(p.is_file() for p in paths):
+    x = D.target_features(target, h, taps=taps, batch_size=recipe.harvest_batch,
+                          progress=progress, desc=f"target features {split}").features
+    for path, part in zip(paths, (x[..., :d], x[..., d:])):
+      if not path.is_file():
+        tmp = path.with_name(f".{path.stem}.tmp.npy")
+        np.save(tmp, part)
+        os.replace(tmp, path)
+  out = [np.load(p) for p in paths]
+  return np.concatenate(out, axis=-1) if taps else out[0]
 
 
 def rounded(draft, store_dtype):
@@ -189,6 +209,9 @@ def _continued(init_from, target, recipe: DraftRecipe):
   if c.feature_input != recipe.features:
     raise ValueError(f"--init-from {init_from} is {'a' if c.feature_input else 'not a'} feature "
                      f"draft; {'add' if c.feature_input else 'drop'} --features to continue it")
+  if c.feature_taps and c.feature_taps != recipe.feature_taps:
+    raise ValueError(f"--init-from {init_from} reads the target's layers {list(c.feature_taps)}: "
+                     f"pass --feature-taps {','.join(map(str, c.feature_taps))} to continue it")
   record = Path(resolve(init_from)) / DISTILL_FILE
   previous = json.loads(record.read_text()) if record.is_file() else {}
   return draft, {k: previous[k] for k in ("phases", "recipe", "train_config", "steps",
@@ -238,6 +261,8 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
   target_layers(recipe.layers, target.config)
   if grow_layers:
     target_layers(grow_layers, target.config, "--grow-layers")
+  if recipe.feature_taps:
+    target_layers(recipe.feature_taps, target.config, "--feature-taps")
   start = None if init_from is None else _continued(init_from, target, recipe)
   ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else out.parent / f"{out.name}.ckpt"
   ckpt.mkdir(parents=True, exist_ok=True)
@@ -247,11 +272,14 @@ def train_draft(target_dir: str | os.PathLike, out_dir: str | os.PathLike,
     subset = D.frequent_ids(train_h, recipe.vocab_k, target.config.vocab_size,
                             always=target.config.eos_token_ids)
     np.save(ckpt / "vocab_subset.npy", subset)
-    draft, train_dir = init_from_target(target, recipe.layers, subset, recipe.features), "train"
+    draft, train_dir = init_from_target(target, recipe.layers, subset, recipe.features,
+                                        recipe.feature_taps), "train"
   else:
     (draft, previous), train_dir = start, f"continue-{out.name}"
     if grow_layers:
       draft = grown(draft, target, grow_layers)
+    if recipe.feature_taps != draft.config.feature_taps:
+      draft = tapped(draft, target, recipe.feature_taps)
     subset = np.asarray(draft.config.vocab_subset)
   draft, history = train(draft, train_h, test_h, config, checkpoint_dir=ckpt / train_dir,
                          progress=progress)

@@ -98,6 +98,11 @@ class ModelConfig:
   # final-normed hidden state the head scores (the target's for committed tokens, the draft's
   # own along its chain of proposals). Only `sd` can feed it (docs/algorithms.md §2).
   feature_input: bool = False
+  # a feature-input draft that also reads the target's residual stream after these target layers
+  # (EAGLE-3's low / middle / high features): the target's feature is then
+  # `[final-normed; rms(h_l) for l in feature_taps]` and `feature_fc` maps it to D; along its
+  # chain the draft reads its own D-wide output directly
+  feature_taps: tuple[int, ...] = ()
   # tokens
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
@@ -132,6 +137,10 @@ class ModelConfig:
         raise ValueError(
             f"vocab_subset must hold distinct token ids in [0, {self.vocab_size}); got "
             f"{len(ids)} ids in [{min(ids)}, {max(ids)}] with {len(ids) - len(set(ids))} repeats")
+    if self.feature_taps and (not self.feature_input or min(self.feature_taps) < 0
+                              or len(set(self.feature_taps)) != len(self.feature_taps)):
+      raise ValueError(f"feature_taps {self.feature_taps}: distinct target layer indices >= 0, "
+                       "for a feature_input draft only (train-draft --features --feature-taps)")
 
   # ---- derived -------------------------------------------------------------------------------
   def layer_type(self, i: int) -> LayerType:
@@ -183,7 +192,7 @@ class ModelConfig:
     d["rope"] = RopeConfig(**d["rope"]) if d.get("rope") is not None else RopeConfig()
     if d.get("rope_local") is not None:
       d["rope_local"] = RopeConfig(**d["rope_local"])
-    for k in ("layer_types", "eos_token_ids", "vocab_subset"):
+    for k in ("layer_types", "eos_token_ids", "vocab_subset", "feature_taps"):
       if k in d:
         d[k] = tuple(d[k])
     return cls(**d)

@@ -64,6 +64,8 @@ class Transformer(nnx.Module):
     self.layers = nnx.List([Block(config, i, dtype, rngs)
                             for i in range(period * repeats, config.num_layers)])
     self.fuse = linear(2 * d, d, False, dtype, rngs) if config.feature_input else None
+    taps = len(config.feature_taps)
+    self.feature_fc = linear((1 + taps) * d, d, False, dtype, rngs) if taps else None
     self.final_norm = Norm(d, config, dtype)
     self.lm_head = None if config.tie_embeddings else linear(d, config.head_size, False, dtype,
                                                              rngs, out_dtype=jnp.float32)
@@ -84,15 +86,24 @@ class Transformer(nnx.Module):
 
   def hidden(
       self, tokens: Int[Array, "B W"], positions: Int[Array, "B W"], cache: KVCache,
-      valid: Int[Array, "B"] | None = None, features: Float[Array, "B W D"] | None = None,
+      valid: Int[Array, "B"] | None = None, features: Float[Array, "B W F"] | None = None,
+      taps: tuple[int, ...] = (),
   ) -> tuple[Float[Array, "B W D"], KVCache]:
-    """The final-normed hidden states (what `head` scores) and the cache with K/V written."""
+    """The final-normed hidden states (what `head` scores) and the cache with K/V written.
+
+    taps: layer indices whose residual stream after the layer (RMS-normalised, no weight) is
+    appended: `[B, W, (1 + len(taps)) D]`, the features of a draft with `config.feature_taps`
+    (`head` reads the first D). features: `[B, W, D]` (a feature draft's own outputs) or, for a
+    draft with feature taps, also the target's `[B, W, (1 + taps) D]`, which `feature_fc` maps to D.
+    """
     x = self.embed(tokens)
     if self.config.embed_scale:
       x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
     if (features is None) == (self.fuse is not None):
       raise ValueError("a feature_input draft needs features= (the target's hidden states: "
                        "decode it with method='sd'), and only such a draft takes them")
+    if self.feature_fc is not None and features.shape[-1] != x.shape[-1]:
+      features = self.feature_fc(features.astype(x.dtype))  # the target's: [final; taps]
     if self.fuse is not None:
       x = self.fuse(jnp.concatenate([x, features.astype(x.dtype)], axis=-1))
     if self.pos_embed is not None:
@@ -103,34 +114,46 @@ class Transformer(nnx.Module):
           f"a cache with {cache.stacked} stacked entries was given to a model with "
           f"{period} (scanned layers: models/layout.py); make it with the model's own "
           "`init_cache`")
+    bad = [t for t in taps if not 0 <= t < self.config.num_layers]
+    if bad:
+      raise ValueError(f"feature taps {bad} are not layers of this {self.config.num_layers}-layer "
+                       "model (the draft's feature_taps name its target's layers)")
     ks, vs = [], []
+    tapped = [jnp.zeros_like(x, jnp.float32) for _ in taps]
     if self.stack is not None:
-      x, ks, vs = self._scan(x, positions, cache, valid)
-    for i, layer in enumerate(self.layers, len(ks)):
+      x, ks, vs, tapped = self._scan(x, positions, cache, valid, taps, tapped)
+    first = self.config.num_layers - len(self.layers)  # the unscanned layers' first index
+    for j, layer in enumerate(self.layers):
+      i = len(ks)  # its cache entry
       x, k, v = layer(x, positions, cache.k[i], cache.v[i], cache.ring[i], valid)
       ks.append(k)
       vs.append(v)
+      tapped = _tap(tapped, taps, first + j, x)
     x = self.final_norm(x)
+    if taps:
+      x = jnp.concatenate([x] + [t.astype(x.dtype) for t in tapped], axis=-1)
     return x, cache.replace(k=tuple(ks), v=tuple(vs))
 
-  def _scan(self, x, positions, cache, valid):
+  def _scan(self, x, positions, cache, valid, taps, tapped):
     """The stacked layers (cache entries 0 .. P - 1 stacked alike): scan step r runs layers
-    r * P .. r * P + P - 1, each writing its K/V in place at index r of its stacked entry."""
+    r * P .. r * P + P - 1, each writing its K/V in place at index r of its stacked entry
+    (and its output into `tapped` where its index is a tap)."""
     period = len(self.stack)
     graphdef, params = nnx.split(self.stack)
 
     def body(carry, _):
-      x, ks, vs, r = carry
+      x, ks, vs, tapped, r = carry
       ks, vs = list(ks), list(vs)
       with layer_views(params, r) as params_r:  # the CPU kernel reads weights in the stack
         for j, block in enumerate(nnx.merge(graphdef, params_r)):
           x, ks[j], vs[j] = block(x, positions, ks[j], vs[j], cache.ring[j], valid, r)
-      return (x, tuple(ks), tuple(vs), r + 1), None
+          tapped = _tap(tapped, taps, r * period + j, x)
+      return (x, tuple(ks), tuple(vs), tapped, r + 1), None
 
-    carry = (x, cache.k[:period], cache.v[:period], jnp.zeros((), jnp.int32))
+    carry = (x, cache.k[:period], cache.v[:period], tapped, jnp.zeros((), jnp.int32))
     _, repeats = self.config.layer_stack()
-    (x, ks, vs, _), _ = jax.lax.scan(body, carry, None, length=repeats)
-    return x, list(ks), list(vs)
+    (x, ks, vs, tapped, _), _ = jax.lax.scan(body, carry, None, length=repeats)
+    return x, list(ks), list(vs), tapped
 
   def head(self, x: Float[Array, "B W D"], full: bool = True) -> Float[Array, "B W V"]:
     """float32 logits over the full vocabulary (`full=False`: the K head logits, unscattered).
@@ -157,3 +180,14 @@ class Transformer(nnx.Module):
       out = jnp.full(logits.shape[:-1] + (self.config.vocab_size,), -jnp.inf, jnp.float32)
       logits = out.at[..., jnp.asarray(ids, jnp.int32)].set(logits)
     return logits
+
+
+def _tap(tapped: list, taps: tuple[int, ...], layer, x: Float[Array, "B W D"]) -> list:
+  """`tapped[t]` = x RMS-normalised (float32, no weight) where `layer` (an int, or traced inside
+  a scan) is `taps[t]`; the others unchanged."""
+  if not taps:
+    return tapped
+  xf = x.astype(jnp.float32)
+  normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + 1e-6)
+  return [jnp.where(layer == t, normed, old) if not isinstance(layer, int) else
+          (normed if layer == t else old) for t, old in zip(taps, tapped)]

@@ -7,7 +7,7 @@ Every parameter path gets *logical* axis names (`heads`, `kv_heads`, `mlp`, `voc
     o kernel [H*Dh, D]           rows on `model` (one all-reduce after attention)
     gate, up kernels [D, F]      columns on `model`; down kernel [F, D] rows (one all-reduce)
     embedding [V, D], lm_head    vocab on `model`, or hidden when the vocab does not divide
-    norms, o/down biases         replicated (and a feature draft's `fuse` [2D, D])
+    norms, o/down biases         replicated (and a feature draft's `fuse` [2D, D], `feature_fc`)
     KV cache [B, S, Hkv, Dh]     batch on `data`, kv heads on `model`
     per-row decode state [B..]   batch on `data`
 
@@ -34,6 +34,7 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"^pos_embed/embedding$", (None, None)),
     (r"^lm_head/kernel$", ("vocab_hidden", "vocab")),
     (r"^fuse/kernel$", (None, None)),  # a feature draft's [2D, D] input projection: small
+    (r"^feature_fc/kernel$", (None, None)),  # its [(1 + taps) D, D] map of the target's features
     (r"/attn/q/kernel$", (None, "heads")),
     (r"/attn/q/bias$", ("heads",)),
     (r"/attn/[kv]/kernel$", (None, "kv_heads")),
