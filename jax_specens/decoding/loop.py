@@ -111,8 +111,9 @@ def feature_taps(models: tuple[Model, ...]) -> tuple[int, ...]:
 def prefill_hidden(models: tuple[Model, ...], req: Request, cfg: Config, extra=None
                    ) -> tuple[LoopState, Float[Array, "B T F"]]:
   """`prefill`, also returning the last model's (sd: the target's) final-normed hidden states
-  `[B, T, D]` over the prompts (`[B, T, (1 + taps) D]` with a draft's `feature_taps`). A feature-input draft (`ModelConfig.feature_input`) is fed after
-  the others, reading those states shifted by one position (the feature before each token)."""
+  `[B, T, D]` over the prompts (`[B, T, (1 + taps) D]` with a draft's `feature_taps`). A
+  feature-input draft (`ModelConfig.feature_input`) is fed after the others, reading those states
+  shifted by one position (the feature before each token)."""
   b, t = req.prompts.shape
   s = cfg.cache_len
   lengths = req.prompt_lengths.astype(jnp.int32)

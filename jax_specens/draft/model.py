@@ -44,8 +44,6 @@ def draft_config(target: ModelConfig, layers: Sequence[int], vocab_subset: Seque
   `taps` its layers' outputs too (`ModelConfig.feature_taps`)."""
   layers = target_layers(layers, target)
   taps = tuple(target_layers(taps, target, "--feature-taps")) if taps else ()
-  if taps and not features:
-    raise ValueError("--feature-taps are read by a feature draft: add --features")
   if target.vocab_subset:
     raise ValueError("the target already has a reduced vocabulary; distil from a full model")
   types = tuple(target.layer_type(i) for i in layers) if target.layer_types else ()

@@ -88,13 +88,13 @@ class Transformer(nnx.Module):
       self, tokens: Int[Array, "B W"], positions: Int[Array, "B W"], cache: KVCache,
       valid: Int[Array, "B"] | None = None, features: Float[Array, "B W F"] | None = None,
       taps: tuple[int, ...] = (),
-  ) -> tuple[Float[Array, "B W D"], KVCache]:
+  ) -> tuple[Float[Array, "B W F"], KVCache]:
     """The final-normed hidden states (what `head` scores) and the cache with K/V written.
 
     taps: layer indices whose residual stream after the layer (RMS-normalised, no weight) is
-    appended: `[B, W, (1 + len(taps)) D]`, the features of a draft with `config.feature_taps`
-    (`head` reads the first D). features: `[B, W, D]` (a feature draft's own outputs) or, for a
-    draft with feature taps, also the target's `[B, W, (1 + taps) D]`, which `feature_fc` maps to D.
+    appended (F = (1 + len(taps)) D: the features of a draft with `config.feature_taps`; `head`
+    reads the first D). features: `[B, W, D]` (a feature draft's own outputs) or, for a draft
+    with feature taps, the target's `[B, W, F]`, which its `feature_fc` maps to D.
     """
     x = self.embed(tokens)
     if self.config.embed_scale:
@@ -183,11 +183,10 @@ class Transformer(nnx.Module):
 
 
 def _tap(tapped: list, taps: tuple[int, ...], layer, x: Float[Array, "B W D"]) -> list:
-  """`tapped[t]` = x RMS-normalised (float32, no weight) where `layer` (an int, or traced inside
-  a scan) is `taps[t]`; the others unchanged."""
+  """`tapped[t]` = x RMS-normalised (float32, no weight) where `layer` (an int, or the traced
+  index inside a scan) is `taps[t]`; the others unchanged."""
   if not taps:
     return tapped
   xf = x.astype(jnp.float32)
   normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + 1e-6)
-  return [jnp.where(layer == t, normed, old) if not isinstance(layer, int) else
-          (normed if layer == t else old) for t, old in zip(taps, tapped)]
+  return [jnp.where(layer == t, normed, old) for t, old in zip(taps, tapped)]
