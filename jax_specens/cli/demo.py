@@ -98,6 +98,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
   p.add_argument("--builtin", action="store_true",
                  help="use the built-in models even when the real ones are installed")
+  p.add_argument("--xla-products", action="store_true",
+                 help="with the real models on a CPU, keep XLA's matrix products; by default the "
+                 "demo runs them on the opt-in CPU kernel (JAX_SPECENS_CPU_KERNELS=1, where the "
+                 "CPU has AVX-512 and g++ is installed; README \"An opt-in CPU kernel\")")
   p.set_defaults(run=run)
   return p
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -100,6 +101,19 @@ def _timed(label: str, fn):
   return out, compile_s, time.perf_counter() - t
 
 
+def _products(xla: bool) -> str:
+  """Turns the opt-in CPU kernel on for this process unless `xla` (or the user set
+  JAX_SPECENS_CPU_KERNELS, or the backend is not a CPU); says which product decoding uses."""
+  import jax
+  from jax_specens.kernels import cpu
+  if xla or jax.default_backend() != "cpu":
+    return f"XLA's ({jax.default_backend()})"
+  os.environ.setdefault(cpu.ENV, "1")
+  if cpu.requested() and cpu.available():
+    return f"the CPU kernel ({cpu.ENV}=1; --xla-products for XLA's)"
+  return "XLA's (the CPU kernel is off or cannot run here)"
+
+
 def run(args) -> int:
   import jax
   from jax_specens import load_model, load_tokenizer
@@ -108,6 +122,8 @@ def run(args) -> int:
   from jax_specens.text import generate_text
 
   t0 = time.perf_counter()
+  products = _products(args.xla_products)
+  print(f"matrix products: {products}", flush=True)
   dirs = {n: model_dir(n) for n in ("smollm2", "gemma3")}
   smol, gemma = load_model(dirs["smollm2"]), load_model(dirs["gemma3"])
   tok_s, tok_g = load_tokenizer(dirs["smollm2"]), load_tokenizer(dirs["gemma3"])
@@ -224,7 +240,8 @@ def run(args) -> int:
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"question": QUESTION, "continuation": CONTINUE,
-                 "settings": {"max_new_tokens": n, "temperature": 0.0, "gamma": args.gamma},
+                 "settings": {"max_new_tokens": n, "temperature": 0.0, "gamma": args.gamma,
+                              "products": products},
                  "rows": rows}, f, indent=2)
   return 0
 
