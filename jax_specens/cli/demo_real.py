@@ -102,16 +102,19 @@ def _timed(label: str, fn):
 
 
 def _products(xla: bool) -> str:
-  """Turns the opt-in CPU kernel on for this process unless `xla` (or the user set
-  JAX_SPECENS_CPU_KERNELS, or the backend is not a CPU); says which product decoding uses."""
+  """On a CPU, turns the opt-in CPU kernel on for this process (off with `xla`; a
+  JAX_SPECENS_CPU_KERNELS the user set is kept otherwise); says which product decoding uses."""
   import jax
   from jax_specens.kernels import cpu
-  if xla or jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu":
     return f"XLA's ({jax.default_backend()})"
+  if xla:
+    os.environ[cpu.ENV] = "0"
+    return "XLA's (--xla-products)"
   os.environ.setdefault(cpu.ENV, "1")
   if cpu.requested() and cpu.available():
     return f"the CPU kernel ({cpu.ENV}=1; --xla-products for XLA's)"
-  return "XLA's (the CPU kernel is off or cannot run here)"
+  return f"XLA's (the CPU kernel is off, {cpu.ENV}=0, or cannot run here)"
 
 
 def run(args) -> int:
