@@ -129,8 +129,8 @@ def measure_pass_costs(models, widths: Sequence[Sequence[int]], batch: int, cach
       tokens = jnp.ones((batch, w), jnp.int32)
       start = jnp.full((batch,), max(min(context, cache_len - w), 0), jnp.int32)
       # a feature draft's pass as its catch-up runs it: on the target's features (and taps)
-      width = m.config.hidden_size * (1 + len(m.config.feature_taps))
-      features = jnp.zeros((batch, w, width), jnp.float32) if m.config.feature_input else None
+      features = (jnp.zeros((batch, w, m.config.feature_width), jnp.float32)
+                  if m.config.feature_input else None)
       t0 = time.perf_counter()
       logits, caches[id(m)] = step(m, caches[id(m)], tokens, start, features)
       jax.block_until_ready(logits)

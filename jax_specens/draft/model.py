@@ -150,6 +150,5 @@ def read_bytes_per_token(config: ModelConfig, dtype_bytes: int = 4) -> int:
   attn = d * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
   mlp = d * f * (3 if config.gated_mlp else 2)
   fuse = 2 * d * d if config.feature_input else 0
-  taps = len(config.feature_taps)
-  fuse += (1 + taps) * d * d if taps else 0  # feature_fc
+  fuse += config.feature_width * d if config.feature_taps else 0  # feature_fc
   return dtype_bytes * (config.num_layers * (attn + mlp) + d * config.head_size + d + fuse)

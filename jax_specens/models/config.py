@@ -170,6 +170,12 @@ class ModelConfig:
     return int(self.head_dim * self.partial_rotary_factor) // 2 * 2
 
   @property
+  def feature_width(self) -> int:
+    """F, the width of the target features a feature-input draft reads: D, or (1 + taps) D with
+    `feature_taps` (its `feature_fc` maps them to D)."""
+    return self.hidden_size * (1 + len(self.feature_taps))
+
+  @property
   def head_size(self) -> int:
     """Rows of the LM head: K for a reduced vocabulary, else vocab_size."""
     return len(self.vocab_subset) or self.vocab_size

@@ -64,8 +64,8 @@ class Transformer(nnx.Module):
     self.layers = nnx.List([Block(config, i, dtype, rngs)
                             for i in range(period * repeats, config.num_layers)])
     self.fuse = linear(2 * d, d, False, dtype, rngs) if config.feature_input else None
-    taps = len(config.feature_taps)
-    self.feature_fc = linear((1 + taps) * d, d, False, dtype, rngs) if taps else None
+    self.feature_fc = (linear(config.feature_width, d, False, dtype, rngs)
+                       if config.feature_taps else None)
     self.final_norm = Norm(d, config, dtype)
     self.lm_head = None if config.tie_embeddings else linear(d, config.head_size, False, dtype,
                                                              rngs, out_dtype=jnp.float32)
