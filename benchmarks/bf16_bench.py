@@ -14,6 +14,10 @@
      JAX_SPECENS_CPU_KERNELS=1, the CPU kernel), one activation row, in one jitted chain.
    A decode step reads every parameter once, so its floor is `param bytes / bandwidth`; the
    share of the limit is floor / measured. Prints a table and writes bf16.json.
+   --rows both: each dtype twice, its linear kernels stored `[d_in, d_out]` and as rows
+   (`[d_out, d_in]`, `models/layout.rows_major`; by default `load_model` decides).
+3. --layouts: the MLP weights' products in their stored `[K, N]` layout and transposed to
+   `[N, K]` (what the kernel reads as a tied head does), 1-8 rows, per dtype (`layout_rows`).
 Timings on a shared machine are noisy: compare the two dtypes within one run (same rounds).
 """
 
@@ -46,31 +50,72 @@ def bandwidth(num_bytes: int, repeats: int) -> float:
 def products_chain(model):
   """A jitted function running every matrix product of a one-token pass (each linear layer's
   kernel in the params' order, then the LM head), each once, on one activation row, each
-  product's input depending on the previous product (so they run one after another)."""
-  from flax import nnx
-
-  from jax_specens.models.layers import weight_dot
-  leaves = [(tuple(str(k) for k in path), v[...]) for path, v in nnx.to_flat_state(model.params)]
+  product's input depending on the previous product (so they run one after another); kernels in
+  the layout the model stores them (`model.rows`)."""
+  leaves = _leaves(model)
   weights = [v for path, v in leaves
              if path[-1] == "kernel" and "lm_head" not in path and v.ndim == 2]
   head = [v for path, v in leaves if path[-1] == "kernel" and "lm_head" in path]
   tied = not head
   weights += head or [v for path, v in leaves if path[-2:] == ("embed", "embedding")]
+  last = len(weights) - 1  # the head: a tied embedding is [V, D]; kernels as the model stores them
+  return product_chain(weights, [(tied or model.rows) if i == last else model.rows
+                                 for i in range(len(weights))])
+
+
+def _leaves(model) -> list[tuple[tuple[str, ...], jax.Array]]:
+  from flax import nnx
+  return [(tuple(str(k) for k in path), v[...]) for path, v in nnx.to_flat_state(model.params)]
+
+
+def product_chain(weights, transposed, rows: int = 1):
+  """A jitted chain of `weight_dot` products, one per weight, each input depending on the
+  previous output: `x [rows, K] @ w` (w `[K, N]`), or `x @ w.T` where `transposed` (w `[N, K]`)."""
+  from jax_specens.models.layers import weight_dot
   nn, nt = (((1,), (0,)), ((), ())), (((1,), (1,)), ((), ()))
 
   @jax.jit
   def chain(weights):
     link, out = jnp.zeros((), jnp.float32), []
-    for i, w in enumerate(weights):
-      dims = nt if tied and i == len(weights) - 1 else nn
+    for w, t in zip(weights, transposed):
+      dims = nt if t else nn
       k = w.shape[dims[0][1][0]]
-      x = jnp.full((1, k), 0.01, w.dtype) + link.astype(w.dtype)
+      x = jnp.full((rows, k), 0.01, w.dtype) + link.astype(w.dtype)
       y = weight_dot(x, w, dims, preferred_element_type=jnp.float32)
       link = y[0, 0] * 0.0
       out.append(y[0, 0])
     return jnp.stack(out)
 
   return lambda: chain(weights)
+
+
+def layout_rows(model, repeats: int) -> list[dict]:
+  """The MLP weights (gate / up / down of every layer) read by one chain of products as they are
+  stored (`[K, N]`, a Linear kernel) and as the same weights transposed (`[N, K]`, the layout
+  of a tied head), for 1, 2, 4 and 8 activation rows, the two layouts alternating round by round:
+  microseconds and GB/s per weight (the chain is larger than the CPU's caches, so each weight
+  comes from memory)."""
+  from jax_specens.models.layout import rows_major
+  mlp = [v for path, v in _leaves(rows_major(model, False))
+         if path[-1] == "kernel" and path[-2] in ("gate", "up", "down") and v.ndim == 2]
+  stored = {"[K, N]": (mlp, [False] * len(mlp)),
+            "[N, K]": ([jnp.asarray(w.T) for w in mlp], [True] * len(mlp))}
+  nbytes = sum(w.nbytes for w in mlp)
+  out = []
+  for rows in (1, 2, 4, 8):
+    chains = {name: product_chain(ws, ts, rows) for name, (ws, ts) in stored.items()}
+    times = {name: [] for name in chains}
+    for f in chains.values():
+      common.first_call(f)
+    for _ in range(repeats):
+      for name, f in chains.items():
+        times[name].append(common.time_call(f, repeats=3, warmup=0))
+    for name, ts in times.items():
+      t = float(np.median(ts))
+      out.append({"dtype": str(jnp.dtype(model.dtype)), "layout": name, "rows": rows,
+                  "us / weight": t * 1e6 / len(mlp), "GB/s": nbytes / t / 1e9,
+                  "weights": len(mlp), "MB / weight": nbytes / len(mlp) / 1e6})
+  return out
 
 
 def main(argv=None) -> int:
@@ -82,6 +127,14 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
   p.add_argument("--bandwidth-mib", type=int, default=256, help="bandwidth probe size (256)")
   p.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="JSON directory")
+  p.add_argument("--rows", choices=["auto", "both"], default="auto",
+                 help="auto: each model loaded as `load_model` stores it by default (with "
+                 "JAX_SPECENS_CPU_KERNELS=1 a bfloat16 model's kernels as rows, "
+                 "`layout.rows_major`); both: each dtype with kernels [d_in, d_out] and as rows "
+                 "(named '... rows'), interleaved")
+  p.add_argument("--layouts", action="store_true",
+                 help="also time the MLP weights' products in their stored [K, N] layout and "
+                 "transposed to [N, K], 1-8 rows (`layout_rows`)")
   args = p.parse_args(argv)
   args.model = common.real_model(args.model, "smollm2")
   if not (args.model / "params").is_dir():
@@ -100,9 +153,12 @@ def main(argv=None) -> int:
   prompt = jnp.arange(1, 9, dtype=jnp.int32)[None]
   lengths = jnp.array([8], jnp.int32)
   runs = {}
-  for name, dtype in tqdm([("float32", jnp.float32), ("bfloat16", jnp.bfloat16)],
-                          desc="load + compile"):
-    model = load_model(args.model, dtype=dtype)
+  row_layouts = [(None, "")] if args.rows == "auto" else [(False, ""), (True, " rows")]
+  for (name, dtype), (rows_major, suffix) in tqdm(
+      [(d, r) for d in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))
+       for r in row_layouts], desc="load + compile"):
+    name += suffix
+    model = load_model(args.model, dtype=dtype, rows_major=rows_major)
     cache = model.init_cache(1, 256)
     tok = jnp.zeros((1, 1), jnp.int32)
     _, t_compile = common.first_call(lambda: step(model, cache, tok, jnp.zeros(1, jnp.int32)))
@@ -131,6 +187,8 @@ def main(argv=None) -> int:
       r["loop_ms"].append((t_ar2 - t_ar) * 1e3 / args.tokens)
       r["products_ms"].append(common.time_call(r["products"], repeats=5, warmup=0) * 1e3)
 
+  layouts = ([row for name, r in runs.items() if not name.endswith(" rows")
+              for row in layout_rows(r["model"], args.repeats)] if args.layouts else [])
   rows = []
   for name, r in runs.items():
     floor_ms = r["bytes"] / bw * 1e3
@@ -145,7 +203,7 @@ def main(argv=None) -> int:
                  "loop ms (all rounds)": r["loop_ms"],
                  "products ms (all rounds)": r["products_ms"],
                  "compile step s": r["compile_step_s"]})
-  f32, bf16 = rows
+  f32, bf16 = rows[0], rows[len(row_layouts)]
   print(f"bandwidth {bw / 1e9:.1f} GB/s ({args.bandwidth_mib} MiB float32, best of a sum and a "
         f"matvec); model {args.model}")
   print(common.table(rows, ["dtype", "param MB", "floor ms", "step ms", "step share",
@@ -154,10 +212,13 @@ def main(argv=None) -> int:
   print(f"bfloat16 / float32 time: step {bf16['step ms'] / f32['step ms']:.2f}, "
         f"ar {bf16['ar ms/token'] / f32['ar ms/token']:.2f} (floor ratio "
         f"{bf16['floor ms'] / f32['floor ms']:.2f})")
+  if layouts:
+    print("MLP weights' products by layout (`--layouts`):")
+    print(common.table(layouts, ["dtype", "layout", "rows", "us / weight", "GB/s"]))
   from jax_specens.kernels import cpu
   config = vars(args) | {"model": str(args.model), "cpu_kernels": cpu.requested()}
-  path = common.write_results(args.out, "bf16", config, rows,
-                              bandwidth_GBps=bw / 1e9)
+  path = common.write_results(args.out, "bf16", config, rows, bandwidth_GBps=bw / 1e9,
+                              **({"layouts": layouts} if layouts else {}))
   print(f"wrote {path}")
   return 0
 

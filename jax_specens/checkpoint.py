@@ -246,13 +246,18 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32) -> Model:
 
 
 def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
-               share_from=None, scan_layers: bool = False) -> Model:
+               share_from=None, scan_layers: bool = False, rows_major: bool | None = None
+               ) -> Model:
   """Restores a model saved by `save_model` or `jax-specens convert`, cast to `dtype`.
 
   dtype: None (default) loads the dtype the directory asks for (`load_dtype`, see
     `write_model_files`), else the one the parameters are stored in (`precision.stored_dtype`).
   scan_layers: stack the layers for `lax.scan` (`models/layout.py`: compiles in a fraction of
   the time; on CPU each step is slower). The checkpoint is the same either way.
+  rows_major: store the linear kernels `[d_out, d_in]` (`models/layout.rows_major`: the opt-in
+  CPU kernel streams bfloat16 weights faster so); None (default): where the kernel will compute
+  this model's products (`JAX_SPECENS_CPU_KERNELS=1`, CPU, no shardings) and its dtype is
+  bfloat16.
 
   shardings: optional function `Model -> pytree of jax.sharding.Sharding` matching the params;
   orbax then restores every array directly into its shards (`jax_specens.parallel.load_model`
@@ -297,10 +302,15 @@ def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
   from jax_specens import vocab
   model = Model(config=config, graphdef=abstract.graphdef, params=params,
                 vocab=vocab.identify(model_dir, config.vocab_size))
+  from jax_specens.models import layout
+  if rows_major is None:
+    rows_major = (shardings is None and jnp.dtype(dtype) == jnp.bfloat16
+                  and layout.kernel_computes())
+  if rows_major:
+    model = layout.rows_major(model, donate=not share)  # shared arrays: not kernels, kept
   if not scan_layers:
     return model
-  from jax_specens.models.layout import scanned
-  model = scanned(model, donate=not share)  # shared arrays belong to another model too
+  model = layout.scanned(model, donate=not share)  # shared arrays belong to another model too
   if shardings is None:
     return model
   return model.replace(params=jax.device_put(model.params, shardings(model)))

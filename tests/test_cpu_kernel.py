@@ -3,7 +3,9 @@
 Specified against XLA's own product: the same values (float32 rounding) for both weight layouts,
 float32 and bfloat16 weights, every row count it takes; products it does not take stay with XLA;
 a model decodes the same tokens with it, and speculative decoding stays lossless (greedy sd ==
-ar; se and cosd call the same passes). Skipped where it cannot run (no AVX-512 or no C++
+ar; se and cosd call the same passes); a model whose kernels are stored `[d_out, d_in]`
+(`layout.rows_major`, what `load_model` does for a bfloat16 model when the kernel is on) streams
+every weight as rows, scanned or not. Skipped where it cannot run (no AVX-512 or no C++
 compiler: it then warns and decoding keeps XLA's product, also tested)."""
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from jax_specens import ModelConfig, create_model
 from jax_specens.decoding.api import decode
 from jax_specens.kernels import cpu
 from jax_specens.models import layers
-from jax_specens.models.layout import scanned
+from jax_specens.checkpoint import load_model, save_model
+from jax_specens.models.layout import rows_major, scanned
 from jax_specens.step import step
 
 
@@ -132,9 +135,40 @@ def test_scanned_layers_read_their_weights_in_the_stack(kernel_on, dtype):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_row_major_kernels_are_read_as_rows(kernel_on, scan):
+  """Every product of a `rows_major` model (scanned: in its stack) takes the kernel's `[N, K]`
+  path, and the logits are the `[K, N]` model's (another summation order)."""
+  model = create_model(dataclasses.replace(CFG, num_layers=3), seed=0, dtype=jnp.bfloat16)
+  rows = rows_major(model)
+  if scan:
+    model, rows = scanned(model), scanned(rows)
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 128, (2, 3)), jnp.int32)
+  start = jnp.asarray([0, 2], jnp.int32)
+  fn = jax.jit(lambda m, c, t, p: step(m, c, t, p)[0])
+  hlo = fn.lower(rows, rows.init_cache(2, 8), tokens, start).as_text()
+  calls = [line for line in hlo.splitlines() if "@jax_specens_small_matmul" in line]
+  assert len(calls) == (7 if scan else 7 * 3) + 1  # the layers' q, k, v, o, gate, up, down; head
+  assert all("transposed = true" in line for line in calls)
+  out = fn(rows, rows.init_cache(2, 8), tokens, start)
+  ref = fn(model, model.init_cache(2, 8), tokens, start)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-2, atol=2e-2)
+
+
+def test_load_model_stores_bfloat16_kernels_as_rows_where_the_kernel_computes(
+    kernel_on, monkeypatch, tmp_path):
+  save_model(create_model(CFG, seed=0), tmp_path / "m")
+  assert load_model(tmp_path / "m", dtype=jnp.bfloat16).rows
+  assert not load_model(tmp_path / "m", dtype=jnp.float32).rows  # float32: no faster as rows
+  assert not load_model(tmp_path / "m", dtype=jnp.bfloat16, rows_major=False).rows
+  monkeypatch.setenv(cpu.ENV, "0")
+  assert not load_model(tmp_path / "m", dtype=jnp.bfloat16).rows
+
+
 def test_a_model_decodes_the_same_tokens_and_sd_stays_lossless(kernel_on, monkeypatch):
   """ar with and without the kernel; sd with it (every pass width of the loop: the draft's 1- and
-  2-token passes, the target's 4-token verification) gives ar's tokens."""
+  2-token passes, the target's 4-token verification), its models' kernels stored `[d_in, d_out]`
+  or as rows, gives ar's tokens."""
   target = create_model(CFG, seed=0)
   draft = create_model(CFG, seed=1)
   prompts = jnp.asarray(np.random.default_rng(3).integers(0, 128, (3, 6)), jnp.int32)
@@ -142,11 +176,14 @@ def test_a_model_decodes_the_same_tokens_and_sd_stays_lossless(kernel_on, monkey
   kw = dict(max_new_tokens=12, temperature=0.0)
   with_kernel = decode(target, prompts, lengths, **kw).to_lists()
   sd = decode(target, prompts, lengths, method="sd", draft=draft, gamma=3, **kw).to_lists()
+  rows = decode(rows_major(target), prompts, lengths, method="sd", draft=rows_major(draft),
+                gamma=3, **kw).to_lists()
   monkeypatch.setenv(cpu.ENV, "0")
   jax.clear_caches()
   without = decode(target, prompts, lengths, **kw).to_lists()
   assert with_kernel == without
   assert sd == with_kernel  # lossless with the kernel in every pass
+  assert rows == with_kernel  # and with kernels stored as rows
   assert len({tuple(r) for r in with_kernel}) == 3
 
 

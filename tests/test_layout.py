@@ -1,9 +1,12 @@
-"""Scanned layers (`jax_specens/models/layout.py`) compute what unrolled layers compute.
+"""Scanned layers and row-major kernels (`jax_specens/models/layout.py`) compute what unrolled
+layers with `[d_in, d_out]` kernels compute.
 
 A model's layers regrouped by their period (Llama-style: every layer alike; Gemma 3: five sliding
 layers and one global) and run by `lax.scan`, with the KV cache stacked the same way, gives the
 unrolled model's logits and caches pass for pass (prompt, ring caches, blocked attention,
 rollback), every method's greedy tokens, the same tokens on a mesh, and a per-layer checkpoint.
+So do kernels stored `[d_out, d_in]` (`rows_major`, the CPU kernel's layout), scanned or not;
+they are saved as `[d_in, d_out]`, and the partition rules refuse them.
 A bfloat16 cache on CPU is stored as bits, written and read without converting it whole; a cache
 made for training passes the gradient to K and V.
 """
@@ -25,7 +28,7 @@ from jax_specens import ModelConfig, create_model, load_model
 from jax_specens.checkpoint import save_model
 from jax_specens import parallel as par
 from jax_specens.decoding.api import decode
-from jax_specens.models.layout import scanned, unrolled
+from jax_specens.models.layout import rows_major, scanned, unrolled
 from jax_specens.step import forward, forward_prompt
 from tests.decode_models import scaled
 
@@ -70,6 +73,33 @@ def test_scanned_parameters_are_the_layers_stacked_and_unroll_back(config):
                               nnx.to_pure_dict(model.params))
 
 
+LAYOUTS = {"scanned": scanned, "rows": rows_major, "scanned rows": lambda m: scanned(rows_major(m))}
+
+
+@pytest.mark.parametrize("config", [LLAMA, GEMMA], ids=["llama", "gemma3"])
+def test_row_major_kernels_are_the_kernels_transposed_and_come_back(config):
+  model = create_model(config, seed=0)
+  r = rows_major(model)
+  assert r.rows and not model.rows
+  flat, rflat = nnx.to_flat_state(model.params), nnx.to_flat_state(r.params)
+  kernels = 0
+  for (path, v), (rpath, rv) in zip(flat, rflat):
+    assert path == rpath
+    if path[-1] == "kernel":
+      np.testing.assert_array_equal(rv[...], v[...].T)
+      kernels += 1
+    else:
+      np.testing.assert_array_equal(rv[...], v[...])
+  assert kernels == 7 * config.num_layers  # q, k, v, o, gate, up, down; the head is tied
+  both = scanned(r)
+  period, repeats = config.layer_stack()
+  q = nnx.to_pure_dict(both.params)["stack"][0]["attn"]["q"]["kernel"]
+  assert q.shape == (repeats, config.num_heads * config.head_dim, config.hidden_size)
+  for back in (rows_major(r, False), unrolled(r), unrolled(both)):
+    assert not back.rows and back.stack is None
+    chex.assert_trees_all_equal(nnx.to_pure_dict(back.params), nnx.to_pure_dict(model.params))
+
+
 def _layers_of(cache, stack):
   """The per-layer K arrays of `cache` (stacked entries unstacked, in layer order)."""
   if stack is None:
@@ -80,8 +110,9 @@ def _layers_of(cache, stack):
   return [out[i] for i in range(len(out))]
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("config", [LLAMA, GEMMA], ids=["llama", "gemma3"])
-def test_every_pass_gives_the_unrolled_logits_and_cache(config):
+def test_every_pass_gives_the_unrolled_logits_and_cache(config, layout):
   """A ragged prompt, then passes of 3 tokens with rollbacks, over ring caches for the sliding
   layers (window 4 + slack 4) and blocked attention (Llama: blocks of 4 of 24 slots)."""
   model = spread(config, 0)
@@ -100,9 +131,10 @@ def test_every_pass_gives_the_unrolled_logits_and_cache(config):
     return outs, cache
 
   ref, ref_cache = run(model)
-  s = scanned(model)
+  s = LAYOUTS[layout](model)
   got, cache = run(s)
-  assert len(cache.k) == len(ref_cache.k) - s.stack[0] * (s.stack[1] - 1)
+  if s.stack is not None:
+    assert len(cache.k) == len(ref_cache.k) - s.stack[0] * (s.stack[1] - 1)
   chex.assert_trees_all_close(got, ref, atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(_layers_of(cache, s.stack), _layers_of(ref_cache, None), atol=1e-5)
   np.testing.assert_array_equal(cache.pos, ref_cache.pos)
@@ -127,16 +159,19 @@ def _every_method(target, other, draft, prompts, lengths, methods=tuple(CASES)):
   return out
 
 
-def test_every_method_decodes_the_unrolled_tokens():
+@pytest.mark.parametrize("layout", ["scanned", "scanned rows"])
+def test_every_method_decodes_the_unrolled_tokens(layout):
   """Gemma-like target (scanned: one period + tail), Llama-like second member and draft of 3
-  layers; scanned and unrolled members mixed. Greedy tokens identical, and varied. (ensemble is
-  se's target distribution and CoSD calls its models as sd does: se and sd cover them.)"""
+  layers; scanned and unrolled members mixed (and row-major kernels: the target's and the
+  draft's). Greedy tokens identical, and varied. (ensemble is se's target distribution and CoSD
+  calls its models as sd does: se and sd cover them.)"""
   target, other, draft = spread(GEMMA, 1), spread(dataclasses.replace(
       LLAMA, num_layers=2, attention_block=None), 2), spread(LLAMA, 3)
   prompts = jnp.asarray(np.random.default_rng(1).integers(0, 64, (4, 7)), jnp.int32)
   lengths = jnp.asarray([7, 3, 1, 5], jnp.int32)
   ref = jax.device_get(_every_method(target, other, draft, prompts, lengths))
-  got = jax.device_get(_every_method(scanned(target), other, scanned(draft), prompts, lengths))
+  to = LAYOUTS[layout]
+  got = jax.device_get(_every_method(to(target), other, to(draft), prompts, lengths))
   for name in CASES:
     assert len({tuple(r) for r in ref[name][0]}) > 2, name  # not one repeated sequence
     np.testing.assert_array_equal(got[name][0], ref[name][0], err_msg=name)
@@ -154,6 +189,20 @@ def test_a_scanned_model_saves_per_layer_and_loads_either_way(tmp_path):
   assert again.stack == GEMMA.layer_stack()
   chex.assert_trees_all_equal(nnx.to_pure_dict(again.params),
                               nnx.to_pure_dict(scanned(model).params))
+
+
+def test_row_major_kernels_save_as_checkpoints_do_and_load_either_way(tmp_path):
+  model = create_model(LLAMA, seed=4)
+  save_model(scanned(rows_major(model)), tmp_path / "m")
+  back = load_model(tmp_path / "m")
+  assert not back.rows
+  chex.assert_trees_all_equal(nnx.to_pure_dict(back.params), nnx.to_pure_dict(model.params))
+  again = load_model(tmp_path / "m", rows_major=True)
+  assert again.rows
+  chex.assert_trees_all_equal(nnx.to_pure_dict(again.params),
+                              nnx.to_pure_dict(rows_major(model).params))
+  with pytest.raises(ValueError, match=r"partition rules .*rows_major\(model, False\)"):
+    par.shard_model(again, par.make_mesh(2, 4))
 
 
 def test_a_cache_of_the_other_layout_is_refused():

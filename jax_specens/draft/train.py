@@ -181,7 +181,7 @@ def train(
 
   def as_model(p) -> Model:
     g, st = nnx.split(nnx.merge(graphdef, p, frozen))
-    return Model(config=draft.config, graphdef=g, params=st)
+    return draft.replace(graphdef=g, params=st)
 
   initial = evaluate(draft, eval_data, config.batch_size, config.unroll)
   state = {"params": params, "opt_state": tx.init(params), "best_params": params, "step": 0,

@@ -3,7 +3,7 @@
 from jax_specens.models.config import SUPPORTED_FAMILIES, ModelConfig, RopeConfig
 from jax_specens.models.transformer import Transformer
 from jax_specens.models.model import Model, create_model, from_module
-from jax_specens.models.layout import scanned, unrolled
+from jax_specens.models.layout import rows_major, scanned, unrolled
 
 __all__ = ["SUPPORTED_FAMILIES", "Model", "ModelConfig", "RopeConfig", "Transformer", "create_model",
-           "from_module", "scanned", "unrolled"]
+           "from_module", "rows_major", "scanned", "unrolled"]

@@ -148,15 +148,48 @@ def _cpu_kernel(x, w, dims, precision) -> bool:
           and cpu.available())
 
 
+# whether `linear` builds kernels stored `[d_out, d_in]` (see `rows_layout`)
+_ROWS: contextvars.ContextVar[bool] = contextvars.ContextVar("rows_layout", default=False)
+
+
+@contextlib.contextmanager
+def rows_layout(rows: bool = True):
+  """While open, `linear` builds layers whose kernel is stored `[d_out, d_in]` (one row per output
+  feature, as Hugging Face stores it) instead of `[d_in, d_out]`: the layout the CPU kernel
+  streams fastest (`models/layout.rows_major`). Same parameter names, same products."""
+  token = _ROWS.set(rows)
+  try:
+    yield
+  finally:
+    _ROWS.reset(token)
+
+
+def building_rows() -> bool:
+  """Whether a `rows_layout()` is open (modules built now store their kernels as rows)."""
+  return _ROWS.get()
+
+
+def rows_weight_dot(x: Array, w: Array, dims, *args, **kwargs) -> Array:
+  """`weight_dot` for a kernel stored `[d_out, d_in]`: nnx.Linear contracts its axis 0, the
+  stored kernel's axis 1 is the one meant."""
+  (xc, _), batch = dims
+  return weight_dot(x, w, ((xc, (1,)), batch), *args, **kwargs)
+
+
 def linear(d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs,
            out_dtype=None) -> nnx.Linear:
-  """`y = x @ kernel + bias`, kernel `[d_in, d_out]` (HF nn.Linear weights are transposed).
+  """`y = x @ kernel + bias`, kernel `[d_in, d_out]` (HF nn.Linear weights are transposed), or
+  `[d_out, d_in]` inside `rows_layout()` (the same random draws, transposed).
 
   Accumulates in float32 (`weight_dot`); returns `out_dtype` (default: `dtype`).
   """
-  return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=INIT, param_dtype=dtype,
-                    dtype=dtype, dot_general=weight_dot, preferred_element_type=out_dtype or dtype,
-                    rngs=rngs)
+  rows = building_rows()
+  layer = nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=INIT, param_dtype=dtype,
+                     dtype=dtype, dot_general=rows_weight_dot if rows else weight_dot,
+                     preferred_element_type=out_dtype or dtype, rngs=rngs)
+  if rows:
+    layer.kernel = nnx.Param(layer.kernel[...].T)
+  return layer
 
 
 class Norm(nnx.Module):

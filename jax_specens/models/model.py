@@ -17,6 +17,7 @@ from flax import nnx
 
 from jax_specens.cache import KVCache, init_cache
 from jax_specens.models.config import ModelConfig
+from jax_specens.models.layers import rows_layout
 from jax_specens.models.transformer import Transformer
 
 
@@ -27,12 +28,15 @@ class Model:
   A pytree itself (params are its only leaves), so it can be passed through `jax.jit`.
   vocab: the tokenizer it speaks (`jax_specens.vocab.Vocab`, set by `load_model`); None for a
   model built in memory (its whole table is its vocabulary).
+  rows: its linear layers' kernels are stored `[d_out, d_in]` (`models/layout.rows_major`, the
+  CPU kernel's fastest layout) instead of `[d_in, d_out]`.
   """
 
   config: ModelConfig = flax.struct.field(pytree_node=False)
   graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
   params: nnx.State
   vocab: Any = flax.struct.field(pytree_node=False, default=None)
+  rows: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def stack(self) -> tuple[int, int] | None:
@@ -57,22 +61,25 @@ class Model:
 
 def from_module(module: Transformer) -> Model:
   graphdef, params = nnx.split(module)
-  return Model(config=module.config, graphdef=graphdef, params=params)
+  return Model(config=module.config, graphdef=graphdef, params=params, rows=module.rows)
 
 
 def with_attention_block(model: Model, block: int | None) -> Model:
   """The same parameters under `config.attention_block = block` (`models/attend.py`; None:
   always dense): only the static structure changes, so a new program is compiled for it."""
   config = dataclasses.replace(model.config, attention_block=block)
-  return model.replace(config=config,
-                       graphdef=structure(config, model.dtype, model.stack is not None)[0])
+  return model.replace(
+      config=config, graphdef=structure(config, model.dtype, model.stack is not None,
+                                        model.rows)[0])
 
 
-def structure(config: ModelConfig, dtype, scan: bool = False):
+def structure(config: ModelConfig, dtype, scan: bool = False, rows: bool = False):
   """`(graphdef, abstract params)` of a transformer (`scan`: with scanned layers, whose
-  abstract params are per layer: `models/layout.py` stacks them); nothing is allocated."""
-  return nnx.split(nnx.eval_shape(
-      lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype, scan=scan)))
+  abstract params are per layer: `models/layout.py` stacks them; `rows`: kernels stored
+  `[d_out, d_in]`, `layers.rows_layout`); nothing is allocated."""
+  with rows_layout(rows):
+    return nnx.split(nnx.eval_shape(
+        lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype, scan=scan)))
 
 
 def create_model(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Model:

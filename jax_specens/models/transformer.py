@@ -12,7 +12,8 @@ from jaxtyping import Array, Float, Int
 from jax_specens.cache import KVCache
 from jax_specens.models.attention import Attention
 from jax_specens.models.config import ModelConfig
-from jax_specens.models.layers import INIT, MLP, Norm, layer_views, linear, weight_dot
+from jax_specens.models.layers import (INIT, MLP, Norm, building_rows, layer_views, linear,
+                                      weight_dot)
 
 
 class Block(nnx.Module):
@@ -51,6 +52,7 @@ class Transformer(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                scan: bool = False):
     self.config = config
+    self.rows = building_rows()  # its linear kernels are stored [d_out, d_in] (layers.linear)
     d = config.hidden_size
     self.embed = nnx.Embed(config.vocab_size, d, embedding_init=INIT, param_dtype=dtype,
                            dtype=dtype, rngs=rngs)

@@ -35,6 +35,10 @@ from jax_specens.models.model import Model
 def model_shardings(model: Model, mesh: Mesh, *, tensor_parallel: bool = True,
                     replicate_kv: bool = True, name: str = "model"):
   """`nnx.State` of `NamedSharding`s for `model.params` (what `checkpoint.load_model` takes)."""
+  if model.rows:
+    raise ValueError("the partition rules name kernels stored [d_in, d_out]; this model stores "
+                     "them [d_out, d_in] (rows_major, for the CPU kernel, which runs on one "
+                     "device): shard jax_specens.models.layout.rows_major(model, False)")
   plan = make_plan(model.config, mesh, tensor_parallel=tensor_parallel,
                    replicate_kv=replicate_kv, name=name)
   return param_shardings(model.params, plan)
