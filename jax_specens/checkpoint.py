@@ -302,10 +302,10 @@ def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
   from jax_specens import vocab
   model = Model(config=config, graphdef=abstract.graphdef, params=params,
                 vocab=vocab.identify(model_dir, config.vocab_size))
+  from jax_specens.kernels import cpu
   from jax_specens.models import layout
   if rows_major is None:
-    rows_major = (shardings is None and jnp.dtype(dtype) == jnp.bfloat16
-                  and layout.kernel_computes())
+    rows_major = shardings is None and jnp.dtype(dtype) == jnp.bfloat16 and cpu.computes()
   if rows_major:
     model = layout.rows_major(model, donate=not share)  # shared arrays: not kernels, kept
   if not scan_layers:

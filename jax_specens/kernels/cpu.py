@@ -46,6 +46,12 @@ def requested() -> bool:
   return os.environ.get(ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def computes() -> bool:
+  """Whether products traced now go to the kernel (where they fit, `fits`): it is requested,
+  the backend is the CPU and the kernel is built (`available`)."""
+  return requested() and jax.default_backend() == "cpu" and available()
+
+
 @functools.cache
 def available() -> bool:
   """Builds (once per source and jaxlib) and registers the kernel; False, with one warning

@@ -144,8 +144,7 @@ def _padded_dot(x: Array, w: Array, wc, precision, rows: int) -> Float[Array, ".
 def _cpu_kernel(x, w, dims, precision) -> bool:
   """Whether this product goes to the opt-in CPU kernel (`jax_specens/kernels/cpu.py`:
   `JAX_SPECENS_CPU_KERNELS=1`, decode passes of at most 16 rows)."""
-  return (cpu.requested() and jax.default_backend() == "cpu" and cpu.fits(x, w, dims, precision)
-          and cpu.available())
+  return cpu.computes() and cpu.fits(x, w, dims, precision)
 
 
 # whether `linear` builds kernels stored `[d_out, d_in]` (see `rows_layout`)
@@ -156,7 +155,7 @@ _ROWS: contextvars.ContextVar[bool] = contextvars.ContextVar("rows_layout", defa
 def rows_layout(rows: bool = True):
   """While open, `linear` builds layers whose kernel is stored `[d_out, d_in]` (one row per output
   feature, as Hugging Face stores it) instead of `[d_in, d_out]`: the layout the CPU kernel
-  streams fastest (`models/layout.rows_major`). Same parameter names, same products."""
+  streams fastest in bfloat16 (`models/layout.rows_major`). Same parameter names, same products."""
   token = _ROWS.set(rows)
   try:
     yield

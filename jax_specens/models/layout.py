@@ -101,13 +101,6 @@ def rows_major(model: Model, rows: bool = True, donate: bool = False) -> Model:
   return _rebuild(model.replace(rows=rows), model.stack is not None, pure)
 
 
-def kernel_computes() -> bool:
-  """Whether models traced now compute their products in the opt-in CPU kernel
-  (`JAX_SPECENS_CPU_KERNELS=1`, the CPU backend, the kernel built)."""
-  from jax_specens.kernels import cpu
-  return cpu.requested() and jax.default_backend() == "cpu" and cpu.available()
-
-
 def _rebuild(model: Model, scan: bool, pure: dict) -> Model:
   graphdef, params = structure(model.config, model.dtype, scan, model.rows)
   nnx.replace_by_pure_dict(params, pure)
