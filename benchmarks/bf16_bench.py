@@ -58,9 +58,8 @@ def products_chain(model):
   head = [v for path, v in leaves if path[-1] == "kernel" and "lm_head" in path]
   tied = not head
   weights += head or [v for path, v in leaves if path[-2:] == ("embed", "embedding")]
-  last = len(weights) - 1  # the head: a tied embedding is [V, D]; kernels as the model stores them
-  return product_chain(weights, [(tied or model.rows) if i == last else model.rows
-                                 for i in range(len(weights))])
+  rows = model.rows  # kernels as the model stores them; a tied head (embedding) is [V, D]
+  return product_chain(weights, [rows] * (len(weights) - 1) + [tied or rows])
 
 
 def _leaves(model) -> list[tuple[tuple[str, ...], jax.Array]]:

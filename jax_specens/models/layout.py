@@ -98,10 +98,13 @@ def rows_major(model: Model, rows: bool = True, donate: bool = False) -> Model:
     return out
 
   pure = jax.tree_util.tree_map_with_path(swap, nnx.to_pure_dict(model.params))
-  return _rebuild(model.replace(rows=rows), model.stack is not None, pure)
+  return _rebuild(model, model.stack is not None, pure, rows)
 
 
-def _rebuild(model: Model, scan: bool, pure: dict) -> Model:
-  graphdef, params = structure(model.config, model.dtype, scan, model.rows)
+def _rebuild(model: Model, scan: bool, pure: dict, rows: bool | None = None) -> Model:
+  """`model` with the parameters `pure` in the structure of `scan` and `rows` (default: the
+  model's own kernel layout)."""
+  rows = model.rows if rows is None else rows
+  graphdef, params = structure(model.config, model.dtype, scan, rows)
   nnx.replace_by_pure_dict(params, pure)
   return model.replace(graphdef=graphdef, params=params)
