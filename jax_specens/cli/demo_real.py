@@ -112,7 +112,7 @@ def _products(xla: bool) -> str:
     os.environ[cpu.ENV] = "0"
     return "XLA's (--xla-products)"
   os.environ.setdefault(cpu.ENV, "1")
-  if cpu.requested() and cpu.available():
+  if cpu.computes():
     return f"the CPU kernel ({cpu.ENV}=1; --xla-products for XLA's)"
   return f"XLA's (the CPU kernel is off, {cpu.ENV}=0, or cannot run here)"
 
