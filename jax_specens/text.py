@@ -135,11 +135,24 @@ def encode(tokenizer, inputs: Sequence[str | Messages], *, chat: bool | None = N
   return rows
 
 
-def _apply_template(tokenizer, messages) -> list[int]:
+def require_chat_template(tokenizer) -> None:
   if not getattr(tokenizer, "chat_template", None):
     raise ValueError(f"the tokenizer of {tokenizer.name_or_path} has no chat template "
                      "(chat_template.jinja or tokenizer_config.json's chat_template); it is not an "
                      "instruct/chat model: give plain text prompts (no --chat / chat=False)")
+
+
+def check_chat(model_dir) -> None:
+  """Before any weights load (`generate --chat`): the tokenizer beside `model_dir` (a directory
+  or `builtin:NAME`; loaded once, the one `generate_text` then uses) has a chat template."""
+  from jax_specens.builtin import resolve
+  tokenizer = _tokenizer_beside(resolve(model_dir))
+  if tokenizer is not None:
+    require_chat_template(tokenizer)
+
+
+def _apply_template(tokenizer, messages) -> list[int]:
+  require_chat_template(tokenizer)
   enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                       return_dict=True)
   return list(enc["input_ids"])

@@ -136,6 +136,16 @@ def test_bad_arguments_exit_2_with_message(model_dirs, capsys, argv, message):
   assert not any(f"{k}=" in err for k in ("gamma", "temperature", "top_p", "weights", "draft"))
 
 
+def test_chat_without_a_template_is_named_before_any_weights_load(model_dirs, capsys,
+                                                                   monkeypatch):
+  def no_loading(*args, **kwargs):
+    raise AssertionError("weights loaded before the chat template was checked")
+  monkeypatch.setattr("jax_specens.checkpoint.load_model", no_loading)
+  code, out, err = cli(capsys, "--model", model_dirs[0], "--prompt", "the cat", "--chat",
+                       "--max-new-tokens", "4")
+  assert code == 2 and out == "" and "no chat template" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("message,flags", [
     ("gamma must be >= 1 tokens per model, got 0; use e.g. gamma=4",
      "--gamma must be >= 1 tokens per model, got 0; use e.g. --gamma 4"),

@@ -179,6 +179,8 @@ def _run(args: argparse.Namespace) -> int:
     raise ValueError("--chat and --system take text prompts: give --prompt TEXT, not --prompt-ids")
   if args.system is not None and not args.chat:
     raise ValueError("--system needs --chat (the system message goes through the chat template)")
+  if args.chat:  # a base model's missing template, named before its weights load
+    text.check_chat(args.model[0])
   if fusion_args.cross_tokenizer(args, method):
     mesh_args.refuse(args, "cosd across two tokenizers (it runs window by window from Python)")
     return fusion_args.run_cross(args)
