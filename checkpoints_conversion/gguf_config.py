@@ -73,8 +73,9 @@ def hf_config(reader, tensor_shapes: dict[str, tuple[int, ...]]) -> dict[str, An
       "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"),
   }
   scaling = _rope_scaling(reader, arch)
-  if arch == "llama":
-    cfg["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in tensor_shapes
+  if arch in ("llama", "qwen2", "qwen3"):
+    if arch != "qwen2":  # Qwen2's q/k/v always have biases (config_from_hf)
+      cfg["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in tensor_shapes
     if scaling:
       cfg["rope_scaling"] = scaling
   elif arch == "gemma3":

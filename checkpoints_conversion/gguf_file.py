@@ -6,7 +6,8 @@ convert a GGUF exactly as they do a safetensors checkpoint. Reading a tensor deq
 `gguf` package (float32) and undoes what llama.cpp's converter did to it:
 
 - llama: the rows of `attn_q` / `attn_k` are permuted per head (interleaved RoPE pairs);
-- gemma3: RMSNorm weights are stored as `1 + w` (ours and transformers' are `w`).
+- gemma3: RMSNorm weights are stored as `1 + w` (ours and transformers' are `w`);
+- qwen2, qwen3: stored as they are (llama.cpp's converter permutes q/k only for `llama`).
 
 These are the same inversions transformers' GGUF loader applies (`modeling_gguf_pytorch_utils`:
 `LlamaTensorProcessor`, `Gemma2TensorProcessor`), so the values equal its float32 load bit for bit.
@@ -23,7 +24,7 @@ import numpy as np
 
 MAGIC = b"GGUF"
 # GGUF `general.architecture` -> Hugging Face model_type.
-ARCHITECTURES = {"llama": "llama", "gemma3": "gemma3_text"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
 # llama.cpp's tensor names (gguf.constants.TENSOR_NAMES) -> Hugging Face names, per layer.
 _LAYER = {
     "attn_norm": "input_layernorm",
@@ -37,8 +38,9 @@ _LAYER = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_LLAMA_NORMS = {"ffn_norm": "post_attention_layernorm"}
 _LAYER_BY_ARCH = {
-    "llama": {"ffn_norm": "post_attention_layernorm"},
+    "llama": _LLAMA_NORMS, "qwen2": _LLAMA_NORMS, "qwen3": _LLAMA_NORMS,
     "gemma3": {"post_attention_norm": "post_attention_layernorm",
                "ffn_norm": "pre_feedforward_layernorm",
                "post_ffw_norm": "post_feedforward_layernorm"},

@@ -1,7 +1,7 @@
 """Tiny GGUF files written offline with `gguf.GGUFWriter`, the way llama.cpp's converter does.
 
-`write_gguf(path, hf_model, arch, types)` writes a random `transformers` model (llama or
-gemma3_text) as llama.cpp would: GGUF tensor names, q/k rows of llama permuted per head, Gemma
+`write_gguf(path, hf_model, arch, types)` writes a random `transformers` model (llama, qwen2,
+qwen3 or gemma3_text) as llama.cpp would: GGUF tensor names, q/k rows of llama permuted per head, Gemma
 RMSNorm weights stored as `1 + w`, config and a small byte-level tokenizer (with a chat template
 and `<|im_end|>` as a control token) as metadata. `types` maps a GGUF tensor name to the ggml type
 to store it in (default F32); quantizable types are quantized with `gguf.quants.quantize`, the
@@ -100,9 +100,10 @@ def write_gguf(path, hf_model, arch: str, types: dict[str, str] | None = None,
   w.add_head_count(cfg.num_attention_heads)
   w.add_head_count_kv(cfg.num_key_value_heads)
   w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-  if arch == "gemma3":
+  if arch in ("gemma3", "qwen3"):  # llama.cpp writes these where the config has a head_dim
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
+  if arch == "gemma3":
     w.add_rope_freq_base(cfg.rope_parameters["full_attention"]["rope_theta"])
     w.add_sliding_window(cfg.sliding_window)
   else:

@@ -1,7 +1,9 @@
 """GGUF import, specified on tiny GGUF files written offline (tests/gguf_files.py).
 
 - a GGUF written from a random transformers model the way llama.cpp writes it (q/k rows permuted
-  for llama, Gemma norms as 1 + w) converts back to a model with the PyTorch model's logits;
+  for llama, Gemma norms as 1 + w; Qwen2 with q/k/v biases, Qwen3 with q/k norms and a head_dim
+  of its own) converts back to a model with the PyTorch model's logits and greedy tokens, and
+  transformers' own GGUF loader reads the Qwen files to the same model;
 - every supported ggml type dequantizes to what transformers' independent torch dequantizer (or
   the float cast) gives, and close to the weights that were quantized;
 - the dtype policy: bfloat16 files stay bfloat16, float16 and quantized files become float32,
@@ -38,9 +40,14 @@ def _hf_model(arch: str):
   common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
                 max_position_embeddings=64, head_dim=64, rms_norm_eps=1e-6, bos_token_id=1,
                 eos_token_id=0, pad_token_id=None)
-  if arch == "llama":
-    cfg = AutoConfig.for_model("llama", num_attention_heads=4, num_key_value_heads=2,
-                               rope_theta=10000.0, tie_word_embeddings=False, **common)
+  if arch == "qwen3":  # 4 heads of 128 in a width of 256: the head size comes from key_length
+    # (transformers' GGUF loader ignores key_length and takes Qwen3Config's default, 128)
+    cfg = AutoConfig.for_model(arch, num_attention_heads=4, num_key_value_heads=2,
+                               rope_theta=10000.0, tie_word_embeddings=False,
+                               **{**common, "head_dim": 128})
+  elif arch in ("llama", "qwen2"):
+    cfg = AutoConfig.for_model(arch, num_attention_heads=4, num_key_value_heads=2,
+                               rope_theta=10000.0, tie_word_embeddings=arch == "qwen2", **common)
   else:
     cfg = AutoConfig.for_model(
         "gemma3_text", num_attention_heads=2, num_key_value_heads=1, sliding_window=4,
@@ -59,23 +66,49 @@ def _hf_model(arch: str):
 
 @pytest.fixture(scope="module")
 def hf_models():
-  return {arch: _hf_model(arch) for arch in ("llama", "gemma3")}
+  return {arch: _hf_model(arch) for arch in ARCHS}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}  # -> family
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_tiny_gguf_converts_to_the_torch_model(arch, hf_models, tmp_path):
   import torch
   hf = hf_models[arch]
   out = convert(write_gguf(tmp_path / "m.gguf", hf, arch), tmp_path / "out", progress=False)
   model = jax_specens.load_model(out)
-  assert model.config.family == ("llama" if arch == "llama" else "gemma3_text")
-  assert model.config.tie_embeddings == (arch == "gemma3")
+  assert model.config.family == ARCHS[arch]
+  assert model.config.tie_embeddings == (arch in ("gemma3", "qwen2"))
+  assert model.config.qkv_bias == (arch == "qwen2") and model.config.qk_norm == (
+      arch in ("qwen3", "gemma3"))
   prompt = np.random.default_rng(0).integers(3, VOCAB, (1, 10)).astype(np.int32)
   ours, _ = jax_specens.forward(model, model.init_cache(1, 16), jnp.asarray(prompt),
                                 jnp.zeros(1, jnp.int32))
   with torch.no_grad():
     ref = hf(torch.from_numpy(prompt).long()).logits.numpy()
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+  with torch.no_grad():
+    want = hf.generate(torch.from_numpy(prompt).long(), max_new_tokens=8, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)[0, prompt.shape[1]:].numpy()
+  got = jax_specens.decode(model, jnp.asarray(prompt), jnp.array([prompt.shape[1]]),
+                           method="ar", max_new_tokens=8, temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(got.tokens)[0, :8], want)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_transformers_reads_the_tiny_qwen_files_as_written(arch, hf_models, tmp_path):
+  # llama.cpp's converter permutes q/k rows only for llama: transformers' GGUF loader, which
+  # undoes what llama.cpp does per architecture, gives back the model these files were written from
+  import torch
+  from transformers import AutoModelForCausalLM
+  hf = hf_models[arch]
+  write_gguf(tmp_path / "m.gguf", hf, arch)
+  loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf",
+                                                dtype=torch.float32)
+  want = hf.state_dict()
+  for name, value in loaded.state_dict().items():
+    np.testing.assert_array_equal(value.numpy(), want[name].numpy(), err_msg=name)
 
 
 def test_tokenizer_chat_template_and_end_of_turn_ids(hf_models, tmp_path):
@@ -178,7 +211,7 @@ def _bad(kind: str, hf, tmp_path):
   if kind == "not gguf":
     path.write_text("{\"model_type\": \"llama\"}")
   elif kind == "unsupported architecture":
-    write_gguf(path, hf, "llama", metadata={"general.architecture": "qwen2"})
+    write_gguf(path, hf, "llama", metadata={"general.architecture": "phi3"})
   else:
     write_gguf(path, hf, "llama")
     data = path.read_bytes()
@@ -199,7 +232,8 @@ BAD = {
     "truncated data": "truncated",
     "unknown ggml type": "ggml type 250",
     "type without dequantizer": "Q8_K",
-    "unsupported architecture": "unsupported GGUF architecture 'qwen2'; supported: llama, gemma3",
+    "unsupported architecture": ("unsupported GGUF architecture 'phi3'; supported: llama, "
+                                 "qwen2, qwen3, gemma3"),
 }
 
 

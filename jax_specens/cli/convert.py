@@ -6,8 +6,8 @@ import argparse
 
 DESCRIPTION = """\
 Convert a Hugging Face causal LM directory (config.json + model.safetensors, or shards listed in
-model.safetensors.index.json) or a GGUF file (llama.cpp's format; architectures llama and gemma3)
-into a jax_specens checkpoint directory (jax_specens.json, orbax params/, tokenizer and
+model.safetensors.index.json) or a GGUF file (llama.cpp's format; architectures llama, qwen2, qwen3
+and gemma3) into a jax_specens checkpoint directory (jax_specens.json, orbax params/, tokenizer and
 generation_config files).
 
 Hugging Face model_type: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, gpt2.
