@@ -3,7 +3,9 @@
     python -m benchmarks.bf16_bench [--model DIR] [--tokens 32] [--repeats 5]
 
 1. Bandwidth: the best of a jitted sum and a jitted matrix-vector product over a --bandwidth-mib
-   float32 array (bytes read / time; `bandwidth`).
+   float32 array (bytes read / time; `bandwidth`); with JAX_SPECENS_CPU_KERNELS=1 also the rate
+   at which the CPU kernel streams one weight of that size (`stream_bandwidth`, which reads
+   faster: the `(stream)` columns are floors and shares against it).
 2. The same checkpoint loaded in float32 and in bfloat16. For each, interleaved round by round:
    - step: one jitted decode step (`jax_specens.step`, 1 token, batch 1), the best of 8 calls;
    - ar: greedy `decode(method="ar")` of --tokens new tokens after an 8-token prompt, ms/token;
@@ -45,6 +47,22 @@ def bandwidth(num_bytes: int, repeats: int) -> float:
   probes = [jax.jit(jnp.sum), jax.jit(lambda m: m @ v)]
   best = min(common.time_call(lambda f=f: f(x), repeats=repeats) for _ in range(2) for f in probes)
   return num_bytes / best
+
+
+def stream_bandwidth(num_bytes: int, repeats: int) -> float | None:
+  """Bytes / second at which the CPU kernel reads one weight of `num_bytes` (float32 `[N, 1024]`,
+  a tied head's layout, one activation row), the best of `repeats`; None where the kernel does not
+  compute (`cpu.computes()`). One long sequential stream on every core: on this host 44-52 GB/s
+  against the 28-34 of `bandwidth`'s XLA probes, so `bandwidth` sets a floor the hardware can
+  beat; `floor ms (stream)` and the `(stream)` shares are against this one."""
+  from jax_specens.kernels import cpu
+  if not cpu.computes():
+    return None
+  w = jnp.ones((num_bytes // 4096, 1024), jnp.float32)
+  x = jnp.full((1, 1024), 0.01, jnp.float32)
+  f = jax.jit(lambda w: cpu.small_matmul(x, w, True))
+  common.first_call(lambda: f(w))
+  return num_bytes / min(common.time_call(lambda: f(w), repeats=repeats) for _ in range(2))
 
 
 def products_chain(model):
@@ -128,7 +146,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="JSON directory")
   p.add_argument("--rows", choices=["auto", "both"], default="auto",
                  help="auto: each model loaded as `load_model` stores it by default (with "
-                 "JAX_SPECENS_CPU_KERNELS=1 a bfloat16 model's kernels as rows, "
+                 "JAX_SPECENS_CPU_KERNELS=1 its kernels as rows, "
                  "`layout.rows_major`); both: each dtype with kernels [d_in, d_out] and as rows "
                  "(named '... rows'), interleaved")
   p.add_argument("--layouts", action="store_true",
@@ -149,6 +167,7 @@ def main(argv=None) -> int:
   from jax_specens.step import step
 
   bw = bandwidth(args.bandwidth_mib << 20, repeats=5)
+  stream = stream_bandwidth(args.bandwidth_mib << 20, repeats=5)
   prompt = jnp.arange(1, 9, dtype=jnp.int32)[None]
   lengths = jnp.array([8], jnp.int32)
   runs = {}
@@ -198,6 +217,10 @@ def main(argv=None) -> int:
                  "ar ms/token": ar_ms, "ar share": floor_ms / ar_ms,
                  "loop ms/token": loop_ms, "loop share": floor_ms / loop_ms,
                  "products ms": products_ms, "products share": floor_ms / products_ms,
+                 **({"floor ms (stream)": r["bytes"] / stream * 1e3,
+                     "loop share (stream)": r["bytes"] / stream * 1e3 / loop_ms,
+                     "products share (stream)": r["bytes"] / stream * 1e3 / products_ms}
+                    if stream else {}),
                  "step ms (all rounds)": r["step_ms"], "ar ms (all rounds)": r["ar_ms"],
                  "loop ms (all rounds)": r["loop_ms"],
                  "products ms (all rounds)": r["products_ms"],
@@ -205,9 +228,14 @@ def main(argv=None) -> int:
   f32, bf16 = rows[0], rows[len(row_layouts)]
   print(f"bandwidth {bw / 1e9:.1f} GB/s ({args.bandwidth_mib} MiB float32, best of a sum and a "
         f"matvec); model {args.model}")
+  if stream:
+    print(f"stream {stream / 1e9:.1f} GB/s (the CPU kernel reading one {args.bandwidth_mib} MiB "
+          "weight): the (stream) columns")
   print(common.table(rows, ["dtype", "param MB", "floor ms", "step ms", "step share",
                             "ar ms/token", "ar share", "loop ms/token", "loop share",
-                            "products ms", "products share"]))
+                            "products ms", "products share"]
+                     + (["floor ms (stream)", "loop share (stream)", "products share (stream)"]
+                        if stream else [])))
   print(f"bfloat16 / float32 time: step {bf16['step ms'] / f32['step ms']:.2f}, "
         f"ar {bf16['ar ms/token'] / f32['ar ms/token']:.2f} (floor ratio "
         f"{bf16['floor ms'] / f32['floor ms']:.2f})")
@@ -217,6 +245,7 @@ def main(argv=None) -> int:
   from jax_specens.kernels import cpu
   config = vars(args) | {"model": str(args.model), "cpu_kernels": cpu.requested()}
   path = common.write_results(args.out, "bf16", config, rows, bandwidth_GBps=bw / 1e9,
+                              stream_GBps=stream / 1e9 if stream else None,
                               **({"layouts": layouts} if layouts else {}))
   print(f"wrote {path}")
   return 0
