@@ -6,7 +6,7 @@
 2. Pass cost: one jitted forward of W tokens (batch 1, W = 1, 2, 4, 8; batch 8, W = 1 and 4) over
    a 256-slot cache, float32 and bfloat16 weights (kernels `[d_in, d_out]` as checkpoints store
    them, for both products; `bf16_bench --rows both` times the row-major layout that
-   `load_model` gives a bfloat16 model with the kernel on), each traced once with XLA's product
+   `load_model` gives a model with the kernel on), each traced once with XLA's product
    and once with the kernel; all programs timed round-robin (median of --repeats rounds), so a
    busy machine slows both alike. A pass reads every parameter once: `share` = floor / time, with
    floor = parameter bytes / bandwidth. The ratio W / W=1 is what speculation pays for a
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
   else:
     args.model = common.real_model(args.model, "smollm2")
     # kernels as checkpoints store them, [d_in, d_out], for both products (with the kernel on,
-    # load_model would store a bfloat16 model's as rows: bf16_bench --rows both times those)
+    # load_model would store them as rows: bf16_bench --rows both times those)
     make = lambda dtype: load_model(args.model, dtype=dtype, rows_major=False)  # noqa: E731
     what = str(args.model)
   # the model built in each dtype (its layers compute in it), not float32 modules over cast arrays

@@ -4,7 +4,7 @@ Specified against XLA's own product: the same values (float32 rounding) for both
 float32 and bfloat16 weights, every row count it takes; products it does not take stay with XLA;
 a model decodes the same tokens with it, and speculative decoding stays lossless (greedy sd ==
 ar; se and cosd call the same passes); a model whose kernels are stored `[d_out, d_in]`
-(`layout.rows_major`, what `load_model` does for a bfloat16 model when the kernel is on) streams
+(`layout.rows_major`, what `load_model` does when the kernel is on) streams
 every weight as rows, scanned or not. Skipped where it cannot run (no AVX-512 or no C++
 compiler: it then warns and decoding keeps XLA's product, also tested)."""
 
@@ -155,14 +155,14 @@ def test_row_major_kernels_are_read_as_rows(kernel_on, scan):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-2, atol=2e-2)
 
 
-def test_load_model_stores_bfloat16_kernels_as_rows_where_the_kernel_computes(
-    kernel_on, monkeypatch, tmp_path):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_load_model_stores_kernels_as_rows_where_the_kernel_computes(kernel_on, monkeypatch,
+                                                                      tmp_path, dtype):
   save_model(create_model(CFG, seed=0), tmp_path / "m")
-  assert load_model(tmp_path / "m", dtype=jnp.bfloat16).rows
-  assert not load_model(tmp_path / "m", dtype=jnp.float32).rows  # float32: no faster as rows
-  assert not load_model(tmp_path / "m", dtype=jnp.bfloat16, rows_major=False).rows
+  assert load_model(tmp_path / "m", dtype=dtype).rows
+  assert not load_model(tmp_path / "m", dtype=dtype, rows_major=False).rows
   monkeypatch.setenv(cpu.ENV, "0")
-  assert not load_model(tmp_path / "m", dtype=jnp.bfloat16).rows
+  assert not load_model(tmp_path / "m", dtype=dtype).rows
 
 
 def test_a_model_decodes_the_same_tokens_and_sd_stays_lossless(kernel_on, monkeypatch):

@@ -7,9 +7,8 @@ takes products of up to `MAX_ROWS` rows, float32 or bfloat16 weights (converted 
 float32 accumulation; a bfloat16 model's bfloat16 activations with AVX512-BF16's dot product on
 CPUs that have it), split over the calling thread and XLA's intra-op pool; it reads a weight
 once per 4 rows of activations (a `[K, N]` kernel) or 8 (a `[N, K]` tied head), so a batch-1 pass
-of up to 4 tokens reads each weight once. A `[N, K]` weight is one sequential stream, read faster
-in bfloat16: `load_model` stores a bfloat16 model's kernels so when the kernel is on
-(`models/layout.rows_major`).
+of up to 4 tokens reads each weight once. A `[N, K]` weight is one sequential stream, read faster:
+`load_model` stores a model's kernels so when the kernel is on (`models/layout.rows_major`).
 
 Opt-in: `JAX_SPECENS_CPU_KERNELS=1` (read when a model's pass is traced). It needs an x86 CPU
 with AVX-512 and a C++ compiler (`$CXX`, else `g++`); it is built once into the user cache

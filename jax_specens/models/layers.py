@@ -155,7 +155,7 @@ _ROWS: contextvars.ContextVar[bool] = contextvars.ContextVar("rows_layout", defa
 def rows_layout(rows: bool = True):
   """While open, `linear` builds layers whose kernel is stored `[d_out, d_in]` (one row per output
   feature, as Hugging Face stores it) instead of `[d_in, d_out]`: the layout the CPU kernel
-  streams fastest in bfloat16 (`models/layout.rows_major`). Same parameter names, same products."""
+  streams fastest (`models/layout.rows_major`). Same parameter names, same products."""
   token = _ROWS.set(rows)
   try:
     yield
