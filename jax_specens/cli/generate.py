@@ -179,13 +179,13 @@ def _run(args: argparse.Namespace) -> int:
     raise ValueError("--chat and --system take text prompts: give --prompt TEXT, not --prompt-ids")
   if args.system is not None and not args.chat:
     raise ValueError("--system needs --chat (the system message goes through the chat template)")
-  if args.chat:  # a base model's missing template, named before its weights load
-    text.check_chat(args.model[0])
   if fusion_args.cross_tokenizer(args, method):
     mesh_args.refuse(args, "cosd across two tokenizers (it runs window by window from Python)")
     return fusion_args.run_cross(args)
   dirs = ([args.draft] if args.draft else []) + args.model
   configs = [read_config(d) for d in dirs]  # fails fast on a wrong directory
+  if args.chat:  # a base model's missing template, named before its weights load
+    text.check_chat(args.model[0])
   batch = len(args.prompt if args.prompt is not None else args.prompt_ids)
   rows = None if args.prompt is not None else [_ints(t, "--prompt-ids") for t in args.prompt_ids]
   if rows is not None and any(len(r) == 0 for r in rows):

@@ -18,8 +18,8 @@ its matrix products; models load unrolled unless asked (`load_model(scan_layers=
 
 `rows_major(model)` stores every linear kernel `[d_out, d_in]` instead of `[d_in, d_out]` (the
 graph's `nnx.Linear`s contract the other axis, `layers.rows_layout`): the opt-in CPU kernel then
-reads each weight as one sequential stream of rows. `load_model` does it when the kernel is on; it combines with scanning (stacks `[n, d_out, d_in]`), and `unrolled` undoes it
-too.
+reads each weight as one sequential stream of rows. `load_model` does it when the kernel is on;
+it combines with scanning (stacks `[n, d_out, d_in]`), and `unrolled` undoes it too.
 """
 
 from __future__ import annotations
