@@ -1,11 +1,12 @@
 """Tiny GGUF files written offline with `gguf.GGUFWriter`, the way llama.cpp's converter does.
 
 `write_gguf(path, hf_model, arch, types)` writes a random `transformers` model (llama, qwen2,
-qwen3 or gemma3_text) as llama.cpp would: GGUF tensor names, q/k rows of llama permuted per head, Gemma
-RMSNorm weights stored as `1 + w`, config and a small byte-level tokenizer (with a chat template
-and `<|im_end|>` as a control token) as metadata. `types` maps a GGUF tensor name to the ggml type
-to store it in (default F32); quantizable types are quantized with `gguf.quants.quantize`, the
-K-quants (no quantizer in gguf-py) get random blocks with finite scales (`random_blocks`).
+qwen3 or gemma3_text) as llama.cpp would: GGUF tensor names, q/k rows of llama permuted per head
+(of no other architecture), Gemma RMSNorm weights stored as `1 + w`, config and a small
+byte-level tokenizer (with a chat template and `<|im_end|>` as a control token) as metadata.
+`types` maps a GGUF tensor name to the ggml type to store it in (default F32); quantizable types
+are quantized with `gguf.quants.quantize`, the K-quants (no quantizer in gguf-py) get random
+blocks with finite scales (`random_blocks`).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Specified against XLA's own product: the same values (float32 rounding) for both
 float32 and bfloat16 weights, every row count it takes; products it does not take stay with XLA;
 a model decodes the same tokens with it, and speculative decoding stays lossless (greedy sd ==
 ar; se and cosd call the same passes); a model whose kernels are stored `[d_out, d_in]`
-(`layout.rows_major`, what `load_model` does when the kernel is on) streams
-every weight as rows, scanned or not. Skipped where it cannot run (no AVX-512 or no C++
+(`layout.rows_major`, what `load_model` does when the kernel is on) streams every weight as rows,
+scanned or not. Skipped where it cannot run (no AVX-512 or no C++
 compiler: it then warns and decoding keeps XLA's product, also tested)."""
 
 from __future__ import annotations

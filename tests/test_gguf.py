@@ -34,6 +34,10 @@ UP = "blk.0.ffn_up.weight"
 UP_HF = "model.layers.0.mlp.up_proj.weight"
 
 
+# GGUF architecture -> the family it converts to
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+
+
 def _hf_model(arch: str):
   import torch
   from transformers import AutoConfig, AutoModelForCausalLM
@@ -67,9 +71,6 @@ def _hf_model(arch: str):
 @pytest.fixture(scope="module")
 def hf_models():
   return {arch: _hf_model(arch) for arch in ARCHS}
-
-
-ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}  # -> family
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
