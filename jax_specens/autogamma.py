@@ -31,7 +31,10 @@ from jax_specens import pricing, vocab
 from jax_specens.kernels import cpu as cpu_kernels
 
 PROBE_GAMMA = {"sd": 4, "se": (2, 2)}
-PROBE_TOKENS = 16
+# 16 put Gemma-3-270M's demo continuation on the wrong side of a near-tie (probe alpha 0.53, gamma
+# 2 priced 1.45x against gamma 1's 1.43x; the run then accepted 0.36, gamma 1 0.41); 32 and 48 read
+# 0.48 / 0.45 and choose 1. The probe's tokens cost little beside its compile
+PROBE_TOKENS = 32
 MAX_GAMMA = 8
 # widths timed (each compiles a pass); the ones between are interpolated (pricing.PassCosts.of)
 TIMED_WIDTHS = (1, 2, 3, 5, MAX_GAMMA + 1)
