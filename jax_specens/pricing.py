@@ -329,14 +329,21 @@ def run_speedup(alpha, gammas: Sequence[int], costs: PassCosts, method: str, new
   return base / run_seconds(alpha, gammas, costs, method, new_tokens, batch, prefill, row_alphas)
 
 
-def best_gammas(alpha, costs: PassCosts, method: str, max_gamma: int = 8
+def best_gammas(alpha, costs: PassCosts, method: str, max_gamma: int = 8, margin: float = 0.0
                 ) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], float]]]:
   """The gammas in 1..max_gamma (sd: (g, 1); se: one per model) with the highest `speedup`, and
-  every candidate with its prediction."""
+  every candidate with its prediction.
+
+  margin: take instead the shortest schedule (least total gamma, then the highest prediction)
+  priced within `margin` of the best: a per-token alpha prices every proposal of a chain alike,
+  where a draft's later proposals are accepted less (the shipped feature drafts' held-out
+  agreement falls 0.49 / 0.46 / 0.44 along a chain), so a near-tie is a win for the shorter one."""
   grid = ([(g, 1) for g in range(1, max_gamma + 1)] if method == "sd"
           else list(itertools.product(range(1, max_gamma + 1), repeat=2)))
   scored = [(g, speedup(alpha, g, costs, method)) for g in grid]
-  return max(scored, key=lambda x: x[1])[0], scored
+  top = max(s for _, s in scored)
+  near = [(g, s) for g, s in scored if s >= top * (1.0 - margin)]
+  return min(near, key=lambda x: (sum(x[0]), -x[1]))[0], scored
 
 
 def needed_widths(method: str, max_gamma: int = 8, feature_draft: bool = False

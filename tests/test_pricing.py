@@ -151,6 +151,18 @@ def test_best_gammas_follow_acceptance_and_cost():
   assert len(grid) == 16 and best == max(grid, key=lambda x: x[1])[0]
 
 
+def test_a_near_tie_goes_to_the_shorter_schedule():
+  costs = P.PassCosts.unit([0.1, 1.0])
+  best, grid = P.best_gammas(0.9, costs, "sd")
+  prices = dict(grid)
+  assert best[0] > 1
+  shorter, _ = P.best_gammas(0.9, costs, "sd", margin=0.05)
+  # the least gamma priced within 5% of the best, and no shorter one is
+  assert shorter[0] < best[0] and prices[shorter] >= 0.95 * prices[best]
+  assert all(prices[(g, 1)] < 0.95 * prices[best] for g in range(1, shorter[0]))
+  assert P.best_gammas(0.9, costs, "sd", margin=0.0)[0] == best
+
+
 def test_fastest_of_several_measurements_takes_each_widths_least():
   a = P.PassCosts((((1, 0.2), (2, 0.3)), ((1, 1.0), (5, 2.0))), batch=8, cache_len=64)
   b = P.PassCosts((((1, 0.1), (2, 0.4)), ((1, 1.5), (5, 1.0))), batch=8, cache_len=64)
