@@ -9,9 +9,9 @@ alpha (`pricing.alpha_from_stats`), and one jitted pass of widths `TIMED_WIDTHS`
 are interpolated; each timed width compiles a pass) is timed at the caller's batch and cache length
 (`pricing.measure_pass_costs`), and so is the step's sampling and verification math at gammas
 `MATH_GAMMAS` (`pricing.measure_math_costs`; at 262,144 ids and batch 8, 10-40 ms a step,
-and grows with gamma). The gamma in 1..8 (sd:
-the draft's; se of two models: one per model) with the highest priced speed-up, or the shortest
-priced within `TIE_MARGIN` of it (`pricing.best_gammas`), is then used as if the caller had passed it: the schedule is fixed before
+and grows with gamma). The gamma in 1..8 (sd: the draft's; se of two models: one per model) with
+the highest priced speed-up, or the shortest priced within `TIE_MARGIN` of it
+(`pricing.best_gammas`), is then used as if the caller had passed it: the schedule is fixed before
 the real decode starts, so the output distribution is exactly that of the explicit gamma (greedy:
 the same tokens). The choice is cached in this process per (method, models, batch, cache-length
 bucket, greedy or sampled, ensemble kind, whether `JAX_SPECENS_CPU_KERNELS` is on): a second call
