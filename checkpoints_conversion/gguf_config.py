@@ -74,7 +74,7 @@ def hf_config(reader, tensor_shapes: dict[str, tuple[int, ...]]) -> dict[str, An
   }
   scaling = _rope_scaling(reader, arch)
   if arch in ("llama", "qwen2", "qwen3"):
-    if arch != "qwen2":  # Qwen2's q/k/v always have biases (config_from_hf)
+    if arch != "qwen2":  # config_from_hf gives Qwen2 its q/k/v biases; attention_bias would add o's
       cfg["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in tensor_shapes
     if scaling:
       cfg["rope_scaling"] = scaling

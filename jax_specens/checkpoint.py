@@ -255,9 +255,9 @@ def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
   scan_layers: stack the layers for `lax.scan` (`models/layout.py`: compiles in a fraction of
   the time; on CPU each step is slower). The checkpoint is the same either way.
   rows_major: store the linear kernels `[d_out, d_in]` (`models/layout.rows_major`: the opt-in
-  CPU kernel streams weights faster so, at batch 1 by 16% in float32 and 20% in bfloat16 on
-  SmolLM2); None (default): where the kernel will compute this model's products
-  (`JAX_SPECENS_CPU_KERNELS=1`, CPU, no shardings).
+  CPU kernel streams weights faster so: a batch-1 token by 16% in float32 and 20% in bfloat16 on
+  SmolLM2, a float32 batch of 8 ~5% slower); None (default): where the kernel will compute this
+  model's products (`JAX_SPECENS_CPU_KERNELS=1`, CPU, no shardings).
 
   shardings: optional function `Model -> pytree of jax.sharding.Sharding` matching the params;
   orbax then restores every array directly into its shards (`jax_specens.parallel.load_model`

@@ -38,7 +38,7 @@ class Model:
   @property
   def rows(self) -> bool:
     """Whether its linear layers' kernels are stored `[d_out, d_in]` (`models/layout.rows_major`,
-    the CPU kernel's fastest layout in bfloat16) instead of `[d_in, d_out]`: read from its
+    the CPU kernel's fastest layout) instead of `[d_in, d_out]`: read from its
     structure (a merge, ~4 ms for SmolLM2; not for decode paths), so it cannot disagree with it."""
     return self.module().rows
 
