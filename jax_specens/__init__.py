@@ -10,5 +10,6 @@ from jax_specens.decoding import DecodeOutput, DecodeStats
 from jax_specens.ensemble_fns import Ensemble, make_ensemble
 from jax_specens.sampling import SamplingParams
 from jax_specens.text import TextOutput, generate_text
+from jax_specens import hugepages  # noqa: F401  (js.hugepages.collapse: a model built in memory)
 
 __version__ = "0.1.0"

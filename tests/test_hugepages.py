@@ -1,0 +1,97 @@
+"""Parameters moved into 2 MiB pages (`jax_specens/hugepages.py`) keep their values, and
+`load_model` moves a CPU model's parameters there unless told not to.
+
+Whether Linux grants the pages depends on the machine (kernel >= 6.1, THP not `never`, free 2 MiB
+pages): the test of the pages themselves skips, naming why, where it refuses.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_specens import ModelConfig, create_model, hugepages, load_model
+from jax_specens.checkpoint import save_model
+
+# an embedding of 4096 x 64 float32 (1 MiB) and MLP kernels of 256 KiB: over hugepages.MIN_BYTES
+CONFIG = ModelConfig(family="llama", vocab_size=4096, hidden_size=64, intermediate_size=1024,
+                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+
+
+def test_collapse_keeps_every_value():
+  x = jax.random.normal(jax.random.key(0), (4 << 20,), jnp.float32)  # 16 MiB
+  small = jnp.arange(16, dtype=jnp.float32)
+  before = np.asarray(x).copy()
+  report = hugepages.collapse({"x": x, "small": small, "not an array": 3})
+  chex.assert_trees_all_equal(np.asarray(x), before)
+  chex.assert_trees_all_equal(small, jnp.arange(16, dtype=jnp.float32))
+  if sys.platform.startswith("linux"):
+    assert report.arrays == 1 and report.bytes == x.nbytes  # the small array is not asked for
+  else:
+    assert report == hugepages.Report()
+
+
+def test_collapse_gives_huge_pages_where_linux_grants_them():
+  if not sys.platform.startswith("linux"):
+    pytest.skip("transparent huge pages are Linux's")
+  x = jnp.ones((8 << 20,), jnp.float32)  # 32 MiB: at least 15 whole 2 MiB pages inside
+  address = x.unsafe_buffer_pointer()
+  before = hugepages.huge_page_bytes(address)
+  if before is None or before >= x.nbytes - 2 * hugepages.PAGE:
+    pytest.skip(f"the mapping's huge pages cannot be read, or it has them already ({before})")
+  report = hugepages.collapse(x)
+  if report.refused:
+    pytest.skip("Linux refused MADV_COLLAPSE (kernel < 6.1, THP set to never, or no free 2 MiB "
+                "pages)")
+  assert hugepages.huge_page_bytes(address) - before >= 15 * hugepages.PAGE
+  assert hugepages.huge_page_bytes() >= 15 * hugepages.PAGE
+  assert float(x.sum()) == 8 << 20
+
+
+def test_enabled_reads_the_environment(monkeypatch):
+  monkeypatch.setenv(hugepages.ENV, "0")
+  assert not hugepages.enabled()
+  monkeypatch.setenv(hugepages.ENV, "1")
+  assert hugepages.enabled() == sys.platform.startswith("linux")
+  monkeypatch.delenv(hugepages.ENV)
+  assert hugepages.enabled() == sys.platform.startswith("linux")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  return save_model(create_model(CONFIG, seed=3), tmp_path_factory.mktemp("hp") / "m")
+
+
+def _spy(monkeypatch) -> list:
+  calls, real = [], hugepages.collapse
+  monkeypatch.setattr(hugepages, "collapse", lambda tree: calls.append(tree) or real(tree))
+  return calls
+
+
+def test_load_model_collapses_cpu_parameters_by_default(saved, monkeypatch):
+  monkeypatch.delenv(hugepages.ENV, raising=False)
+  calls = _spy(monkeypatch)
+  model = load_model(saved)
+  plain = load_model(saved, huge_pages=False)
+  assert len(calls) == (1 if sys.platform.startswith("linux") else 0)
+  if calls:
+    assert calls[0] is model.params
+  chex.assert_trees_all_equal(jax.tree_util.tree_leaves(model.params),
+                              jax.tree_util.tree_leaves(plain.params))
+
+
+def test_load_model_leaves_pages_alone_when_told(saved, monkeypatch):
+  calls = _spy(monkeypatch)
+  monkeypatch.setenv(hugepages.ENV, "0")
+  load_model(saved)
+  assert calls == []
+  monkeypatch.delenv(hugepages.ENV)
+  load_model(saved, huge_pages=False)
+  assert calls == []
+  load_model(saved, huge_pages=True)
+  assert len(calls) == 1
