@@ -11,6 +11,8 @@
    - ar: greedy `decode(method="ar")` of --tokens new tokens after an 8-token prompt, ms/token;
    - loop: the same decode of 2 x --tokens minus that of --tokens, per token: the marginal cost
      of a token inside the decode loop (no prompt pass, no fixed costs);
+   - call: 2 x the first decode minus the second, what a `decode` call costs besides its tokens
+     (the prompt pass, and any copy made once a call);
    - products: the pass's matrix products alone (every linear layer's weight, then the LM head,
      each once, through `weight_dot`: XLA's product or, with
      JAX_SPECENS_CPU_KERNELS=1, the CPU kernel), one activation row, in one jitted chain.
@@ -18,6 +20,9 @@
    share of the limit is floor / measured. Prints a table and writes bf16.json.
    --rows both: each dtype twice, its linear kernels stored `[d_in, d_out]` and as rows
    (`[d_out, d_in]`, `models/layout.rows_major`; by default `load_model` decides).
+   --huge-pages both: each also with its parameters in 4 KiB pages (named '... 4k') beside the
+   2 MiB pages `load_model` moves them to by default on Linux (`jax_specens.hugepages`). The
+   bandwidth probes read their arrays in both and keep the best.
 3. --layouts: the MLP weights' products in their stored `[K, N]` layout and transposed to
    `[N, K]` (what the kernel reads as a tied head does), 1-8 rows, per dtype (`layout_rows`).
 Timings on a shared machine are noisy: compare the two dtypes within one run (same rounds).
@@ -45,8 +50,22 @@ def bandwidth(num_bytes: int, repeats: int) -> float:
   x = jnp.ones((num_bytes // 4096, 1024), jnp.float32)
   v = jnp.ones((1024,), jnp.float32)
   probes = [jax.jit(jnp.sum), jax.jit(lambda m: m @ v)]
-  best = min(common.time_call(lambda f=f: f(x), repeats=repeats) for _ in range(2) for f in probes)
-  return num_bytes / best
+  return num_bytes / _best_of_pages(x, [lambda f=f: f(x) for f in probes], repeats)
+
+
+def _best_of_pages(x, calls, repeats: int) -> float:
+  """The least time of `calls` (each reading `x`), twice each in 4 KiB pages, then twice each
+  with `x` in 2 MiB pages (`hugepages.collapse`; skipped where it is off): the floor is the best
+  the memory gives, whichever pages the model's own parameters get."""
+  from jax_specens import hugepages
+  best = float("inf")
+  for huge in (False, True):
+    if huge and not hugepages.enabled():
+      break
+    if huge:
+      hugepages.collapse(x)
+    best = min([best] + [common.time_call(f, repeats=repeats) for _ in range(2) for f in calls])
+  return best
 
 
 def stream_bandwidth(num_bytes: int, repeats: int) -> float | None:
@@ -63,7 +82,7 @@ def stream_bandwidth(num_bytes: int, repeats: int) -> float | None:
   x = jnp.full((1, 1024), 0.01, jnp.float32)
   f = jax.jit(lambda w: cpu.small_matmul(x, w, True))
   common.first_call(lambda: f(w))
-  return num_bytes / min(common.time_call(lambda: f(w), repeats=repeats) for _ in range(2))
+  return num_bytes / _best_of_pages(w, [lambda: f(w)], repeats)
 
 
 def products_chain(model):
@@ -150,6 +169,10 @@ def main(argv=None) -> int:
                  "JAX_SPECENS_CPU_KERNELS=1 its kernels as rows, "
                  "`layout.rows_major`); both: each dtype with kernels [d_in, d_out] and as rows "
                  "(named '... rows'), interleaved")
+  p.add_argument("--huge-pages", choices=["auto", "both"], default="auto",
+                 help="auto: parameters in 2 MiB pages as `load_model` puts them by default "
+                 "(`jax_specens.hugepages`, Linux); both: each model also in 4 KiB pages "
+                 "(named '... 4k'), interleaved")
   p.add_argument("--layouts", action="store_true",
                  help="also time the MLP weights' products in their stored [K, N] layout and "
                  "transposed to [N, K], 1-8 rows (`layout_rows`)")
@@ -173,11 +196,13 @@ def main(argv=None) -> int:
   lengths = jnp.array([8], jnp.int32)
   runs = {}
   row_layouts = [(None, "")] if args.rows == "auto" else [(False, ""), (True, " rows")]
-  for (name, dtype), (rows_major, suffix) in tqdm(
-      [(d, r) for d in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))
-       for r in row_layouts], desc="load + compile"):
-    name += suffix
-    model = load_model(args.model, dtype=dtype, rows_major=rows_major)
+  pages = [(None, "")] if args.huge_pages == "auto" else [(False, " 4k"), (True, "")]
+  variants = [(r, h) for r in row_layouts for h in pages]
+  for (name, dtype), ((rows_major, rows_name), (huge, pages_name)) in tqdm(
+      [(d, v) for d in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)) for v in variants],
+      desc="load + compile"):
+    name += rows_name + pages_name
+    model = load_model(args.model, dtype=dtype, rows_major=rows_major, huge_pages=huge)
     cache = model.init_cache(1, 256)
     tok = jnp.zeros((1, 1), jnp.int32)
     _, t_compile = common.first_call(lambda: step(model, cache, tok, jnp.zeros(1, jnp.int32)))
@@ -188,7 +213,7 @@ def main(argv=None) -> int:
     for f in (ar, ar2, products):
       common.first_call(f)
     runs[name] = {"model": model, "ar": ar, "ar2": ar2, "products": products, "step_ms": [],
-                  "ar_ms": [], "loop_ms": [], "products_ms": [], "compile_step_s": t_compile,
+                  "ar_ms": [], "loop_ms": [], "call_ms": [], "products_ms": [], "compile_step_s": t_compile,
                   "bytes": param_bytes(model)}
   for _ in tqdm(range(args.repeats), desc="interleaved rounds"):
     for r in runs.values():
@@ -204,9 +229,10 @@ def main(argv=None) -> int:
       r["ar_ms"].append(t_ar * 1e3 / args.tokens)
       t_ar2 = common.time_call(r["ar2"], repeats=1, warmup=0)
       r["loop_ms"].append((t_ar2 - t_ar) * 1e3 / args.tokens)
+      r["call_ms"].append((2 * t_ar - t_ar2) * 1e3)
       r["products_ms"].append(common.time_call(r["products"], repeats=5, warmup=0) * 1e3)
 
-  layouts = ([row for name, r in runs.items() if not name.endswith(" rows")
+  layouts = ([row for r in runs.values() if not r["model"].rows
               for row in layout_rows(r["model"], args.repeats)] if args.layouts else [])
   rows = []
   for name, r in runs.items():
@@ -218,21 +244,23 @@ def main(argv=None) -> int:
                  "step ms": step_ms, "step share": floor_ms / step_ms,
                  "ar ms/token": ar_ms, "ar share": floor_ms / ar_ms,
                  "loop ms/token": loop_ms, "loop share": floor_ms / loop_ms,
+                 "call ms": float(np.median(r["call_ms"])),
                  "products ms": products_ms, "products share": floor_ms / products_ms,
                  **({"floor ms (stream)": stream_ms, "loop share (stream)": stream_ms / loop_ms,
                      "products share (stream)": stream_ms / products_ms} if stream else {}),
                  "step ms (all rounds)": r["step_ms"], "ar ms (all rounds)": r["ar_ms"],
                  "loop ms (all rounds)": r["loop_ms"],
+                 "call ms (all rounds)": r["call_ms"],
                  "products ms (all rounds)": r["products_ms"],
                  "compile step s": r["compile_step_s"]})
-  f32, bf16 = rows[0], rows[len(row_layouts)]
+  f32, bf16 = rows[0], rows[len(variants)]
   print(f"bandwidth {bw / 1e9:.1f} GB/s ({args.bandwidth_mib} MiB float32, best of a sum and a "
         f"matvec); model {args.model}")
   if stream:
     print(f"stream {stream / 1e9:.1f} GB/s (the CPU kernel reading one {args.bandwidth_mib} MiB "
           "weight): the (stream) columns")
   print(common.table(rows, ["dtype", "param MB", "floor ms", "step ms", "step share",
-                            "ar ms/token", "ar share", "loop ms/token", "loop share",
+                            "ar ms/token", "ar share", "loop ms/token", "loop share", "call ms",
                             "products ms", "products share"]
                      + (["floor ms (stream)", "loop share (stream)", "products share (stream)"]
                         if stream else [])))
