@@ -10,9 +10,12 @@ once per 4 rows of activations (a `[K, N]` kernel) or 8 (a `[N, K]` tied head), 
 of up to 4 tokens reads each weight once. A `[N, K]` weight is one sequential stream, read faster:
 `load_model` stores a model's kernels so when the kernel is on (`models/layout.rows_major`).
 
+It also copies the rows of a 16-bit embedding for the lookup of each step (`take_rows`,
+`take_rows.cc`): XLA gathers them from a float32 copy of the whole table, made once a `decode`.
+
 Opt-in: `JAX_SPECENS_CPU_KERNELS=1` (read when a model's pass is traced). It needs an x86 CPU
 with AVX-512 and a C++ compiler (`$CXX`, else `g++`); it is built once into the user cache
-(`~/.cache/jax_specens/kernels/`, keyed by the source, the flags and jaxlib's version). Where it
+(`~/.cache/jax_specens/kernels/`, keyed by the sources, the flags and jaxlib's version). Where it
 cannot be used, `weight_dot` keeps XLA's product and says why once. Inference only: the product
 has no gradient rule, and on a mesh XLA gathers the operands of the call (use it on one device).
 """
@@ -35,9 +38,10 @@ from jaxtyping import Array, Float, Int
 
 ENV = "JAX_SPECENS_CPU_KERNELS"
 MAX_ROWS = 16  # rows (batch x pass width) the kernel takes; wider products stay with XLA
-SOURCE = Path(__file__).with_name("small_matmul.cc")
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("small_matmul.cc", "take_rows.cc"))
 TARGET = "jax_specens_small_matmul"
 STACKED_TARGET = "jax_specens_small_matmul_stacked"  # one weight of a stack, read in place
+TAKE_TARGET = "jax_specens_take_rows"  # a 16-bit embedding's rows, copied as bits
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC", "-std=c++17", "-w")
 
 
@@ -72,7 +76,7 @@ def _build() -> Path:
     raise RuntimeError("no C++ compiler (set $CXX or install g++)")
   import jaxlib
   from jax_specens.user_cache import user_cache_dir
-  key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()
+  key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(FLAGS).encode()
                        + jaxlib.__version__.encode()).hexdigest()[:16]
   out = user_cache_dir() / "kernels" / f"small_matmul-{key}.so"
   if out.is_file():
@@ -80,7 +84,8 @@ def _build() -> Path:
   out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, then renamed in place
     part = Path(tmp) / out.name
-    r = subprocess.run([cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(part)],
+    r = subprocess.run([cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o",
+                        str(part)],
                        capture_output=True, text=True)
     if r.returncode:
       raise RuntimeError(f"{cxx} failed: {r.stderr.strip()[-500:]}")
@@ -110,6 +115,8 @@ def _register(path: Path) -> None:
                               platform="cpu")
   jax.ffi.register_ffi_target(STACKED_TARGET, jax.ffi.pycapsule(lib.JaxSpecensSmallMatmulStacked),
                               platform="cpu")
+  jax.ffi.register_ffi_target(TAKE_TARGET, jax.ffi.pycapsule(lib.JaxSpecensTakeRows),
+                              platform="cpu")
   _REGISTERED.append(path)
 
 
@@ -135,6 +142,15 @@ def small_matmul(x: Float[Array, "M K"], w: Array, transposed: bool,
   if layer is not None:
     args += (jnp.asarray(layer, jnp.int32),)
   return call(*args, transposed=bool(transposed))
+
+
+def take_rows(table: Array, ids: Int[Array, "..."]) -> Array:
+  """`jnp.take(table, ids, axis=0)` for a 2-D table of 16-bit floats, as a copy of rows (`ids`
+  shape + `[D]`, the table's dtype; `take_rows.cc`). Call `available()` first."""
+  call = jax.ffi.ffi_call(TAKE_TARGET, jax.ShapeDtypeStruct(ids.shape + table.shape[1:],
+                                                            table.dtype),
+                          vmap_method="sequential")
+  return call(table, ids.astype(jnp.int32))
 
 
 def fits(x: Array, w: Array, dims, precision) -> bool:

@@ -13,7 +13,7 @@ from jax_specens.cache import KVCache
 from jax_specens.models.attention import Attention
 from jax_specens.models.config import ModelConfig
 from jax_specens.models.layers import (INIT, MLP, Norm, building_rows, layer_views, linear,
-                                      weight_dot)
+                                      take_rows, weight_dot)
 
 
 class Block(nnx.Module):
@@ -98,7 +98,7 @@ class Transformer(nnx.Module):
     reads the first D). features: `[B, W, D]` (a feature draft's own outputs) or, for a draft
     with feature taps, the target's `[B, W, F]`, which its `feature_fc` maps to D.
     """
-    x = self.embed(tokens)
+    x = embed(self.embed, tokens)
     if self.config.embed_scale:
       x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
     if (features is None) == (self.fuse is not None):
@@ -109,7 +109,7 @@ class Transformer(nnx.Module):
     if self.fuse is not None:
       x = self.fuse(jnp.concatenate([x, features.astype(x.dtype)], axis=-1))
     if self.pos_embed is not None:
-      x = x + self.pos_embed(positions)
+      x = x + embed(self.pos_embed, positions)
     period = len(self.stack) if self.stack is not None else 0
     if cache.stacked != period:
       raise ValueError(
@@ -170,7 +170,7 @@ class Transformer(nnx.Module):
     else:
       table = self.embed.embedding[...]
       if ids:
-        table = jnp.take(table, jnp.asarray(ids, jnp.int32), axis=0)  # K D
+        table = take_rows(table, jnp.asarray(ids, jnp.int32))  # K D
       # contracts the table's last dim directly (no transposed copy) and accumulates in
       # float32: bf16 models never round their logits to bf16
       logits = weight_dot(x, table, (((x.ndim - 1,), (1,)), ((), ())),
@@ -182,6 +182,12 @@ class Transformer(nnx.Module):
       out = jnp.full(logits.shape[:-1] + (self.config.vocab_size,), -jnp.inf, jnp.float32)
       logits = out.at[..., jnp.asarray(ids, jnp.int32)].set(logits)
     return logits
+
+
+def embed(module: nnx.Embed, ids: Int[Array, "B W"]) -> Float[Array, "B W D"]:
+  """`module(ids)` (the rows of its table, in its dtype), gathered by `layers.take_rows`."""
+  rows = take_rows(module.embedding[...], ids)
+  return rows if module.dtype is None else rows.astype(module.dtype)
 
 
 def _tap(tapped: list, taps: tuple[int, ...], layer, x: Float[Array, "B W D"]) -> list:
