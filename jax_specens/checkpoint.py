@@ -258,8 +258,8 @@ def load_model(model_dir: str | os.PathLike, dtype=None, shardings=None,
   CPU kernel streams weights faster so: a batch-1 token by 16% in float32 and 20% in bfloat16 on
   SmolLM2, a float32 batch of 8 ~5% slower); None (default): where the kernel will compute this
   model's products (`JAX_SPECENS_CPU_KERNELS=1`, CPU, no shardings).
-  huge_pages: move the parameters on the CPU into 2 MiB pages (`jax_specens.hugepages`: a decode
-  step streams them ~5-10% faster); None (default): on Linux unless $JAX_SPECENS_HUGE_PAGES=0.
+  huge_pages: move the parameters on the CPU into 2 MiB pages (`jax_specens.hugepages`: a SmolLM2
+  token 0-21% faster); None (default): on Linux unless $JAX_SPECENS_HUGE_PAGES=0.
 
   shardings: optional function `Model -> pytree of jax.sharding.Sharding` matching the params;
   orbax then restores every array directly into its shards (`jax_specens.parallel.load_model`

@@ -3,10 +3,10 @@
 A CPU decode step reads each weight once, a few MiB at a time (SmolLM2's per-layer weights are
 0.6-3.5 MiB). XLA's buffers sit in 4 KiB pages, and a stream that crosses a 4 KiB page every
 ~90 ns pays a page walk each time (in a virtual machine a nested, two-level one). Backed by
-transparent huge pages (THP) the same reads go faster: measured on this 2-core host, the CPU kernel
-streams 90 weights of 1536 x 576 bfloat16 at 35 -> 39 GB/s, SmolLM2's products of a bfloat16 pass
-take 8.8 -> 7.9 ms (float32 17.2 -> 16.2), its decode 11.1 -> 10.2 ms a token (`bf16_bench
---huge-pages both` measures it side by side).
+transparent huge pages (THP) the same reads go faster: on this 2-core host 90 weights of 1536 x 576
+bfloat16 stream at 35-40 GB/s instead of 27-35, and a SmolLM2 token inside the decode loop takes
+4-21% less time in float32 and 0-10% in bfloat16 with the CPU kernel (four runs of `bf16_bench
+--huge-pages both`, which measures it side by side; `benchmarks/README.md`).
 
 `collapse(tree)` asks Linux (>= 6.1) to move the memory of every CPU array of `tree` into huge
 pages now (`madvise(MADV_COLLAPSE)`): the contents do not change, only how they are mapped; it
