@@ -34,8 +34,8 @@ MIN_BYTES = 256 << 10  # smaller arrays (norm scales, biases) are not worth a ca
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-  """What `collapse` did: buffers asked for, the bytes they hold, and those of which Linux moved
-  no page (an end's page is often refused: it reaches past the mapping; the rest still moves)."""
+  """What `collapse` did: buffers asked for, the bytes they hold, and those Linux refused (for a
+  buffer holding whole 2 MiB pages, the call for those; else the calls for its ends' pages)."""
   arrays: int = 0  # buffers: an array's addressable shards
   bytes: int = 0
   refused: int = 0
@@ -67,10 +67,11 @@ def collapse(tree) -> Report:
       start = shard.data.unsafe_buffer_pointer()
       end = start + shard.data.nbytes
       inner = (-(-start // PAGE) * PAGE, end // PAGE * PAGE)
-      ranges = [inner] if inner[0] < inner[1] else []
-      ranges += [(start // PAGE * PAGE, inner[0]), (inner[1], -(-end // PAGE) * PAGE)]
+      ends = [(start // PAGE * PAGE, inner[0]), (inner[1], -(-end // PAGE) * PAGE)]
       granted = [madvise(a, b - a, MADV_COLLAPSE) == 0  # a small buffer: one page, asked once
-                 for a, b in dict.fromkeys(r for r in ranges if r[0] < r[1])]
+                 for a, b in dict.fromkeys(r for r in ends if r[0] < r[1])]
+      if inner[0] < inner[1]:  # judged by its own pages: an end's page may reach past the mapping
+        granted = [madvise(inner[0], inner[1] - inner[0], MADV_COLLAPSE) == 0]
       refused += not any(granted)
       arrays += 1
       nbytes += shard.data.nbytes
