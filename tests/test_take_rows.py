@@ -1,4 +1,4 @@
-"""The embedding lookup (`models/layers.take_rows`) is `jnp.take`, values and gradient, and a decode
+"""The embedding lookup (`models/embed.take_rows`) is `jnp.take`, values and gradient, and a decode
 loop on CPU no longer copies a 16-bit embedding whole on every call.
 
 XLA's CPU backend gathers bfloat16 rows from a float32 copy of the whole table and hoists that copy
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jax_specens.kernels import cpu
-from jax_specens.models.layers import take_rows
+from jax_specens.models.embed import take_rows
 
 V, D = 512, 64
 IDS = jnp.array([[0, 3, -1, V - 1, V, -V - 1, 7, 3]])  # ends, repeats, outside on both sides

@@ -12,8 +12,9 @@ from jaxtyping import Array, Float, Int
 from jax_specens.cache import KVCache
 from jax_specens.models.attention import Attention
 from jax_specens.models.config import ModelConfig
+from jax_specens.models.embed import embed, take_rows
 from jax_specens.models.layers import (INIT, MLP, Norm, building_rows, layer_views, linear,
-                                      take_rows, weight_dot)
+                                      weight_dot)
 
 
 class Block(nnx.Module):
@@ -182,12 +183,6 @@ class Transformer(nnx.Module):
       out = jnp.full(logits.shape[:-1] + (self.config.vocab_size,), -jnp.inf, jnp.float32)
       logits = out.at[..., jnp.asarray(ids, jnp.int32)].set(logits)
     return logits
-
-
-def embed(module: nnx.Embed, ids: Int[Array, "B W"]) -> Float[Array, "B W D"]:
-  """`module(ids)` (the rows of its table, in its dtype), gathered by `layers.take_rows`."""
-  rows = take_rows(module.embedding[...], ids)
-  return rows if module.dtype is None else rows.astype(module.dtype)
 
 
 def _tap(tapped: list, taps: tuple[int, ...], layer, x: Float[Array, "B W D"]) -> list:
