@@ -12,6 +12,10 @@ layers), batch 1, one cache of --cache slots per attention mode:
 - ring+blocked@N (models with sliding layers): the same, with the sliding layers' caches as rings
   of `window + RING_SLACK` slots (`jax_specens/cache.py`; the slack an sd decode of gamma 4 uses),
   which is how `decode` builds them.
+- kernel (with JAX_SPECENS_CPU_KERNELS=1): the CPU kernel's attention (`kernels/attention.cc`),
+  which reads each visible slot once, over the same caches as `decode` builds (rings on sliding
+  layers, which keep XLA's ring attention); the other modes are then traced with
+  JAX_SPECENS_CPU_ATTENTION=0 (XLA's attention, the kernel's products).
 Same parameters in every mode (`step.with_attention_block`). The cache is not prefilled: its K/V
 are zeros and its position is set to the context directly (`cache.rollback`), so a step at context
 c attends over c slots, which costs what it costs with real keys (no data-dependent work): this
@@ -28,6 +32,7 @@ Timings on a shared machine are noisy: compare the modes within one run (same ro
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -38,6 +43,7 @@ from tqdm import tqdm
 
 from benchmarks import common
 from jax_specens import cache as kv
+from jax_specens.kernels import cpu
 
 RING_SLACK = kv.ring_slack(4)  # sd at gamma 4 writes up to 4 positions past its committed length
 
@@ -77,7 +83,11 @@ def time_model(name, model, cache_len, contexts, blocks, repeats):
   modes.update({f"blocked@{b}": with_attention_block(model, b) for b in blocks})
   if has_windows(model.config):
     modes[f"ring+blocked@{blocks[0]}"] = modes[f"blocked@{blocks[0]}"]
-  slack = {m: RING_SLACK if m.startswith("ring") else None for m in modes}
+  if cpu.computes():  # a config of its own (a block of the whole cache), so a program of its own
+    modes["kernel"] = with_attention_block(model, cache_len)
+  rings = has_windows(model.config)
+  slack = {m: RING_SLACK if m.startswith("ring") or (m == "kernel" and rings) else None
+           for m in modes}
   caches = {m: x.init_cache(1, cache_len, ring_slack=slack[m]) for m, x in modes.items()}
   for m, c in caches.items():  # the memory table's numbers are these caches' bytes
     assert kv.cache_bytes(c) == kv.kv_bytes(model.config, 1, cache_len, c.k[0].dtype.itemsize,
@@ -90,7 +100,11 @@ def time_model(name, model, cache_len, contexts, blocks, repeats):
     logits.block_until_ready()
     return time.perf_counter() - t0
 
-  compile_s = {m: one(m, contexts[0]) for m in modes}  # first call: compile + run
+  compile_s = {}
+  for m in modes:  # first call: compile + run; the kernel's attention only in its own mode
+    with common.restored_env(cpu.ATTENTION_ENV):
+      os.environ[cpu.ATTENTION_ENV] = "1" if m == "kernel" else "0"
+      compile_s[m] = one(m, contexts[0])
   for m in modes:  # a second untimed call per mode
     one(m, contexts[-1])
   times = {(c, m): [] for c in contexts for m in modes}
@@ -112,8 +126,9 @@ def time_model(name, model, cache_len, contexts, blocks, repeats):
   return rows, {f"{name} {m}": s for m, s in compile_s.items()}
 
 
-def _columns(blocks, ring: bool) -> list[str]:
-  modes = [f"blocked@{b}" for b in blocks] + ([f"ring+blocked@{blocks[0]}"] if ring else [])
+def _columns(blocks, ring: bool, kernel: bool) -> list[str]:
+  modes = ([f"blocked@{b}" for b in blocks] + ([f"ring+blocked@{blocks[0]}"] if ring else [])
+           + (["kernel"] if kernel else []))
   return (["model", "context", "KV MB read", "dense ms"] + [f"{m} ms" for m in modes]
           + [f"dense/{m}" for m in modes])
 
@@ -152,7 +167,8 @@ def main(argv=None) -> int:
     if not args.small:
       model = load_model(model, dtype=dtype)
     r, c = time_model(name, model, args.cache, contexts, blocks, args.repeats)
-    print(common.table(r, _columns(blocks, has_windows(model.config))), flush=True)
+    print(common.table(r, _columns(blocks, has_windows(model.config), cpu.computes())),
+          flush=True)
     rows += r
     compile_s.update(c)
     if has_windows(model.config):
@@ -163,7 +179,7 @@ def main(argv=None) -> int:
   print(f"\ndecode step (W = 1, batch 1) at a cache of {args.cache} slots; median of "
         f"{args.repeats} interleaved rounds")
   print(common.table(rows, _columns(blocks, any(f"ring+blocked@{blocks[0]} ms" in r
-                                                  for r in rows))))
+                                                  for r in rows), cpu.computes())))
   if memory:
     print(f"\nKV cache of one row at {args.cache} tokens: every layer full length vs rings of "
           f"window + {RING_SLACK} slots on the sliding layers")

@@ -34,14 +34,19 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 ENV = "JAX_SPECENS_CPU_KERNELS"
+ATTENTION_ENV = "JAX_SPECENS_CPU_ATTENTION"  # 0: decode passes keep XLA's attention
 MAX_ROWS = 16  # rows (batch x pass width) the kernel takes; wider products stay with XLA
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("small_matmul.cc", "take_rows.cc"))
+SOURCES = tuple(Path(__file__).with_name(f)
+                for f in ("small_matmul.cc", "take_rows.cc", "attention.cc"))
+HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGET = "jax_specens_small_matmul"
 STACKED_TARGET = "jax_specens_small_matmul_stacked"  # one weight of a stack, read in place
 TAKE_TARGET = "jax_specens_take_rows"  # a 16-bit embedding's rows, copied as bits
+ATTEND_TARGET = "jax_specens_attend"  # a decode pass's attention over a (stacked) KV cache
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC", "-std=c++17", "-w")
 
 
@@ -53,6 +58,13 @@ def computes() -> bool:
   """Whether products traced now go to the kernel (where they fit, `fits`): it is requested,
   the backend is the CPU and the kernel is built (`available`)."""
   return requested() and jax.default_backend() == "cpu" and available()
+
+
+def attention() -> bool:
+  """Whether the attention of decode passes traced now goes to the kernel (`attend`): where
+  products do (`computes`), unless $JAX_SPECENS_CPU_ATTENTION is 0 (benchmarks compare both)."""
+  off = os.environ.get(ATTENTION_ENV, "").strip().lower() in ("0", "false", "no")
+  return not off and computes()
 
 
 @functools.cache
@@ -76,7 +88,8 @@ def _build() -> Path:
     raise RuntimeError("no C++ compiler (set $CXX or install g++)")
   import jaxlib
   from jax_specens.user_cache import user_cache_dir
-  key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(FLAGS).encode()
+  key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS)
+                       + " ".join(FLAGS).encode()
                        + jaxlib.__version__.encode()).hexdigest()[:16]
   out = user_cache_dir() / "kernels" / f"small_matmul-{key}.so"
   if out.is_file():
@@ -117,6 +130,8 @@ def _register(path: Path) -> None:
                               platform="cpu")
   jax.ffi.register_ffi_target(TAKE_TARGET, jax.ffi.pycapsule(lib.JaxSpecensTakeRows),
                               platform="cpu")
+  jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.JaxSpecensAttend),
+                              platform="cpu")
   _REGISTERED.append(path)
 
 
@@ -151,6 +166,22 @@ def take_rows(table: Array, ids: Int[Array, "..."]) -> Array:
                                                             table.dtype),
                           vmap_method="sequential")
   return call(table, ids.astype(jnp.int32))
+
+
+def attend(q: Float[Array, "B W H Dh"], k: Array, v: Array, positions: Int[Array, "B W"],
+           layer: Int[Array, ""] | None, *, scale: float, window: int | None,
+           softcap: float | None) -> Float[Array, "B W H Dh"]:
+  """Softmax attention of W new queries over a KV cache (`attention.cc`), float32 out: what
+  `models/attend.dense` computes, reading each visible slot once. k, v: `[B, S, K, Dh]` caches
+  (float32, bfloat16 or its uint16 bits), or stacks `[n, B, S, K, Dh]` read at `layer` in place.
+  Dh must be a multiple of 16. Call `available()` first."""
+  if layer is None:  # k[None] would do, but XLA then copies a cache it updates in place
+    layer = 0
+  call = jax.ffi.ffi_call(ATTEND_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                          vmap_method="sequential")
+  return call(q.astype(jnp.float32), k, v, jnp.asarray(layer, jnp.int32),
+              positions.astype(jnp.int32), scale=np.float32(scale), window=np.int64(window or 0),
+              softcap=np.float32(softcap or 0.0))
 
 
 def fits(x: Array, w: Array, dims, precision) -> bool:

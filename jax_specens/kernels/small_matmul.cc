@@ -19,19 +19,19 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using jax_specens::Parallel;
 
 constexpr int64_t kMaxCols = 2048;  // "nn": output columns per task (4 rows of accumulators: 32 KB)
 
@@ -236,28 +236,6 @@ void TaskNT(const X* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, i
       default: Block<X, W, 8>::NT(x, w, y, K, N, m0, n0, rows); break;
     }
   }
-}
-
-// Runs task(i) for i < tasks on the calling thread and on XLA's intra-op pool; returns when every
-// task has run. The caller never waits for a helper that has not started (the pool's threads may
-// all be busy, e.g. running this same call for another operand): it claims tasks itself until none
-// is left, then waits only for those claimed by helpers, which are running. A helper that starts
-// late finds no task and touches only the shared counters, kept alive by its own reference.
-void Parallel(ffi::ThreadPool& pool, int64_t tasks, const std::function<void(int64_t)>& task) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto work = [tasks, &task](State& s) {
-    for (int64_t i; (i = s.next.fetch_add(1)) < tasks;) {
-      task(i);
-      s.done.fetch_add(1);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, tasks - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([state, work]() { work(*state); });
-  work(*state);
-  while (state->done.load() < tasks) std::this_thread::yield();
 }
 
 template <typename X, typename W>

@@ -19,6 +19,8 @@ a row's position hold stale keys of rolled-back tokens and are never visible (se
   reads values with `cache.values` after slicing, so XLA's CPU backend, which converts a
   bfloat16 array to float32 around a dynamic slice, never converts a whole cache (SmolLM2 in
   bfloat16 at 8192 slots: every layer's whole K and V, every step).
+- With the opt-in CPU kernel, decode passes (at most 16 tokens) use `kernels/attention.cc`, which
+  reads each visible slot once (no block copies, one call a layer); prompts keep XLA's programs.
 - On GPU (and TPU) `attend` is always `dense`. Measured on an H200 (`benchmarks/attention_kernels`,
   1B shapes: 32 heads over 8 kv heads, bf16, 8192 slots), one attention of 1 new query at batch 1
   took 27-37 us dense whatever the length in use, and 89 / 300 / 532 us blocked at 512 / 4096 /
@@ -36,6 +38,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from jax_specens.cache import values as read
+from jax_specens.kernels import cpu
 
 NEG_INF = -1e30
 
@@ -169,10 +172,20 @@ def attend(
     q: Float[Array, "B W H Dh"], cache_k: Float[Array, "B S K Dh"],
     cache_v: Float[Array, "B S K Dh"], positions: Int[Array, "B W"], *, scale: float,
     window: int | None = None, softcap: float | None = None, block: int | None = 512,
+    layer: Int[Array, ""] | None = None,
 ) -> Float[Array, "B W H Dh"]:
-  """On CPU `blocked` when S > block >= W (static shapes), else `dense`; block None or another
-  backend: always `dense` (see the module's notes for the GPU measurements)."""
+  """With the CPU kernel computing (`JAX_SPECENS_CPU_KERNELS=1`, `cpu.attention`) a pass of at
+  most `cpu.MAX_ROWS` tokens goes to `cpu.attend`; else on CPU `blocked` when S > block >= W (static
+  shapes), else `dense`; block None or another backend: always `dense` (see the module's notes).
+
+  layer: the caches are a scanned model's stacks `[n, B, S, K, Dh]`, this layer's at `layer`
+  (the kernel reads it in place; XLA slices it).
+  """
   kw = dict(scale=scale, window=window, softcap=softcap)
+  if q.shape[1] <= cpu.MAX_ROWS and q.shape[-1] % 16 == 0 and cpu.attention():
+    return cpu.attend(q, cache_k, cache_v, positions, layer, **kw).astype(q.dtype)
+  if layer is not None:
+    cache_k, cache_v = cache_k[layer], cache_v[layer]
   s, w = cache_k.shape[1], q.shape[1]
   if block is not None and s > block >= w and jax.default_backend() == "cpu":
     return blocked(q, cache_k, cache_v, positions, block=block, **kw)

@@ -67,7 +67,7 @@ class Attention(nnx.Module):
     else:
       cache_k = kv.write(cache_k, k, positions[:, 0], layer)
       cache_v = kv.write(cache_v, v, positions[:, 0], layer)
-      out = attend(q, own(cache_k), own(cache_v), positions, block=self.block, **kw)
+      out = attend(q, cache_k, cache_v, positions, block=self.block, layer=layer, **kw)
     return self.o(out.reshape(b, w, self.num_heads * self.head_dim)), cache_k, cache_v
 
   def _check_ring(self, slots: int, width: int, valid) -> None:
