@@ -11,7 +11,9 @@ of up to 4 tokens reads each weight once. A `[N, K]` weight is one sequential st
 `load_model` stores a model's kernels so when the kernel is on (`models/layout.rows_major`).
 
 It also copies the rows of a 16-bit embedding for the lookup of each step (`take_rows`,
-`take_rows.cc`): XLA gathers them from a float32 copy of the whole table, made once a `decode`.
+`take_rows.cc`): XLA gathers them from a float32 copy of the whole table, made once a `decode`;
+and it computes the attention of decode passes (`attend`, `attention.cc`: each visible cache slot
+read once; `JAX_SPECENS_CPU_ATTENTION=0` keeps XLA's).
 
 Opt-in: `JAX_SPECENS_CPU_KERNELS=1` (read when a model's pass is traced). It needs an x86 CPU
 with AVX-512 and a C++ compiler (`$CXX`, else `g++`); it is built once into the user cache
