@@ -78,22 +78,23 @@ def collapse(tree) -> Report:
   return Report(arrays, nbytes, refused)
 
 
-def huge_page_bytes(address: int | None = None) -> int | None:
+def huge_page_bytes(span: tuple[int, int] | None = None) -> int | None:
   """This process's anonymous memory in transparent huge pages (`/proc/self/smaps_rollup`), or
-  that of the one mapping holding `address` (`/proc/self/smaps`); None where Linux does not say."""
-  inside = address is None
+  that of the mappings overlapping the address range `span` = (start, end) (`/proc/self/smaps`;
+  a collapse may split a mapping, e.g. the heap, in several); None where Linux does not say."""
+  total, inside = None, span is None
   try:
-    with open("/proc/self/smaps_rollup" if address is None else "/proc/self/smaps") as f:
+    with open("/proc/self/smaps_rollup" if span is None else "/proc/self/smaps") as f:
       for line in f:
         head = line.split(maxsplit=1)[0]
         if "-" in head and not head.endswith(":"):  # a mapping's first line: "start-end perms .."
           lo, hi = (int(v, 16) for v in head.split("-"))
-          inside = address is None or lo <= address < hi
+          inside = span is None or (lo < span[1] and span[0] < hi)
         elif inside and head == "AnonHugePages:":
-          return int(line.split()[1]) << 10
+          total = (total or 0) + (int(line.split()[1]) << 10)
   except (OSError, ValueError, IndexError):
-    pass
-  return None
+    return None
+  return 0 if total is None and span is not None else total
 
 
 _LIBC: list = []
