@@ -20,21 +20,16 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
-#include "parallel.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using jax_specens::Load16;
 using jax_specens::Parallel;
 
 constexpr int64_t kChunk = 256;  // slots per task
-
-inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 Load16(const uint16_t* p) {  // bfloat16 -> float32: the high 16 bits
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 struct Shape {
   int64_t B, W, H, Dh, S, K, G;

@@ -44,7 +44,7 @@ ATTENTION_ENV = "JAX_SPECENS_CPU_ATTENTION"  # 0: decode passes keep XLA's atten
 MAX_ROWS = 16  # rows (batch x pass width) the kernel takes; wider products stay with XLA
 SOURCES = tuple(Path(__file__).with_name(f)
                 for f in ("small_matmul.cc", "take_rows.cc", "attention.cc"))
-HEADERS = (Path(__file__).with_name("parallel.h"),)
+HEADERS = (Path(__file__).with_name("common.h"),)
 TARGET = "jax_specens_small_matmul"
 STACKED_TARGET = "jax_specens_small_matmul_stacked"  # one weight of a stack, read in place
 TAKE_TARGET = "jax_specens_take_rows"  # a 16-bit embedding's rows, copied as bits

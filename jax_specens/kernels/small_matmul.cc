@@ -25,25 +25,16 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
-#include "parallel.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using jax_specens::Load16;
 using jax_specens::Parallel;
 
 constexpr int64_t kMaxCols = 2048;  // "nn": output columns per task (4 rows of accumulators: 32 KB)
-
-template <typename W>
-inline __m512 Load16(const W* p);
-template <>
-inline __m512 Load16<float>(const float* p) { return _mm512_loadu_ps(p); }
-template <>
-inline __m512 Load16<uint16_t>(const uint16_t* p) {  // bfloat16 -> float32: the high 16 bits
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 // "nn": R rows of w[K, N] from row k into the accumulators of MB rows of x (acc[MB, cn]): the
 // accumulators of 16 columns are loaded and stored once per R rows

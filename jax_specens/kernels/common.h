@@ -1,5 +1,8 @@
-// Shared by the kernels: tasks run on the calling thread and XLA's intra-op thread pool.
+// Shared by the kernels: Load16 (16 float32 lanes from float32 or bfloat16 bits) and Parallel
+// (tasks on the calling thread and XLA's intra-op thread pool).
 #pragma once
+
+#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -11,6 +14,16 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_specens {
+
+template <typename W>
+inline __m512 Load16(const W* p);
+template <>
+inline __m512 Load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+inline __m512 Load16<uint16_t>(const uint16_t* p) {  // bfloat16 -> float32: the high 16 bits
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 
 // Runs task(i) for i < tasks on the calling thread and on XLA's intra-op pool; returns when every
 // task has run. The caller never waits for a helper that has not started (the pool's threads may
