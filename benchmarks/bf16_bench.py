@@ -58,14 +58,12 @@ def _best_of_pages(x, calls, repeats: int) -> float:
   with `x` in 2 MiB pages (`hugepages.collapse`; skipped where it is off): the floor is the best
   the memory gives, whichever pages the model's own parameters get."""
   from jax_specens import hugepages
-  best = float("inf")
-  for huge in (False, True):
-    if huge and not hugepages.enabled():
-      break
-    if huge:
-      hugepages.collapse(x)
-    best = min([best] + [common.time_call(f, repeats=repeats) for _ in range(2) for f in calls])
-  return best
+  best = lambda: min(common.time_call(f, repeats=repeats) for _ in range(2) for f in calls)
+  t = best()
+  if hugepages.enabled():
+    hugepages.collapse(x)
+    t = min(t, best())
+  return t
 
 
 def stream_bandwidth(num_bytes: int, repeats: int) -> float | None:
@@ -213,9 +211,8 @@ def main(argv=None) -> int:
     for f in (ar1, ar, ar2, products):
       common.first_call(f)
     runs[name] = {"model": model, "ar1": ar1, "ar": ar, "ar2": ar2, "products": products,
-                  "step_ms": [],
-                  "ar_ms": [], "loop_ms": [], "call_ms": [], "products_ms": [], "compile_step_s": t_compile,
-                  "bytes": param_bytes(model)}
+                  "step_ms": [], "ar_ms": [], "loop_ms": [], "call_ms": [], "products_ms": [],
+                  "compile_step_s": t_compile, "bytes": param_bytes(model)}
   for _ in tqdm(range(args.repeats), desc="interleaved rounds"):
     for r in runs.values():
       cache = r["model"].init_cache(1, 256)
