@@ -2,7 +2,8 @@
 computes, for each query alone, and decoding with it stays lossless.
 
 Shapes cover grouped queries (H = K x G), a sliding window, soft-capping, bfloat16 caches stored as
-bits, per-row positions, a scanned model's stacked caches read at a layer, head sizes 16 to 256.
+bits, per-row positions, a scanned model's stacked caches read at a layer, head sizes 16 to 256 (80:
+not a power of two), caches whose length is not a multiple of 16 slots.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ CASES = {  # B, W, H, K, Dh, S, window, softcap, dtype
     "softcap, bf16 bits": (3, 5, 8, 2, 32, 300, None, 50.0, jnp.bfloat16),
     "small window, mha": (2, 4, 4, 4, 16, 40, 7, None, jnp.float32),
     "16 queries": (1, 16, 6, 2, 64, 600, None, None, jnp.bfloat16),
+    "head 80, odd cache": (2, 2, 4, 2, 80, 333, 100, None, jnp.bfloat16),
 }
 
 

@@ -2,15 +2,16 @@
 // visible cache slot once: the XLA program for this (`models/attend.py`'s blocked loop) runs a
 // dozen small ops per 512-slot block and layer, and copies each block into its einsum's layout.
 //
-// q[B, W, H, Dh] float32; k, v [B, S, K, Dh], or [n, B, S, K, Dh] (a stack of n layers' caches,
-// read at `layer` in place), float32 or bfloat16 bits; positions[B, W]. Query (b, w) at position p, head h (kv head
-// h / (H / K)) sees slot j iff j <= p and, with window > 0, j > p - window; out[b, w, h] is
+// q[B, W, H, Dh] float32 (Dh a multiple of 16, at most 256); k, v [B, S, K, Dh], or
+// [n, B, S, K, Dh] (a stack of n layers' caches, read at `layer` in place), float32 or bfloat16
+// bits; positions[B, W]. Query (b, w) at position p, head h (kv head h / (H / K)) sees slot j iff
+// j <= p and, with window > 0, j > p - window; out[b, w, h] is
 // softmax_j(scale * q.k_j, soft-capped by softcap > 0) . v_j, in float32.
 // Tasks: a (row, kv head, chunk of kChunk slots) each, on the calling thread and XLA's pool; a
-// task keeps a running maximum, sum and output per query (online softmax over its chunk), and the
-// chunks are merged in slot order. A query's result depends only on its own q, position and the
-// cache: not on the other queries of the pass, so a W-token verification computes each token's
-// attention exactly as W one-token passes would.
+// task computes a maximum, sum and output per query over its chunk, 16 slots at a time in vector
+// lanes (`Query`), and the chunks are merged in slot order. A query's result depends only on its
+// own q, position and the cache: not on the other queries of the pass, so a W-token verification
+// computes each token's attention exactly as W one-token passes would.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -30,50 +31,150 @@ using jax_specens::Load16;
 using jax_specens::Parallel;
 
 constexpr int64_t kChunk = 256;  // slots per task
+constexpr int kMaxBlocks = 16;   // Dh <= 16 * kMaxBlocks: a query's output stays in registers
 
 struct Shape {
   int64_t B, W, H, Dh, S, K, G;
 };
 
-// One (row b, kv head kh, chunk c) task: for each of the W x G queries, the maximum m, sum l and
-// unnormalised output acc[Dh] over the visible slots of the chunk (m = -inf, l = 0 where none).
-template <typename T>
+// r[i] = the sum of the 16 lanes of a[i]: pairs added within 128-bit lanes, then across them
+inline __m512 Sum16(const __m512* a) {
+  __m512 t[4];  // t[g], 128-bit lane L: the sums over lane L of a[4g], ..., a[4g + 3]
+  for (int g = 0; g < 4; ++g) {
+    const __m512* b = a + 4 * g;
+    const __m512 s01 =
+        _mm512_add_ps(_mm512_unpacklo_ps(b[0], b[1]), _mm512_unpackhi_ps(b[0], b[1]));
+    const __m512 s23 =
+        _mm512_add_ps(_mm512_unpacklo_ps(b[2], b[3]), _mm512_unpackhi_ps(b[2], b[3]));
+    const __m512d x = _mm512_castps_pd(s01), y = _mm512_castps_pd(s23);
+    t[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(t[0], t[1], 0x44),
+                                   _mm512_shuffle_f32x4(t[0], t[1], 0xEE));
+  const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(t[2], t[3], 0x44),
+                                   _mm512_shuffle_f32x4(t[2], t[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xDD));
+}
+
+// exp(x) for x <= 0 in 16 lanes (Cephes' expf: x = n ln2 + r, a degree-7 polynomial for e^r,
+// scaled by 2^n; relative error ~1e-7). Lanes below -104 underflow to (nearly) 0.
+inline __m512 Exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                        5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Lanes i of the 16 slots from j0 with first <= j0 + i <= last
+inline __mmask16 Live(int64_t j0, int64_t first, int64_t last) {
+  const __m512i j = _mm512_add_epi32(_mm512_set1_epi32(int32_t(j0)),
+                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                       13, 14, 15));
+  return _mm512_cmpge_epi32_mask(j, _mm512_set1_epi32(int32_t(first))) &
+         _mm512_cmple_epi32_mask(j, _mm512_set1_epi32(int32_t(last)));
+}
+
+// One query over the slots first <= j <= last of a chunk (indices from the chunk's start; slot
+// j's key at k0 + j * stride, its value at v0 + j * stride): out = [m, l, acc[D]], the maximum
+// score, the sum of the weights exp(score - m) and the unnormalised output (m = -inf, l = 0 where
+// no slot is visible). Slots go 16 at a time, in groups aligned to the chunk's start (so a query's
+// groups depend only on its own position): 16 dot products with q, summed across lanes together
+// (`Sum16`), then their exponentials (`Exp16`); a group's slots outside the view weigh 0.
+template <typename T, int DB>
+void Query(const float* qr, const T* k0, const T* v0, int64_t stride, int64_t first, int64_t last,
+           float scale, float softcap, bool prefetch, float* out) {
+  constexpr int64_t D = 16 * DB, kAhead = 32;
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  alignas(64) float score[kChunk], weight[16];
+  __m512 o[DB], mv = ninf, lv = _mm512_setzero_ps();
+  for (int d = 0; d < DB; ++d) o[d] = _mm512_setzero_ps();
+  const int64_t g0 = first / 16 * 16;
+  for (int64_t j0 = g0; j0 <= last; j0 += 16) {
+    const T* row[16];  // slots past `last` read its row (their lanes are not live)
+    for (int i = 0; i < 16; ++i) row[i] = k0 + std::min(j0 + i, last) * stride;
+    if (prefetch)  // keys kAhead slots on (to L1), this group's values (to L2, read next)
+      for (int i = 0; i < 16; ++i)
+        for (int64_t byte = 0; byte < D * int64_t(sizeof(T)); byte += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(k0 + std::min(j0 + kAhead + i, last) * stride)
+                       + byte, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(v0 + std::min(j0 + i, last) * stride) + byte,
+                       _MM_HINT_T1);
+        }
+    __m512 a[16];
+    for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
+    for (int d = 0; d < DB; ++d) {
+      const __m512 qd = _mm512_loadu_ps(qr + 16 * d);
+      for (int i = 0; i < 16; ++i) a[i] = _mm512_fmadd_ps(qd, Load16(row[i] + 16 * d), a[i]);
+    }
+    __m512 x = _mm512_mul_ps(Sum16(a), _mm512_set1_ps(scale));
+    if (softcap > 0.0f) {
+      _mm512_store_ps(weight, x);
+      for (float& y : weight) y = std::tanh(y / softcap) * softcap;
+      x = _mm512_load_ps(weight);
+    }
+    x = _mm512_mask_blend_ps(Live(j0, first, last), ninf, x);
+    _mm512_store_ps(score + j0, x);
+    mv = _mm512_max_ps(mv, x);
+  }
+  const float m = first <= last ? _mm512_reduce_max_ps(mv) : mv[0];
+  const __m512 mb = _mm512_set1_ps(m);
+  for (int64_t j0 = g0; j0 <= last; j0 += 16) {
+    const __m512 e = _mm512_maskz_mov_ps(Live(j0, first, last),
+                                         Exp16(_mm512_sub_ps(_mm512_load_ps(score + j0), mb)));
+    lv = _mm512_add_ps(lv, e);
+    _mm512_store_ps(weight, e);
+    for (int64_t i = std::max<int64_t>(0, first - j0); i < std::min<int64_t>(16, last + 1 - j0);
+         ++i) {
+      const __m512 ei = _mm512_set1_ps(weight[i]);
+      const T* vr = v0 + (j0 + i) * stride;
+      for (int d = 0; d < DB; ++d) o[d] = _mm512_fmadd_ps(ei, Load16(vr + 16 * d), o[d]);
+    }
+  }
+  out[0] = m;
+  out[1] = _mm512_reduce_add_ps(lv);
+  for (int d = 0; d < DB; ++d) _mm512_storeu_ps(out + 2 + 16 * d, o[d]);
+}
+
+// One (row b, kv head kh, chunk c) task: `Query` for each of the W x G queries that read this kv
+// head, into part[w * G + g]. The first reads the chunk from memory, prefetching ahead; the
+// others find it in cache.
+template <typename T, int DB>
 void Chunk(const Shape& s, const float* q, const T* k, const T* v, const int32_t* pos,
            float scale, int64_t window, float softcap, int64_t b, int64_t kh, int64_t c,
            float* part) {
-  const int64_t lo = c * kChunk, hi = std::min(s.S, lo + kChunk), D = s.Dh;
-  std::vector<float> score(hi - lo);
+  constexpr int64_t D = 16 * DB;
+  const int64_t lo = c * kChunk, hi = std::min(s.S, lo + kChunk), stride = s.K * D;
+  const T* k0 = k + ((b * s.S + lo) * s.K + kh) * D;  // the chunk's first slot
+  const T* v0 = v + ((b * s.S + lo) * s.K + kh) * D;
   for (int64_t w = 0; w < s.W; ++w) {
     const int64_t p = pos[b * s.W + w];
-    const int64_t first = std::max(lo, window > 0 ? p - window + 1 : int64_t{0});
-    const int64_t last = std::min(hi - 1, p);  // inclusive
-    for (int64_t g = 0; g < s.G; ++g) {
-      const int64_t h = kh * s.G + g;
-      const float* qv = q + ((b * s.W + w) * s.H + h) * D;
-      float* out = part + (w * s.G + g) * (D + 2);  // [m, l, acc[D]]
-      float m = -std::numeric_limits<float>::infinity(), l = 0.0f;
-      std::fill(out + 2, out + 2 + D, 0.0f);
-      for (int64_t j = first; j <= last; ++j) {
-        const T* kr = k + ((b * s.S + j) * s.K + kh) * D;
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(Load16(qv + d), Load16(kr + d), a);
-        float x = _mm512_reduce_add_ps(a) * scale;
-        if (softcap > 0.0f) x = std::tanh(x / softcap) * softcap;
-        score[j - lo] = x;
-        m = std::max(m, x);
-      }
-      for (int64_t j = first; j <= last; ++j) {
-        const float e = std::exp(score[j - lo] - m);
-        l += e;
-        const T* vr = v + ((b * s.S + j) * s.K + kh) * D;
-        const __m512 ev = _mm512_set1_ps(e);
-        for (int64_t d = 0; d < D; d += 16)
-          _mm512_storeu_ps(out + 2 + d, _mm512_fmadd_ps(ev, Load16(vr + d),
-                                                        _mm512_loadu_ps(out + 2 + d)));
-      }
-      out[0] = m;
-      out[1] = l;
-    }
+    const int64_t first = std::max(lo, window > 0 ? p - window + 1 : int64_t{0}) - lo;
+    const int64_t last = std::min(hi - 1, p) - lo;
+    for (int64_t g = 0; g < s.G; ++g)
+      Query<T, DB>(q + ((b * s.W + w) * s.H + kh * s.G + g) * D, k0, v0, stride, first, last,
+                   scale, softcap, w == 0 && g == 0, part + (w * s.G + g) * (D + 2));
+  }
+}
+
+template <typename T>
+using ChunkFn = void (*)(const Shape&, const float*, const T*, const T*, const int32_t*, float,
+                         int64_t, float, int64_t, int64_t, int64_t, float*);
+
+// Chunk for Dh = 16 * blocks (1 <= blocks <= kMaxBlocks)
+template <typename T, int DB = 1>
+ChunkFn<T> ChunkFor(int64_t blocks) {
+  if constexpr (DB == kMaxBlocks) {
+    return &Chunk<T, DB>;
+  } else {
+    return blocks == DB ? &Chunk<T, DB> : ChunkFor<T, DB + 1>(blocks);
   }
 }
 
@@ -85,9 +186,10 @@ void Run(ffi::ThreadPool& pool, const Shape& s, const float* q, const T* k, cons
   const int64_t chunks = std::min(s.S - 1, top) / kChunk + 1;
   const int64_t per = s.W * s.G * (s.Dh + 2);  // floats of one task's partials
   std::vector<float> part(s.B * s.K * chunks * per);
+  const ChunkFn<T> chunk = ChunkFor<T>(s.Dh / 16);
   Parallel(pool, s.B * s.K * chunks, [&](int64_t t) {
     const int64_t b = t / (s.K * chunks), kh = t / chunks % s.K, c = t % chunks;
-    Chunk<T>(s, q, k, v, pos, scale, window, softcap, b, kh, c, part.data() + t * per);
+    chunk(s, q, k, v, pos, scale, window, softcap, b, kh, c, part.data() + t * per);
   });
   for (int64_t b = 0; b < s.B; ++b)  // merge the chunks in slot order
     for (int64_t kh = 0; kh < s.K; ++kh)
@@ -120,8 +222,8 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuf
       !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()))
     return ffi::Error::InvalidArgument("q must be [B, W, H, Dh], k and v [(n,) B, S, K, Dh]");
   Shape s{qd[0], qd[1], qd[2], qd[3], kd[r - 3], kd[r - 2], 0};
-  if (kd[r - 4] != s.B || kd[r - 1] != s.Dh || s.H % s.K || s.Dh % 16)
-    return ffi::Error::InvalidArgument("shapes differ (or Dh % 16 != 0, H % K != 0)");
+  if (kd[r - 4] != s.B || kd[r - 1] != s.Dh || s.H % s.K || s.Dh % 16 || s.Dh > 16 * kMaxBlocks)
+    return ffi::Error::InvalidArgument("shapes differ (or Dh % 16 != 0 or > 256, H % K != 0)");
   s.G = s.H / s.K;
   if (positions.element_count() != s.B * s.W || layer.element_count() != 1)
     return ffi::Error::InvalidArgument("positions must be [B, W] and layer a scalar");

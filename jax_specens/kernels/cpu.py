@@ -42,6 +42,7 @@ from jaxtyping import Array, Float, Int
 ENV = "JAX_SPECENS_CPU_KERNELS"
 ATTENTION_ENV = "JAX_SPECENS_CPU_ATTENTION"  # 0: decode passes keep XLA's attention
 MAX_ROWS = 16  # rows (batch x pass width) the kernel takes; wider products stay with XLA
+MAX_HEAD_DIM = 256  # head size the kernel's attention takes (a query's output in registers)
 SOURCES = tuple(Path(__file__).with_name(f)
                 for f in ("small_matmul.cc", "take_rows.cc", "attention.cc"))
 HEADERS = (Path(__file__).with_name("common.h"),)
@@ -176,7 +177,7 @@ def attend(q: Float[Array, "B W H Dh"], k: Array, v: Array, positions: Int[Array
   """Softmax attention of W new queries over a KV cache (`attention.cc`), float32 out: what
   `models/attend.dense` computes, reading each visible slot once. k, v: `[B, S, K, Dh]` caches
   (float32, bfloat16 or its uint16 bits), or stacks `[n, B, S, K, Dh]` read at `layer` in place.
-  Dh must be a multiple of 16. Call `available()` first."""
+  Dh must be a multiple of 16, at most MAX_HEAD_DIM. Call `available()` first."""
   if layer is None:  # k[None] would do, but XLA then copies a cache it updates in place
     layer = 0
   call = jax.ffi.ffi_call(ATTEND_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),

@@ -175,14 +175,16 @@ def attend(
     layer: Int[Array, ""] | None = None,
 ) -> Float[Array, "B W H Dh"]:
   """With the CPU kernel computing (`JAX_SPECENS_CPU_KERNELS=1`, `cpu.attention`) a pass of at
-  most `cpu.MAX_ROWS` tokens goes to `cpu.attend`; else on CPU `blocked` when S > block >= W (static
-  shapes), else `dense`; block None or another backend: always `dense` (see the module's notes).
+  most `cpu.MAX_ROWS` tokens (head size a multiple of 16, at most `cpu.MAX_HEAD_DIM`) goes to
+  `cpu.attend`; else on CPU `blocked` when S > block >= W (static shapes), else `dense`; block
+  None or another backend: always `dense` (see the module's notes).
 
   layer: the caches are a scanned model's stacks `[n, B, S, K, Dh]`, this layer's at `layer`
   (the kernel reads it in place; XLA slices it).
   """
   kw = dict(scale=scale, window=window, softcap=softcap)
-  if q.shape[1] <= cpu.MAX_ROWS and q.shape[-1] % 16 == 0 and cpu.attention():
+  dh = q.shape[-1]
+  if q.shape[1] <= cpu.MAX_ROWS and dh % 16 == 0 and dh <= cpu.MAX_HEAD_DIM and cpu.attention():
     return cpu.attend(q, cache_k, cache_v, positions, layer, **kw).astype(q.dtype)
   if layer is not None:
     cache_k, cache_v = cache_k[layer], cache_v[layer]
