@@ -71,7 +71,7 @@ def test_a_stack_is_read_at_its_layer(kernel_on):
                               cpu.attend(q, keys, vals, positions, None, **kw))
 
 
-def test_attend_routes_decode_passes_to_the_kernel_and_prompts_to_xla(kernel_on):
+def test_attend_routes_decode_passes_to_the_kernel_and_prompts_and_large_heads_to_xla(kernel_on):
   q, keys, vals, positions, kw = _inputs(CASES["gqa"])
   decode = jax.jit(lambda q: A.attend(q, keys, vals, positions, **kw)).lower(q).as_text()
   assert cpu.ATTEND_TARGET in decode
@@ -79,6 +79,10 @@ def test_attend_routes_decode_passes_to_the_kernel_and_prompts_to_xla(kernel_on)
   wide_pos = jnp.broadcast_to(jnp.arange(cpu.MAX_ROWS + 1), (2, cpu.MAX_ROWS + 1))
   prompt = jax.jit(lambda q: A.attend(q, keys, vals, wide_pos, **kw)).lower(wide).as_text()
   assert cpu.ATTEND_TARGET not in prompt
+  big = cpu.MAX_HEAD_DIM + 16  # a head the kernel does not hold in registers
+  qb, kb = jnp.zeros(q.shape[:-1] + (big,)), jnp.zeros(keys.shape[:-1] + (big,))
+  large = jax.jit(lambda q: A.attend(q, kb, kb, positions, **kw)).lower(qb).as_text()
+  assert cpu.ATTEND_TARGET not in large
 
 
 def test_the_attention_env_keeps_xla_attention_with_the_kernel_products(kernel_on, monkeypatch):
