@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +116,44 @@ def test_a_weight_of_a_stack_is_read_at_its_layer(kernel_on, w_dtype, transposed
     np.asarray(f(x, stack, jnp.int32(3)))
 
 
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_several_weights_in_one_call_give_each_product_as_alone(kernel_on, x_dtype, transposed,
+                                                                 stacked):
+  """q, k and v in one call: the same numbers, bit for bit, as three calls (shapes that split
+  along K and along N; with bfloat16 x, a float32 weight beside bfloat16 ones makes it call them
+  one by one)."""
+  rng = np.random.default_rng(7)
+  shapes = [(96, 64), (96, 32), (96, 2080)]  # (K, N): N > 2048 goes in column blocks
+  ws = [jnp.asarray(rng.standard_normal((2,) + ((n, k) if transposed else (k, n))), jnp.bfloat16)
+        for k, n in shapes]
+  if not stacked:
+    ws = [w[1] for w in ws]
+  layer = jnp.int32(1) if stacked else None
+  x = jnp.asarray(rng.standard_normal((3, 96)), x_dtype)
+  for weights in (ws, ws[:1] + [ws[1].astype(jnp.float32)] + ws[2:]):
+    together = jax.jit(lambda x, ws: cpu.small_matmuls(x, ws, transposed, layer))(x, weights)
+    alone = [cpu.small_matmul(x, w, transposed, layer) for w in weights]
+    assert [y.shape for y in together] == [(3, n) for _, n in shapes]
+    chex.assert_trees_all_equal(together, alone)
+
+
+def test_linears_equal_each_layer_called(kernel_on):
+  """`layers.linears` (q, k, v of a layer) gives what calling each layer gives, bias included, in
+  one kernel call where the kernel takes all three."""
+  cfg = dataclasses.replace(CFG, qkv_bias=True)
+  model = create_model(cfg, seed=0, dtype=jnp.bfloat16)
+  attn = model.module().layers[0].attn
+  x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 3, 64)), jnp.bfloat16)
+  qkv = (attn.q, attn.k, attn.v)
+  chex.assert_trees_all_equal(layers.linears(x, qkv), [layer(x) for layer in qkv])
+  hlo = jax.jit(lambda x: layers.linears(x, qkv)).lower(x).as_text()
+  assert hlo.count(f"@{cpu.TARGET}(") == 1
+  wide = jnp.zeros((2, cpu.MAX_ROWS, 64), jnp.bfloat16)  # 32 rows: XLA's products
+  chex.assert_trees_all_equal(layers.linears(wide, qkv), [layer(wide) for layer in qkv])
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_scanned_layers_read_their_weights_in_the_stack(kernel_on, dtype):
   """A scanned model's products read each layer's weights in place (XLA would copy a slice
@@ -127,8 +166,10 @@ def test_scanned_layers_read_their_weights_in_the_stack(kernel_on, dtype):
   start = jnp.asarray([0, 2], jnp.int32)
   fn = jax.jit(lambda m, c, t, p: step(m, c, t, p)[0])
   hlo = fn.lower(stacked, stacked.init_cache(2, 8), tokens, start).as_text()
-  assert hlo.count(f"@{cpu.STACKED_TARGET}(") == 7  # q, k, v, o, gate, up, down of the block
-  assert hlo.count(f"@{cpu.TARGET}(") == 1  # the (tied) head, outside the stack
+  operands = [line.rsplit(" : (", 1)[1].split("->")[0] for line in hlo.splitlines()
+              if f"@{cpu.TARGET}(" in line]  # the operands' types of each call
+  counts = [ops.count("tensor<3x") for ops in operands]  # weights passed as their [3, ...] stack
+  assert sorted(counts) == [0, 1, 1, 2, 3]  # the head; o; down; gate and up; q, k and v
   out = fn(stacked, stacked.init_cache(2, 8), tokens, start)
   ref = fn(model, model.init_cache(2, 8), tokens, start)
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
@@ -148,7 +189,7 @@ def test_row_major_kernels_are_read_as_rows(kernel_on, scan):
   fn = jax.jit(lambda m, c, t, p: step(m, c, t, p)[0])
   hlo = fn.lower(rows, rows.init_cache(2, 8), tokens, start).as_text()
   calls = [line for line in hlo.splitlines() if "@jax_specens_small_matmul" in line]
-  assert len(calls) == (7 if scan else 7 * 3) + 1  # the layers' q, k, v, o, gate, up, down; head
+  assert len(calls) == (4 if scan else 4 * 3) + 1  # the layers' qkv, o, gate-up, down; head
   assert all("transposed = true" in line for line in calls)
   out = fn(rows, rows.init_cache(2, 8), tokens, start)
   ref = fn(model, model.init_cache(2, 8), tokens, start)

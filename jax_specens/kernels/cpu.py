@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +47,7 @@ MAX_HEAD_DIM = 256  # head size the kernel's attention takes (a query's output i
 SOURCES = tuple(Path(__file__).with_name(f)
                 for f in ("small_matmul.cc", "take_rows.cc", "attention.cc"))
 HEADERS = (Path(__file__).with_name("common.h"),)
-TARGET = "jax_specens_small_matmul"
-STACKED_TARGET = "jax_specens_small_matmul_stacked"  # one weight of a stack, read in place
+TARGET = "jax_specens_small_matmul"  # products with one or more weights (or stacks, read in place)
 TAKE_TARGET = "jax_specens_take_rows"  # a 16-bit embedding's rows, copied as bits
 ATTEND_TARGET = "jax_specens_attend"  # a decode pass's attention over a (stacked) KV cache
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC", "-std=c++17", "-w")
@@ -129,8 +129,6 @@ def _register(path: Path) -> None:
   lib = ctypes.cdll.LoadLibrary(str(path))
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxSpecensSmallMatmul),
                               platform="cpu")
-  jax.ffi.register_ffi_target(STACKED_TARGET, jax.ffi.pycapsule(lib.JaxSpecensSmallMatmulStacked),
-                              platform="cpu")
   jax.ffi.register_ffi_target(TAKE_TARGET, jax.ffi.pycapsule(lib.JaxSpecensTakeRows),
                               platform="cpu")
   jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.JaxSpecensAttend),
@@ -150,16 +148,24 @@ def small_matmul(x: Float[Array, "M K"], w: Array, transposed: bool,
   the product is with `w[layer]`, read in place: XLA would copy a slice `w[layer]` out of the
   stack before the call, on every step (`models/layout.py`).
   """
-  n = w.shape[-2] if transposed else w.shape[-1]
-  target = TARGET if layer is None else STACKED_TARGET
-  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
+  return small_matmuls(x, [w], transposed, layer)[0]
+
+
+def small_matmuls(x: Float[Array, "M K"], ws: Sequence[Array], transposed: bool,
+                  layer: Int[Array, ""] | None = None) -> list[Float[Array, "M N"]]:
+  """`[small_matmul(x, w, transposed, layer) for w in ws]` in one call, each product computed
+  exactly as alone: their tasks share one dispatch to the threads (q, k and v of a layer; a
+  helper thread of XLA's pool starts ~14 us after it is called, measured in SmolLM2's decode)."""
+  ns = [w.shape[-2] if transposed else w.shape[-1] for w in ws]
+  bf16 = {x.dtype == w.dtype == jnp.bfloat16 and (transposed or n % 32 == 0)
+          and "avx512_bf16" in _cpu_flags() for w, n in zip(ws, ns)}
+  if len(bf16) > 1:  # one call takes one kind of x
+    return [small_matmul(x, w, transposed, layer) for w in ws]
+  call = jax.ffi.ffi_call(TARGET, [jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32) for n in ns],
                           vmap_method="sequential")
-  bf16 = (x.dtype == w.dtype == jnp.bfloat16 and (transposed or n % 32 == 0)
-          and "avx512_bf16" in _cpu_flags())
-  args = (x if bf16 else x.astype(jnp.float32), w)
-  if layer is not None:
-    args += (jnp.asarray(layer, jnp.int32),)
-  return call(*args, transposed=bool(transposed))
+  index = jnp.asarray(-1 if layer is None else layer, jnp.int32)
+  return list(call(x if bf16.pop() else x.astype(jnp.float32), index, *ws,
+                   transposed=bool(transposed)))
 
 
 def take_rows(table: Array, ids: Int[Array, "..."]) -> Array:

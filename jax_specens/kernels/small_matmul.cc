@@ -7,8 +7,9 @@
 //   "nn": w[K, N] (a Linear kernel), rows of w streamed 8 at a time (4 for more than 2 rows of x;
 //         bfloat16 x: 4 pairs) into accumulators kept in L1;
 //   "nt": w[N, K] (a tied embedding used as the head), one dot product per row of w.
-// A second target takes a stack w[n, ., .] (a scanned model's layers) and an index, and reads
-// w[index] in place (XLA copies a sliced operand out before a custom call).
+// One call takes one weight or several (q, k and v: their tasks run together), each 2-D or a
+// stack w[n, ., .] (a scanned model's layers) read at w[layer] in place (XLA copies a sliced
+// operand out before a custom call).
 // A task reads its part of w once for every 4 rows of x ("nn") or 8 ("nt"): once per call for
 // the 1-4 rows of a batch-1 decode pass, while XLA's CPU matrix product reads a weight at about
 // half the bandwidth as soon as M > 1 (measured: a 4-row product costs 2x a 1-row one there).
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <vector>
 
@@ -229,15 +231,27 @@ void TaskNT(const X* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, i
   }
 }
 
+// The tasks of one call's products (one weight or several), run together by one `Parallel`, then
+// the sums of split products: one dispatch for q, k and v (a helper of XLA's pool starts ~14 us
+// after it is scheduled: a quarter of a 60 us product)
+struct Jobs {
+  std::vector<std::function<void()>> tasks, after;
+  std::deque<std::vector<float>> partials;  // of the products split along K
+
+  void Run(ffi::ThreadPool& pool) {
+    Parallel(pool, int64_t(tasks.size()), [&](int64_t i) { tasks[i](); });
+    for (const auto& f : after) f();
+  }
+};
+
+// The tasks of y = x @ w (w [K, N]) or x @ w.T (nt: w [N, K]) for `threads` threads
 template <typename X, typename W>
-void Run(ffi::ThreadPool& pool, bool nt, const X* x, const W* w, float* y, int64_t M,
-         int64_t K, int64_t N) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());  // the caller is one of them
+void Plan(Jobs& jobs, int64_t threads, bool nt, const X* x, const W* w, float* y, int64_t M,
+          int64_t K, int64_t N) {
   if (nt) {
     const int64_t rows = std::max<int64_t>(16, N / (8 * threads));
-    Parallel(pool, (N + rows - 1) / rows, [&](int64_t i) {
-      TaskNT<X, W>(x, w, y, M, K, N, i * rows, std::min(rows, N - i * rows));
-    });
+    for (int64_t n0 = 0; n0 < N; n0 += rows)
+      jobs.tasks.push_back([=] { TaskNT<X, W>(x, w, y, M, K, N, n0, std::min(rows, N - n0)); });
   } else if (N <= kMaxCols) {
     // whole rows of w, contiguous in memory, split by K: each task sums its rows into its own
     // partial output, then the partials are added (M x N floats each, a few KB). A task's rows
@@ -245,76 +259,87 @@ void Run(ffi::ThreadPool& pool, bool nt, const X* x, const W* w, float* y, int64
     const int64_t split = std::min<int64_t>(threads, std::max<int64_t>(1, K / 64));
     const int64_t rows = ((K + split - 1) / split + 7) / 8 * 8;
     const int64_t parts = (K + rows - 1) / rows;
-    std::vector<float> partial(parts * M * N);
-    Parallel(pool, parts, [&](int64_t i) {
-      TaskNN<X, W>(x, w, partial.data() + i * M * N, M, K, N, 0, N, i * rows,
-                std::min(K, (i + 1) * rows));
+    float* partial = jobs.partials.emplace_back(parts * M * N).data();
+    for (int64_t i = 0; i < parts; ++i)
+      jobs.tasks.push_back([=] {
+        TaskNN<X, W>(x, w, partial + i * M * N, M, K, N, 0, N, i * rows,
+                     std::min(K, (i + 1) * rows));
+      });
+    jobs.after.push_back([=] {
+      for (int64_t j = 0; j < M * N; ++j) {
+        float v = 0.0f;
+        for (int64_t i = 0; i < parts; ++i) v += partial[i * M * N + j];
+        y[j] = v;
+      }
     });
-    for (int64_t j = 0; j < M * N; ++j) {
-      float v = 0.0f;
-      for (int64_t i = 0; i < parts; ++i) v += partial[i * M * N + j];
-      y[j] = v;
-    }
   } else {
-    const int64_t cols = kMaxCols;
-    Parallel(pool, (N + cols - 1) / cols, [&](int64_t i) {
-      TaskNN<X, W>(x, w, y, M, K, N, i * cols, std::min(cols, N - i * cols), 0, K);
-    });
+    for (int64_t c0 = 0; c0 < N; c0 += kMaxCols)
+      jobs.tasks.push_back(
+          [=] { TaskNN<X, W>(x, w, y, M, K, N, c0, std::min(kMaxCols, N - c0), 0, K); });
   }
 }
 
-// y = x @ w (or x @ w.T) for the 2-D weight of `dims` starting at `data` (its first element)
-ffi::Error Product(ffi::ThreadPool& pool, ffi::AnyBuffer x, const void* data,
-                   ffi::DataType w_type, int64_t rows, int64_t cols,
-                   ffi::ResultBuffer<ffi::F32>& y, bool transposed) {
+// The tasks of y = x @ w (or x @ w.T) for the 2-D weight of `dims` starting at `data`
+ffi::Error Product(Jobs& jobs, int64_t threads, ffi::AnyBuffer x, const void* data,
+                   ffi::DataType w_type, int64_t rows, int64_t cols, ffi::Buffer<ffi::F32>& y,
+                   bool transposed) {
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
   const int64_t M = xd[0], K = xd[1];
   const int64_t N = transposed ? rows : cols;
   if ((transposed ? cols : rows) != K) return ffi::Error::InvalidArgument("K differs");
   if (N % 16 || (transposed && K % 16)) return ffi::Error::InvalidArgument("sizes not % 16");
+  if (y.element_count() != M * N) return ffi::Error::InvalidArgument("y must be [M, N]");
   const auto* wf = static_cast<const float*>(data);
   const auto* wb = static_cast<const uint16_t*>(data);
-  float* out = y->typed_data();
+  float* out = y.typed_data();
   if (x.element_type() == ffi::BF16) {
     if (w_type != ffi::BF16 || (!transposed && N % 32))
       return ffi::Error::InvalidArgument("bfloat16 x needs bfloat16 w (and N % 32 == 0 for nn)");
-    Run<uint16_t, uint16_t>(pool, transposed, static_cast<const uint16_t*>(x.untyped_data()), wb,
-                            out, M, K, N);
+    Plan<uint16_t, uint16_t>(jobs, threads, transposed,
+                             static_cast<const uint16_t*>(x.untyped_data()), wb, out, M, K, N);
   } else if (x.element_type() != ffi::F32) {
     return ffi::Error::InvalidArgument("x must be float32 or bfloat16");
   } else if (w_type == ffi::F32) {
-    Run<float, float>(pool, transposed, static_cast<const float*>(x.untyped_data()), wf, out, M,
-                      K, N);
+    Plan<float, float>(jobs, threads, transposed, static_cast<const float*>(x.untyped_data()), wf,
+                       out, M, K, N);
   } else if (w_type == ffi::BF16) {
-    Run<float, uint16_t>(pool, transposed, static_cast<const float*>(x.untyped_data()), wb, out,
-                         M, K, N);
+    Plan<float, uint16_t>(jobs, threads, transposed,
+                          static_cast<const float*>(x.untyped_data()), wb, out, M, K, N);
   } else {
     return ffi::Error::InvalidArgument("weights must be float32 or bfloat16");
   }
   return ffi::Error::Success();
 }
 
-ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                ffi::ResultBuffer<ffi::F32> y, bool transposed) {
-  const auto wd = w.dimensions();
-  if (wd.size() != 2) return ffi::Error::InvalidArgument("w must be 2-D");
-  return Product(pool, x, w.untyped_data(), w.element_type(), wd[0], wd[1], y, transposed);
-}
-
-// w: a stack [n, rows, cols] of weights (a scanned model's layers); layer: which one, read in
+// ys[i] = x @ ws[i] (or x @ ws[i].T) for one or more weights, in one `Parallel`. layer < 0: each
+// w is 2-D; else each is a stack [n, rows, cols] (a scanned model's layers) read at w[layer] in
 // place (XLA would otherwise copy the layer's slice out of the stack before the call)
-ffi::Error ImplStacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                       ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y,
-                       bool transposed) {
-  const auto wd = w.dimensions();
-  if (wd.size() != 3 || layer.element_count() != 1)
-    return ffi::Error::InvalidArgument("w must be a 3-D stack and layer a scalar");
+ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> layer,
+                ffi::RemainingArgs ws, ffi::RemainingRets ys, bool transposed) {
+  if (layer.element_count() != 1 || ws.size() != ys.size())
+    return ffi::Error::InvalidArgument("layer must be a scalar, and one result per weight");
   const int64_t i = layer.typed_data()[0];
-  if (i < 0 || i >= wd[0]) return ffi::Error::InvalidArgument("layer outside the stack");
-  const auto* data = static_cast<const char*>(w.untyped_data()) +
-                     i * wd[1] * wd[2] * ffi::ByteWidth(w.element_type());
-  return Product(pool, x, data, w.element_type(), wd[1], wd[2], y, transposed);
+  Jobs jobs;
+  for (size_t n = 0; n < ws.size(); ++n) {
+    const auto w = ws.get<ffi::AnyBuffer>(n);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(n);
+    if (!w.has_value() || !y.has_value())
+      return ffi::Error::InvalidArgument("weights and results must be buffers (results float32)");
+    const auto wd = w->dimensions();
+    if (wd.size() != (i < 0 ? 2u : 3u))
+      return ffi::Error::InvalidArgument("w must be 2-D (layer < 0) or a 3-D stack");
+    if (i >= 0 && i >= wd[0]) return ffi::Error::InvalidArgument("layer outside the stack");
+    const int64_t r = wd[wd.size() - 2], c = wd[wd.size() - 1];
+    const auto* data = static_cast<const char*>(w->untyped_data()) +
+                       std::max<int64_t>(i, 0) * r * c * ffi::ByteWidth(w->element_type());
+    if (auto e = Product(jobs, std::max<int64_t>(1, pool.num_threads()), x, data,
+                         w->element_type(), r, c, **y, transposed);
+        e.failure())
+      return e;
+  }
+  jobs.Run(pool);
+  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -323,15 +348,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecensSmallMatmul, Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transposed"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecensSmallMatmulStacked, ImplStacked,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<bool>("transposed"));

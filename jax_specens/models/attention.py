@@ -10,7 +10,7 @@ from jaxtyping import Array, Float, Int
 from jax_specens import cache as kv
 from jax_specens.models.attend import attend, ring as ring_attend
 from jax_specens.models.config import ModelConfig
-from jax_specens.models.layers import Norm, apply_rope, inv_frequencies, linear
+from jax_specens.models.layers import Norm, apply_rope, inv_frequencies, linear, linears
 
 
 class Attention(nnx.Module):
@@ -49,9 +49,10 @@ class Attention(nnx.Module):
     stacked `[n, B, S, K, Dh]` (scanned layers, `models/layout.py`) and this is layer `layer` of
     them: its K/V are written in place and read from that slice."""
     b, w, _ = x.shape
-    q = self.q(x).reshape(b, w, self.num_heads, self.head_dim)
-    k = self.k(x).reshape(b, w, self.num_kv_heads, self.head_dim)
-    v = self.v(x).reshape(b, w, self.num_kv_heads, self.head_dim)
+    q, k, v = linears(x, (self.q, self.k, self.v))
+    q = q.reshape(b, w, self.num_heads, self.head_dim)
+    k = k.reshape(b, w, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, w, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if self.use_rope:

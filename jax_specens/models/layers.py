@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import math
 import os
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -191,6 +192,46 @@ def linear(d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs,
   return layer
 
 
+def linears(x: Float[Array, "... D"], layers: Sequence[nnx.Linear]) -> list[Array]:
+  """`[layer(x) for layer in layers]` for layers of `linear` that read the same x (q, k and v).
+
+  Where the CPU kernel computes each of their products (`weight_dot`), they go to it in one call
+  (`cpu.small_matmuls`), each computed exactly as alone: one dispatch to the threads instead of
+  one per weight (SmolLM2's q, k and v in bfloat16, from memory: 42.6 -> 34 µs a layer; with
+  gate and up also paired, a decode token 0.1-0.6 ms less in bfloat16). Anywhere else, each layer
+  is called.
+  """
+  parts = [_kernel_part(x, layer) for layer in layers]
+  if any(p is None for p in parts) or len({(p[2], id(p[3])) for p in parts}) > 1:
+    return [layer(x) for layer in layers]
+  inputs, _, transposed, index = parts[0]
+  ys = cpu.small_matmuls(inputs.reshape(-1, inputs.shape[-1]), [p[1] for p in parts], transposed,
+                         index)
+  out = []
+  for layer, y in zip(layers, ys):
+    y = y.reshape(inputs.shape[:-1] + y.shape[-1:]).astype(layer.preferred_element_type
+                                                            or inputs.dtype)
+    if layer.bias is not None:
+      y += jnp.reshape(layer.promote_dtype((layer.bias[...],), dtype=layer.dtype)[0],
+                       (1,) * (y.ndim - 1) + (-1,))
+    out.append(y)
+  return out
+
+
+def _kernel_part(x: Array, layer: nnx.Linear):
+  """(inputs, stack, transposed, layer index) of `layer(x)`'s product where `weight_dot` would
+  give it to the CPU kernel (as `nnx.Linear` calls it), else None."""
+  inputs, kernel = layer.promote_dtype((x, layer.kernel[...]), dtype=layer.dtype)
+  rows = layer.dot_general is rows_weight_dot
+  if not (rows or layer.dot_general is weight_dot):
+    return None
+  dims = (((inputs.ndim - 1,), (1 if rows else 0,)), ((), ()))
+  if not _cpu_kernel(inputs, kernel, dims, layer.precision):
+    return None
+  stack, index = _in_place(kernel)
+  return inputs, stack, rows, index
+
+
 class Norm(nnx.Module):
   """RMSNorm (optionally Gemma's `1 + w`) or LayerNorm, computed in float32."""
 
@@ -269,5 +310,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: Float[Array, "B W D"]) -> Float[Array, "B W D"]:
     act = activation(self.act_name)
-    h = act(self.gate(x)) * self.up(x) if self.gate is not None else act(self.up(x))
-    return self.down(h)
+    if self.gate is None:
+      return self.down(act(self.up(x)))
+    gate, up = linears(x, (self.gate, self.up))
+    return self.down(act(gate) * up)
