@@ -202,7 +202,7 @@ def linears(x: Float[Array, "... D"], layers: Sequence[nnx.Linear]) -> list[Arra
   is called.
   """
   parts = [_kernel_part(x, layer) for layer in layers]
-  if any(p is None for p in parts) or len({(p[2], id(p[3])) for p in parts}) > 1:
+  if any(p is None for p in parts) or len({(p[0].dtype, p[2], id(p[3])) for p in parts}) > 1:
     return [layer(x) for layer in layers]
   inputs, _, transposed, index = parts[0]
   ys = cpu.small_matmuls(inputs.reshape(-1, inputs.shape[-1]), [p[1] for p in parts], transposed,
