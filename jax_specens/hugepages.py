@@ -30,6 +30,7 @@ ENV = "JAX_SPECENS_HUGE_PAGES"
 PAGE = 2 << 20  # x86-64 and arm64 (4 KiB base pages) transparent huge page size
 MADV_COLLAPSE = 25  # linux/mman.h, Linux 6.1
 MIN_BYTES = 256 << 10  # smaller arrays (norm scales, biases) are not worth a call
+ATTEMPTS = 3  # calls per range before a refusal counts (`_ask`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +51,9 @@ def enabled() -> bool:
 def collapse(tree) -> Report:
   """Moves the memory of the CPU arrays (every addressable shard) of `tree` into 2 MiB pages.
 
-  Per buffer: one call for the huge pages wholly inside it, one for each end's page (which it
-  shares with whatever lies next to it; refused where that is not mapped). Returns a `Report`;
+  Per buffer: one request for the huge pages wholly inside it, one for each end's page (which it
+  shares with whatever lies next to it; refused where that is not mapped), each asked up to
+  ATTEMPTS times (`_ask`). Returns a `Report`;
   never raises for a refusal. Arrays on other devices are left alone.
   """
   madvise = _madvise()
@@ -68,14 +70,21 @@ def collapse(tree) -> Report:
       end = start + shard.data.nbytes
       inner = (-(-start // PAGE) * PAGE, end // PAGE * PAGE)
       ends = [(start // PAGE * PAGE, inner[0]), (inner[1], -(-end // PAGE) * PAGE)]
-      granted = [madvise(a, b - a, MADV_COLLAPSE) == 0  # a small buffer: one page, asked once
+      granted = [_ask(madvise, a, b - a)  # a small buffer: one page, asked once
                  for a, b in dict.fromkeys(r for r in ends if r[0] < r[1])]
       if inner[0] < inner[1]:  # judged by its own pages: an end's page may reach past the mapping
-        granted = [madvise(inner[0], inner[1] - inner[0], MADV_COLLAPSE) == 0]
+        granted = [_ask(madvise, inner[0], inner[1] - inner[0])]
       refused += not any(granted)
       arrays += 1
       nbytes += shard.data.nbytes
   return Report(arrays, nbytes, refused)
+
+
+def _ask(madvise, start: int, length: int) -> bool:
+  """MADV_COLLAPSE of [start, start + length), asked up to ATTEMPTS times: Linux refuses now and
+  then what it grants on the next call (seen: EINVAL, then EAGAIN, then success, for a fresh jax
+  array while XLA's allocator was mapping memory)."""
+  return any(madvise(start, length, MADV_COLLAPSE) == 0 for _ in range(ATTEMPTS))
 
 
 def huge_page_bytes(span: tuple[int, int] | None = None) -> int | None:

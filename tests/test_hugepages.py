@@ -53,6 +53,28 @@ print(json.dumps({"before": before, "after": hugepages.huge_page_bytes(span),
 """
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+@pytest.mark.parametrize("refusals", [1, hugepages.ATTEMPTS])
+def test_a_refusal_is_asked_again_before_it_counts(monkeypatch, refusals):
+  """Linux refuses a collapse now and then that it grants on the next call: `collapse` asks up to
+  ATTEMPTS times per range, and counts a buffer refused only when every call was."""
+  calls = []
+
+  def madvise(start, length, advice):  # refuses each range `refusals` times, then grants it
+    calls.append((start, length, advice))
+    return -1 if calls.count((start, length, advice)) <= refusals else 0
+
+  monkeypatch.setattr(hugepages, "_madvise", lambda: madvise)
+  x = jnp.zeros((4 << 20,), jnp.float32)  # 16 MiB: whole 2 MiB pages inside
+  report = hugepages.collapse(x)
+  assert report.arrays == 1 and report.refused == (refusals == hugepages.ATTEMPTS)
+  assert {advice for *_, advice in calls} == {hugepages.MADV_COLLAPSE}
+  asked = {}
+  for call in calls:
+    asked[call] = asked.get(call, 0) + 1
+  assert set(asked.values()) == {min(refusals + 1, hugepages.ATTEMPTS)}  # per range
+
+
 def test_collapse_gives_huge_pages_where_linux_grants_them():
   if not sys.platform.startswith("linux"):
     pytest.skip("transparent huge pages are Linux's")
