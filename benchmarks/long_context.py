@@ -81,11 +81,11 @@ def time_model(name, model, cache_len, contexts, blocks, repeats):
   from jax_specens.step import step
   modes = {"dense": with_attention_block(model, None)}
   modes.update({f"blocked@{b}": with_attention_block(model, b) for b in blocks})
-  if has_windows(model.config):
+  rings = has_windows(model.config)
+  if rings:
     modes[f"ring+blocked@{blocks[0]}"] = modes[f"blocked@{blocks[0]}"]
   if cpu.computes():  # a config of its own (a block of the whole cache), so a program of its own
     modes["kernel"] = with_attention_block(model, cache_len)
-  rings = has_windows(model.config)
   slack = {m: RING_SLACK if m.startswith("ring") or (m == "kernel" and rings) else None
            for m in modes}
   caches = {m: x.init_cache(1, cache_len, ring_slack=slack[m]) for m, x in modes.items()}
