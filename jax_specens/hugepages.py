@@ -70,7 +70,7 @@ def collapse(tree) -> Report:
       end = start + shard.data.nbytes
       inner = (-(-start // PAGE) * PAGE, end // PAGE * PAGE)
       ends = [(start // PAGE * PAGE, inner[0]), (inner[1], -(-end // PAGE) * PAGE)]
-      granted = [_ask(madvise, a, b - a)  # a small buffer: one page, asked once
+      granted = [_ask(madvise, a, b - a)  # a small buffer's one page: one request, not two
                  for a, b in dict.fromkeys(r for r in ends if r[0] < r[1])]
       if inner[0] < inner[1]:  # judged by its own pages: an end's page may reach past the mapping
         granted = [_ask(madvise, inner[0], inner[1] - inner[0])]
