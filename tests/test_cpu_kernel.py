@@ -139,6 +139,28 @@ def test_several_weights_in_one_call_give_each_product_as_alone(kernel_on, x_dty
     chex.assert_trees_all_equal(together, alone)
 
 
+def test_calls_from_several_threads_at_once_give_the_products_made_one_at_a_time(kernel_on):
+  """The threads that run a call's tasks are shared (a helper that has run one call's tasks stays
+  a little for the next call's, whoever makes it): chains of products started from four threads
+  at once give, bit for bit, what each gives alone."""
+  import concurrent.futures
+  rng = np.random.default_rng(3)
+  ws = [jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in [(640, 96), (96, 640)] * 3]
+
+  @jax.jit
+  def chain(x):
+    for w in ws:
+      x = cpu.small_matmul(x, w, True).astype(jnp.bfloat16)  # [N, K] weights: x @ w.T
+    return x
+
+  xs = [jnp.asarray(rng.standard_normal((r, 96)), jnp.bfloat16) for r in (1, 2, 3, 5) * 2]
+  alone = [chain(x) for x in xs]
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    for _ in range(3):
+      chex.assert_trees_all_equal(list(pool.map(lambda x: chain(x).block_until_ready(), xs)),
+                                  alone)
+
+
 def test_linears_equal_each_layer_called(kernel_on):
   """`layers.linears` (q, k, v of a layer) gives what calling each layer gives, bias included, in
   one kernel call where the kernel takes all three."""

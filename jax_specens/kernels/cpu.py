@@ -155,7 +155,8 @@ def small_matmuls(x: Float[Array, "M K"], ws: Sequence[Array], transposed: bool,
                   layer: Int[Array, ""] | None = None) -> list[Float[Array, "M N"]]:
   """`[small_matmul(x, w, transposed, layer) for w in ws]` in one call, each product computed
   exactly as alone: their tasks share one dispatch to the threads (q, k and v of a layer; a
-  helper thread of XLA's pool starts ~14 us after it is called, measured in SmolLM2's decode)."""
+  helper thread of XLA's pool that is not lingering from the previous call starts ~14 us after it
+  is called, measured in SmolLM2's decode; `common.h`'s `Parallel`)."""
   ns = [w.shape[-2] if transposed else w.shape[-1] for w in ws]
   bf16 = {x.dtype == w.dtype == jnp.bfloat16 and (transposed or n % 32 == 0)
           and "avx512_bf16" in _cpu_flags() for w, n in zip(ws, ns)}

@@ -232,8 +232,9 @@ void TaskNT(const X* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, i
 }
 
 // The tasks of one call's products (one weight or several), run together by one `Parallel`, then
-// the sums of split products: one dispatch for q, k and v (a helper of XLA's pool starts ~14 us
-// after it is scheduled: a quarter of a 60 us product)
+// the sums of split products: one dispatch for q, k and v (a helper of XLA's pool that is not
+// lingering from the previous call starts ~14 us after it is scheduled: a quarter of a 60 us
+// product)
 struct Jobs {
   std::vector<std::function<void()>> tasks, after;
   std::deque<std::vector<float>> partials;  // of the products split along K
