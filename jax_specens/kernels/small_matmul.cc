@@ -234,13 +234,25 @@ void TaskNT(const X* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, i
 // The tasks of one call's products (one weight or several), run together by one `Parallel`, then
 // the sums of split products: one dispatch for q, k and v (a helper of XLA's pool that is not
 // lingering from the previous call starts ~14 us after it is scheduled: a quarter of a 60 us
-// product)
+// product). Each weight's tasks are a segment, one function of the task's index: planning a call
+// allocates one function per weight, not one per task.
 struct Jobs {
-  std::vector<std::function<void()>> tasks, after;
+  struct Segment {  // tasks run(0) ... run(tasks - 1)
+    int64_t tasks;
+    std::function<void(int64_t)> run;
+  };
+  std::vector<Segment> segments;
+  std::vector<std::function<void()>> after;
   std::deque<std::vector<float>> partials;  // of the products split along K
 
   void Run(ffi::ThreadPool& pool) {
-    Parallel(pool, int64_t(tasks.size()), [&](int64_t i) { tasks[i](); });
+    std::vector<int64_t> starts;
+    int64_t total = 0;
+    for (const auto& s : segments) starts.push_back(total), total += s.tasks;
+    Parallel(pool, total, [&](int64_t i) {
+      const size_t j = std::upper_bound(starts.begin(), starts.end(), i) - starts.begin() - 1;
+      segments[j].run(i - starts[j]);
+    });
     for (const auto& f : after) f();
   }
 };
@@ -251,8 +263,10 @@ void Plan(Jobs& jobs, int64_t threads, bool nt, const X* x, const W* w, float* y
           int64_t K, int64_t N) {
   if (nt) {
     const int64_t rows = std::max<int64_t>(16, N / (8 * threads));
-    for (int64_t n0 = 0; n0 < N; n0 += rows)
-      jobs.tasks.push_back([=] { TaskNT<X, W>(x, w, y, M, K, N, n0, std::min(rows, N - n0)); });
+    jobs.segments.push_back({(N + rows - 1) / rows, [=](int64_t i) {
+                               TaskNT<X, W>(x, w, y, M, K, N, i * rows,
+                                            std::min(rows, N - i * rows));
+                             }});
   } else if (N <= kMaxCols) {
     // whole rows of w, contiguous in memory, split by K: each task sums its rows into its own
     // partial output, then the partials are added (M x N floats each, a few KB). A task's rows
@@ -261,11 +275,10 @@ void Plan(Jobs& jobs, int64_t threads, bool nt, const X* x, const W* w, float* y
     const int64_t rows = ((K + split - 1) / split + 7) / 8 * 8;
     const int64_t parts = (K + rows - 1) / rows;
     float* partial = jobs.partials.emplace_back(parts * M * N).data();
-    for (int64_t i = 0; i < parts; ++i)
-      jobs.tasks.push_back([=] {
-        TaskNN<X, W>(x, w, partial + i * M * N, M, K, N, 0, N, i * rows,
-                     std::min(K, (i + 1) * rows));
-      });
+    jobs.segments.push_back({parts, [=](int64_t i) {
+                               TaskNN<X, W>(x, w, partial + i * M * N, M, K, N, 0, N, i * rows,
+                                            std::min(K, (i + 1) * rows));
+                             }});
     jobs.after.push_back([=] {
       for (int64_t j = 0; j < M * N; ++j) {
         float v = 0.0f;
@@ -274,9 +287,10 @@ void Plan(Jobs& jobs, int64_t threads, bool nt, const X* x, const W* w, float* y
       }
     });
   } else {
-    for (int64_t c0 = 0; c0 < N; c0 += kMaxCols)
-      jobs.tasks.push_back(
-          [=] { TaskNN<X, W>(x, w, y, M, K, N, c0, std::min(kMaxCols, N - c0), 0, K); });
+    jobs.segments.push_back({(N + kMaxCols - 1) / kMaxCols, [=](int64_t i) {
+                               TaskNN<X, W>(x, w, y, M, K, N, i * kMaxCols,
+                                            std::min(kMaxCols, N - i * kMaxCols), 0, K);
+                             }});
   }
 }
 
