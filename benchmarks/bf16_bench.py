@@ -10,7 +10,10 @@
    - step: one jitted decode step (`jax_specens.step`, 1 token, batch 1), the best of 8 calls;
    - ar: greedy `decode(method="ar")` of --tokens new tokens after an 8-token prompt, ms/token;
    - loop: the same decode of 2 x --tokens minus that of --tokens, per token: the marginal cost
-     of a token inside the decode loop (no prompt pass, no fixed costs);
+     of a token inside the decode loop (no prompt pass, no fixed costs); `loop share (same
+     round)` prices each round's loop against a bandwidth probe timed just before it
+     (`round_probe`; the median over rounds), `loop share (fastest round)` is the share in the
+     round whose probe read fastest (the floor at its lowest);
    - call: the same decode of 1 new token, the best of the rounds: what a `decode` call costs
      besides its tokens (the prompt pass, and any copy made once a call);
    - products: the pass's matrix products alone (every linear layer's weight, then the LM head,
@@ -51,6 +54,30 @@ def bandwidth(num_bytes: int, repeats: int) -> float:
   v = jnp.ones((1024,), jnp.float32)
   probes = [jax.jit(jnp.sum), jax.jit(lambda m: m @ v)]
   return num_bytes / _best_of_pages(x, [lambda f=f: f(x) for f in probes], repeats)
+
+
+def round_probe(num_bytes: int):
+  """A function giving bytes / second read now: the best of 3 jitted matrix-vector products over
+  `num_bytes` of float32 in 2 MiB pages (where `hugepages` is on). Timed right before each loop
+  measurement: this host's bandwidth moves between phases of seconds (31-35 GB/s, then 50-65),
+  so a loop is also priced against the bandwidth of its own moment (`loop share (same round)`)."""
+  from jax_specens import hugepages
+  x = jnp.ones((num_bytes // 4096, 1024), jnp.float32)
+  if hugepages.enabled():
+    hugepages.collapse(x)
+  v = jnp.ones((1024,), jnp.float32)
+  f = jax.jit(lambda m: m @ v)
+  f(x).block_until_ready()
+
+  def probe() -> float:
+    best = float("inf")
+    for _ in range(3):
+      t0 = time.perf_counter()
+      f(x).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+    return num_bytes / best
+
+  return probe
 
 
 def _best_of_pages(x, calls, repeats: int) -> float:
@@ -212,7 +239,9 @@ def main(argv=None) -> int:
       common.first_call(f)
     runs[name] = {"model": model, "ar1": ar1, "ar": ar, "ar2": ar2, "products": products,
                   "step_ms": [], "ar_ms": [], "loop_ms": [], "call_ms": [], "products_ms": [],
+                  "round_bandwidth": [],
                   "compile_step_s": t_compile, "bytes": param_bytes(model)}
+  probe = round_probe(args.bandwidth_mib << 20)
   for _ in tqdm(range(args.repeats), desc="interleaved rounds"):
     for r in runs.values():
       cache = r["model"].init_cache(1, 256)
@@ -223,6 +252,7 @@ def main(argv=None) -> int:
         logits.block_until_ready()
         best = min(best, time.perf_counter() - t0)
       r["step_ms"].append(best * 1e3)
+      r["round_bandwidth"].append(probe())
       t_ar = common.time_call(r["ar"], repeats=1, warmup=0)
       r["ar_ms"].append(t_ar * 1e3 / args.tokens)
       t_ar2 = common.time_call(r["ar2"], repeats=1, warmup=0)
@@ -238,16 +268,25 @@ def main(argv=None) -> int:
     stream_ms = r["bytes"] / stream * 1e3 if stream else None  # the floor at the kernel's stream
     step_ms, ar_ms = float(np.min(r["step_ms"])), float(np.min(r["ar_ms"]))
     loop_ms, products_ms = float(np.median(r["loop_ms"])), float(np.median(r["products_ms"]))
+    # each round's loop against the bandwidth probed just before it; and at the round the
+    # memory was fastest (its floor the lowest)
+    same = [r["bytes"] / b * 1e3 / t for b, t in zip(r["round_bandwidth"], r["loop_ms"])]
+    fastest = int(np.argmax(r["round_bandwidth"]))
     rows.append({"dtype": name, "param MB": r["bytes"] / 1e6, "floor ms": floor_ms,
                  "step ms": step_ms, "step share": floor_ms / step_ms,
                  "ar ms/token": ar_ms, "ar share": floor_ms / ar_ms,
                  "loop ms/token": loop_ms, "loop share": floor_ms / loop_ms,
+                 "loop share (same round)": float(np.median(same)),
+                 "fastest round GB/s": r["round_bandwidth"][fastest] / 1e9,
+                 "loop share (fastest round)": same[fastest],
                  "call ms": float(np.min(r["call_ms"])),
                  "products ms": products_ms, "products share": floor_ms / products_ms,
                  **({"floor ms (stream)": stream_ms, "loop share (stream)": stream_ms / loop_ms,
                      "products share (stream)": stream_ms / products_ms} if stream else {}),
                  "step ms (all rounds)": r["step_ms"], "ar ms (all rounds)": r["ar_ms"],
                  "loop ms (all rounds)": r["loop_ms"],
+                 "round GB/s (all rounds)": [b / 1e9 for b in r["round_bandwidth"]],
+                 "loop share (all rounds, same round)": same,
                  "call ms (all rounds)": r["call_ms"],
                  "products ms (all rounds)": r["products_ms"],
                  "compile step s": r["compile_step_s"]})
@@ -258,7 +297,9 @@ def main(argv=None) -> int:
     print(f"stream {stream / 1e9:.1f} GB/s (the CPU kernel reading one {args.bandwidth_mib} MiB "
           "weight): the (stream) columns")
   print(common.table(rows, ["dtype", "param MB", "floor ms", "step ms", "step share",
-                            "ar ms/token", "ar share", "loop ms/token", "loop share", "call ms",
+                            "ar ms/token", "ar share", "loop ms/token", "loop share",
+                            "loop share (same round)", "fastest round GB/s",
+                            "loop share (fastest round)", "call ms",
                             "products ms", "products share"]
                      + (["floor ms (stream)", "loop share (stream)", "products share (stream)"]
                         if stream else [])))
