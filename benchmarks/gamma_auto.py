@@ -4,7 +4,8 @@
     python -m benchmarks.gamma_auto --small               # tiny random pair, seconds
 
 For each pair (the target as its own draft, i.e. identical models; then the --draft model), greedy,
-at --batch rows of the held-out chat prompts: `decode(..., gamma="auto")` once from an empty cache
+at --batch rows of the held-out chat prompts (--prompt-family): `decode(..., gamma="auto")` once
+from an empty cache
 (`calibration_s`: the probe decode with its compile and the pass timings; the chosen gamma and the
 acceptance alpha it measured), then ar and every gamma of --grid and the chosen one, each compiled
 first and then timed --repeats times in turn (the minimum counts): tokens/s, the measured speed-up
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from benchmarks.draft_bench import load_pair
+from benchmarks.draft_bench import FAMILIES, load_pair
 from jax_specens import autogamma
 from jax_specens.decoding.api import decode
 
@@ -86,6 +87,10 @@ def main(argv=None) -> int:
                   help="gammas to compare with auto (default 1,2,3,4,5,6; --small: 1,3)")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (--small: 12)")
+  ap.add_argument("--prompt-family", default="first", choices=FAMILIES,
+                  help="held-out prompts of this family (jax_specens/draft/prompts.py, as in "
+                  "draft_bench): first (the default, as in every earlier run), general, openings "
+                  "or all")
   args = ap.parse_args(argv)
   args.grid = args.grid or ([1, 3] if args.small else [1, 2, 3, 4, 5, 6])
   n = args.max_new_tokens or (12 if args.small else 64)
