@@ -58,26 +58,30 @@ COLUMNS = ["batch", "prompt", "kernel", "method", "gamma", "alpha", "c", "measur
            "step_ms_measured"]
 
 
-def load_pair(args, tmp: Path, rows: int):
-  """(target, draft, prompts [rows, T], lengths, description)."""
-  if args.small:
+def load_pair(tmp: Path, rows: int, *, small: bool, identical: bool, target: str | None,
+              draft: str | None, prompt_family: str):
+  """(target, draft, prompts [rows, T], lengths, description). small: a converted random pair
+  (in `tmp`) and random prompts; else the `target` dir (None: SmolLM2 from the user cache), the
+  `draft` dir or the target itself (`identical`), and the held-out chat prompts of
+  `prompt_family`. Every option is named at the call (draft_bench's and gamma_auto's)."""
+  if small:
     pair = hf_models.build_pair(tmp, "small")
-    target, draft = load_model(pair.target_dir), load_model(pair.draft_dir)
-    toks, lens = common.random_prompts(rows, 12, target.config.vocab_size)
-    return target, (target if args.identical else draft), toks, lens, "converted random pair 'small'"
+    t, d = load_model(pair.target_dir), load_model(pair.draft_dir)
+    toks, lens = common.random_prompts(rows, 12, t.config.vocab_size)
+    return t, (t if identical else d), toks, lens, "converted random pair 'small'"
   from jax_specens.draft import data as D
-  target_dir = common.real_model(args.target, "smollm2")
-  target = load_model(target_dir)
-  if args.identical:
-    draft, what = target, f"{target_dir} (draft = target)"
+  target_dir = common.real_model(target, "smollm2")
+  t = load_model(target_dir)
+  if identical:
+    d, what = t, f"{target_dir} (draft = target)"
   else:
     share = "share_from" in inspect.signature(load_model).parameters  # a distilled draft's embedding
-    draft = load_model(args.draft, share_from=[target]) if share else load_model(args.draft)
-    what = f"{target_dir} + draft {args.draft}"
+    d = load_model(draft, share_from=[t]) if share else load_model(draft)
+    what = f"{target_dir} + draft {draft}"
   tok = load_tokenizer(target_dir)
-  chats = [D.chat_ids(tok, p) for p in chat_prompts("test", args.prompt_family)]
+  chats = [D.chat_ids(tok, p) for p in chat_prompts("test", prompt_family)]
   toks, lens = D.pad(chats[:rows], max(map(len, chats)))
-  return target, draft, toks, lens, what
+  return t, d, toks, lens, what
 
 
 def _ints(s: str) -> list[int]:
@@ -174,7 +178,9 @@ def main(argv=None) -> int:
   rows, record = [], {}
   with tempfile.TemporaryDirectory() as tmp, common.restored_env(cpu.ENV):
     rows_needed = max(max(args.batches), args.batch1_prompts if 1 in args.batches else 1)
-    target, draft, all_toks, all_lens, what = load_pair(args, Path(tmp), rows_needed)
+    target, draft, all_toks, all_lens, what = load_pair(
+        Path(tmp), rows_needed, small=args.small, identical=args.identical, target=args.target,
+        draft=args.draft, prompt_family=args.prompt_family)
     print(f"models: {what}; gamma {args.gamma}, {n} new tokens, greedy", flush=True)
     for b in args.batches:
       for kernel in args.kernels:

@@ -98,8 +98,9 @@ def main(argv=None) -> int:
     args.repeats = 1
   rows, summaries = [], []
   with tempfile.TemporaryDirectory() as tmp:
-    args.identical = False
-    target, draft, toks, lens, what = load_pair(args, Path(tmp), args.batch)
+    target, draft, toks, lens, what = load_pair(
+        Path(tmp), args.batch, small=args.small, identical=False, target=args.target,
+        draft=args.draft, prompt_family=args.prompt_family)
     pairs = [("identical", target)] + ([("draft", draft)] if args.draft or args.small else [])
     print(f"models: {what}; {args.method}, batch {args.batch}, {n} new tokens, greedy", flush=True)
     for name, d in pairs:

@@ -164,3 +164,17 @@ def test_cli_says_when_no_gamma_is_priced_faster_than_the_baseline(model_dirs, c
                   max_new_tokens=N, temperature=0.0).gamma_choice
   assert choice.baseline == "ar" and choice.baseline_faster and choice.predicted_speedup == 0.8
   assert choice.to_dict()["baseline_faster"]
+
+
+def test_the_gamma_auto_benchmark_runs_end_to_end_on_a_tiny_pair(tmp_path, capsys):
+  """`python -m benchmarks.gamma_auto --small`: both pairs (identical models, then a draft) are
+  calibrated, compared with every gamma of the grid and written out (the script shares
+  `draft_bench.load_pair`, which takes every option by name: a missing one fails here too)."""
+  from benchmarks import gamma_auto
+  assert gamma_auto.main(["--small", "--out", str(tmp_path)]) == 0
+  result = json.loads((tmp_path / "gamma_auto_small.json").read_text())
+  assert [s["pair"] for s in result["summaries"]] == ["identical", "draft"]
+  for s in result["summaries"]:
+    assert s["choice"]["gamma"] == s["chosen"] >= 1
+    assert set(s["decode_s"]) >= {"ar", "1", "3", str(s["chosen"])}
+  assert "chosen_over_best" in capsys.readouterr().out
