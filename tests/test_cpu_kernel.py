@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jax_specens import ModelConfig, create_model
 from jax_specens.decoding.api import decode
@@ -25,7 +26,7 @@ from jax_specens.kernels import cpu
 from jax_specens.models import layers
 from jax_specens.checkpoint import load_model, save_model
 from jax_specens.models.layout import rows_major, scanned
-from jax_specens.step import step
+from jax_specens.step import forward, step
 
 
 @pytest.fixture
@@ -269,3 +270,27 @@ def test_where_the_kernel_cannot_be_built_xla_computes_and_says_why(monkeypatch,
   finally:
     cpu.available.cache_clear()
     jax.clear_caches()
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_a_pass_through_the_kernel_has_xla_s_gradient(kernel_on, scan):
+  """A trainer's pass small enough for the kernel (products and attention) differentiates: the
+  forward runs the kernel, the gradient is XLA's program's (`cpu.with_xla_gradient`)."""
+  config = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+  model = create_model(config, seed=0)
+  model = scanned(model) if scan else model
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 6)), jnp.int32)
+
+  def loss(m):
+    logits, _ = forward(m, m.init_cache(2, 8, grad=True), tokens, jnp.zeros((2,), jnp.int32))
+    return jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0].mean()
+
+  assert "jax_specens_attend" in str(jax.make_jaxpr(loss)(model))  # the kernel computes
+  grads = jax.grad(loss)(model).params
+  with pytest.MonkeyPatch.context() as mp:
+    mp.delenv(cpu.ENV)
+    jax.clear_caches()
+    expected = jax.grad(loss)(model).params
+  chex.assert_trees_all_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(expected),
+                              rtol=1e-4, atol=1e-5)

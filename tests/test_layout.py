@@ -28,6 +28,7 @@ from jax_specens import ModelConfig, create_model, load_model
 from jax_specens.checkpoint import save_model
 from jax_specens import parallel as par
 from jax_specens.decoding.api import decode
+from jax_specens.kernels import cpu
 from jax_specens.models.layout import rows_major, scanned, unrolled
 from jax_specens.step import forward, forward_prompt
 from tests.decode_models import scaled
@@ -179,7 +180,14 @@ def test_every_method_decodes_the_unrolled_tokens(layout):
   np.testing.assert_array_equal(ref["sd"][0], ref["ar"][0])  # lossless, scanned or not
 
 
-def test_a_scanned_model_saves_per_layer_and_loads_either_way(tmp_path):
+@pytest.fixture
+def kernel_off(monkeypatch):
+  """`load_model`'s defaults without the CPU kernel (with it, kernels load as rows:
+  tests/test_cpu_kernel.py)."""
+  monkeypatch.delenv(cpu.ENV, raising=False)
+
+
+def test_a_scanned_model_saves_per_layer_and_loads_either_way(tmp_path, kernel_off):
   model = create_model(GEMMA, seed=4)
   save_model(scanned(model), tmp_path / "m")
   back = load_model(tmp_path / "m")
@@ -191,7 +199,7 @@ def test_a_scanned_model_saves_per_layer_and_loads_either_way(tmp_path):
                               nnx.to_pure_dict(scanned(model).params))
 
 
-def test_row_major_kernels_save_as_checkpoints_do_and_load_either_way(tmp_path):
+def test_row_major_kernels_save_as_checkpoints_do_and_load_either_way(tmp_path, kernel_off):
   model = create_model(LLAMA, seed=4)
   save_model(scanned(rows_major(model)), tmp_path / "m")
   back = load_model(tmp_path / "m")

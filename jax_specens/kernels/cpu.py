@@ -18,8 +18,9 @@ read once; `JAX_SPECENS_CPU_ATTENTION=0` keeps XLA's).
 Opt-in: `JAX_SPECENS_CPU_KERNELS=1` (read when a model's pass is traced). It needs an x86 CPU
 with AVX-512 and a C++ compiler (`$CXX`, else `g++`); it is built once into the user cache
 (`~/.cache/jax_specens/kernels/`, keyed by the sources, the flags and jaxlib's version). Where it
-cannot be used, `weight_dot` keeps XLA's product and says why once. Inference only: the product
-has no gradient rule, and on a mesh XLA gathers the operands of the call (use it on one device).
+cannot be used, `weight_dot` keeps XLA's product and says why once. A pass differentiated
+through the kernel (a trainer's small batch) gets XLA's gradient (`with_xla_gradient`); on a mesh
+XLA gathers the operands of the call (use it on one device).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +137,16 @@ def _register(path: Path) -> None:
   _REGISTERED.append(path)
 
 
+def with_xla_gradient(kernel: Callable, reference: Callable) -> Callable:
+  """`kernel`, differentiable in reverse mode: the forward pass runs the kernel, the backward pass
+  the vjp of `reference` (XLA's program of the same function, recomputed from the saved inputs;
+  integer inputs get no cotangent). The kernels themselves have no gradient rule: without this a
+  trainer whose pass fits the kernel (JAX_SPECENS_CPU_KERNELS=1, a small batch) would fail."""
+  f = jax.custom_vjp(kernel)
+  f.defvjp(lambda *args: (kernel(*args), args), lambda args, g: jax.vjp(reference, *args)[1](g))
+  return f
+
+
 def small_matmul(x: Float[Array, "M K"], w: Array, transposed: bool,
                  layer: Int[Array, ""] | None = None) -> Float[Array, "M N"]:
   """`x @ w` (`transposed`: `x @ w.T`, w `[N, K]`) in float32, for M <= MAX_ROWS rows; w float32
@@ -164,9 +175,19 @@ def small_matmuls(x: Float[Array, "M K"], ws: Sequence[Array], transposed: bool,
     return [small_matmul(x, w, transposed, layer) for w in ws]
   call = jax.ffi.ffi_call(TARGET, [jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32) for n in ns],
                           vmap_method="sequential")
+  as_is = bf16.pop()
+  dims = (((1,), (1 if transposed else 0,)), ((), ()))
+
+  def kernel(x, index, *ws):
+    return list(call(x if as_is else x.astype(jnp.float32), index, *ws,
+                     transposed=bool(transposed)))
+
+  def reference(x, index, *ws):
+    return [jax.lax.dot_general(x, w if layer is None else w[index], dims,
+                                preferred_element_type=jnp.float32) for w in ws]
+
   index = jnp.asarray(-1 if layer is None else layer, jnp.int32)
-  return list(call(x if bf16.pop() else x.astype(jnp.float32), index, *ws,
-                   transposed=bool(transposed)))
+  return with_xla_gradient(kernel, reference)(x, index, *ws)
 
 
 def take_rows(table: Array, ids: Int[Array, "..."]) -> Array:

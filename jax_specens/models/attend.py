@@ -185,7 +185,14 @@ def attend(
   kw = dict(scale=scale, window=window, softcap=softcap)
   dh = q.shape[-1]
   if q.shape[1] <= cpu.MAX_ROWS and dh % 16 == 0 and dh <= cpu.MAX_HEAD_DIM and cpu.attention():
-    return cpu.attend(q, cache_k, cache_v, positions, layer, **kw).astype(q.dtype)
+    def reference(q, k, v, positions, layer):  # its gradient is the kernel's
+      if layer is not None:
+        k, v = k[layer], v[layer]
+      return dense(q, k, v, positions, **kw).astype(jnp.float32)
+
+    kernel = lambda *args: cpu.attend(*args, **kw)
+    return cpu.with_xla_gradient(kernel, reference)(q, cache_k, cache_v, positions,
+                                                     layer).astype(q.dtype)
   if layer is not None:
     cache_k, cache_v = cache_k[layer], cache_v[layer]
   s, w = cache_k.shape[1], q.shape[1]
