@@ -29,7 +29,7 @@ from jax_specens.decoding.api import decode
 from jax_specens.draft import TrainConfig, train_draft
 from jax_specens.draft.model import init_from_target, tapped
 from jax_specens.models import create_model
-from jax_specens.models.layout import scanned
+from jax_specens.models.layout import scanned, unrolled
 from jax_specens.step import forward_hidden
 from tests.decode_models import LENGTHS, PROMPTS, config, scaled
 from tests.test_train_draft import TARGET, TINY, assert_greedy_sd_equals_ar
@@ -154,7 +154,7 @@ def test_continuing_with_taps_starts_at_the_parent_and_trains(phases):
   assert m2["read_bytes_ratio"] > m1["read_bytes_ratio"]
   _, draft, _, _ = assert_greedy_sd_equals_ar(root / "tapped")
   assert draft.config.feature_taps == (1, 2)
-  fc = nnx.to_pure_dict(draft.params)["feature_fc"]["kernel"]
+  fc = nnx.to_pure_dict(unrolled(draft).params)["feature_fc"]["kernel"]  # [(1 + taps) D, D]
   assert np.abs(np.asarray(fc)[draft.config.hidden_size:]).max() > 1e-4  # the taps are read
 
 

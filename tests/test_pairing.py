@@ -21,6 +21,7 @@ from flax import nnx
 from jax_specens import create_model, decode, load_model, vocab
 from jax_specens.checkpoint import CONFIG_FILE, PARAMS_DIR, abstract_model, save_model
 from jax_specens.cli.main import main
+from jax_specens.models.layout import unrolled
 from jax_specens.models.model import Model
 from jax_specens.step import forward_prompt
 from tests.decode_models import config, scaled
@@ -38,7 +39,7 @@ def padded_copy(model: Model, extra: int, boost) -> Model:
   assert model.config.tie_embeddings
   v = model.config.vocab_size
   cfg = dataclasses.replace(model.config, vocab_size=v + extra)
-  params = nnx.to_pure_dict(model.params)
+  params = nnx.to_pure_dict(unrolled(model).params)  # as `cfg` builds them
   emb = params["embed"]["embedding"]
   rows = 2.0 * emb[np.resize(np.asarray(boost), extra)]
   params["embed"]["embedding"] = jnp.concatenate([emb, rows.astype(emb.dtype)], axis=0)
@@ -172,7 +173,7 @@ def first_layers(model: Model, n: int) -> Model:
   """`model` cut to its first n layers (embedding, norm and head kept)."""
   types = model.config.layer_types
   cfg = dataclasses.replace(model.config, num_layers=n, layer_types=types and types[:n])
-  params = nnx.to_pure_dict(model.params)
+  params = nnx.to_pure_dict(unrolled(model).params)  # [d_in, d_out] kernels, as `cfg` builds them
   params["layers"] = {i: params["layers"][i] for i in range(n)}
   abstract = abstract_model(cfg, model.dtype)
   nnx.replace_by_pure_dict(abstract.params, params)
