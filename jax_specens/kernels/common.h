@@ -7,10 +7,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <chrono>
 #include <mutex>
 #include <thread>
 
@@ -60,7 +60,7 @@ struct Job {
   void Work() {
     const int64_t own = arrived.fetch_add(1);
     for (int64_t i; own < ranges && (i = Claim(own, true)) >= 0;) Run(i);
-    for (;;) {  // then the back of the fullest range
+    for (;;) {  // then the back of the fullest range (the front, where there is one range)
       int64_t best = -1, most = 0;
       for (int64_t r = 0; r < ranges; ++r) {
         const uint64_t v = range[r].load();
@@ -98,9 +98,10 @@ inline Mailbox mailbox;
 // it). At most `most` helpers linger at once (one fewer than the pool's threads: one is always
 // free for XLA's own work).
 inline void Linger(uint64_t seen, int64_t most) {
-  for (int64_t n = mailbox.waiting.load();;)
+  int64_t n = mailbox.waiting.load();
+  do {
     if (n >= most) return;
-    else if (mailbox.waiting.compare_exchange_weak(n, n + 1)) break;
+  } while (!mailbox.waiting.compare_exchange_weak(n, n + 1));
   using clock = std::chrono::steady_clock;
   const auto wait = std::chrono::microseconds(kLingerMicros);
   auto until = clock::now() + wait;
