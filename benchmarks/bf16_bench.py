@@ -45,14 +45,21 @@ from tqdm import tqdm
 
 from benchmarks import common
 
+def _matvec(num_bytes: int):
+  """(x, f): `num_bytes` of float32 `[num_bytes / 4096, 1024]` and a jitted product of it with
+  a vector, the probe that reads x at full bandwidth here."""
+  x = jnp.ones((num_bytes // 4096, 1024), jnp.float32)
+  v = jnp.ones((1024,), jnp.float32)
+  return x, jax.jit(lambda m: m @ v)
+
+
 def bandwidth(num_bytes: int, repeats: int) -> float:
   """Bytes / second read from `num_bytes` of float32: the best of a jitted sum and a jitted
   matrix-vector product (`[num_bytes / 4096, 1024] @ [1024]`), each timed `repeats` times, in
   turn. On this 2-core host the sum, a reduction XLA runs on fewer threads, read 12-22 GB/s
   where the product read 25 GB/s, so a floor from the sum alone flattered every share."""
-  x = jnp.ones((num_bytes // 4096, 1024), jnp.float32)
-  v = jnp.ones((1024,), jnp.float32)
-  probes = [jax.jit(jnp.sum), jax.jit(lambda m: m @ v)]
+  x, matvec = _matvec(num_bytes)
+  probes = [jax.jit(jnp.sum), matvec]
   return num_bytes / _best_of_pages(x, [lambda f=f: f(x) for f in probes], repeats)
 
 
@@ -62,22 +69,12 @@ def round_probe(num_bytes: int):
   measurement: this host's bandwidth moves between phases of seconds (31-35 GB/s, then 50-65),
   so a loop is also priced against the bandwidth of its own moment (`loop share (same round)`)."""
   from jax_specens import hugepages
-  x = jnp.ones((num_bytes // 4096, 1024), jnp.float32)
+  x, matvec = _matvec(num_bytes)
   if hugepages.enabled():
     hugepages.collapse(x)
-  v = jnp.ones((1024,), jnp.float32)
-  f = jax.jit(lambda m: m @ v)
-  f(x).block_until_ready()
-
-  def probe() -> float:
-    best = float("inf")
-    for _ in range(3):
-      t0 = time.perf_counter()
-      f(x).block_until_ready()
-      best = min(best, time.perf_counter() - t0)
-    return num_bytes / best
-
-  return probe
+  common.first_call(lambda: matvec(x))
+  return lambda: num_bytes / min(common.time_call(lambda: matvec(x), repeats=1, warmup=0)
+                                 for _ in range(3))
 
 
 def _best_of_pages(x, calls, repeats: int) -> float:

@@ -5,13 +5,13 @@
 
 For each pair (the target as its own draft, i.e. identical models; then the --draft model), greedy,
 at --batch rows of the held-out chat prompts (--prompt-family): `decode(..., gamma="auto")` once
-from an empty cache
-(`calibration_s`: the probe decode with its compile and the pass timings; the chosen gamma and the
-acceptance alpha it measured), then ar and every gamma of --grid and the chosen one, each compiled
-first and then timed --repeats times in turn (the minimum counts): tokens/s, the measured speed-up
-over ar, and the speed-up the calibration predicted for that gamma. `chosen / best` is the tok/s of
-the chosen gamma over the best of the grid. --method se does the same for se over ensemble (wprob,
-equal weights; the grid is gamma (g, g), auto picks one gamma per model). Writes gamma_auto.json.
+from an empty cache (`calibration_s`: the probe decode with its compile and the pass timings; the
+chosen gamma and the acceptance alpha it measured), then ar and every gamma of --grid and the
+chosen one, each compiled first and then timed --repeats times in turn (the minimum counts):
+tokens/s, the measured speed-up over ar, and the speed-up the calibration predicted for that gamma.
+`chosen / best` is the tok/s of the chosen gamma over the best of the grid. --method se does the
+same for se over ensemble (wprob, equal weights; the grid is gamma (g, g), auto picks one gamma
+per model). Writes gamma_auto.json.
 """
 
 from __future__ import annotations

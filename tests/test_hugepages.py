@@ -7,6 +7,7 @@ pages): the test of the pages themselves skips, naming why, where it refuses.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -69,9 +70,7 @@ def test_a_refusal_is_asked_again_before_it_counts(monkeypatch, refusals):
   report = hugepages.collapse(x)
   assert report.arrays == 1 and report.refused == (refusals == hugepages.ATTEMPTS)
   assert {advice for *_, advice in calls} == {hugepages.MADV_COLLAPSE}
-  asked = {}
-  for call in calls:
-    asked[call] = asked.get(call, 0) + 1
+  asked = collections.Counter(calls)
   assert set(asked.values()) == {min(refusals + 1, hugepages.ATTEMPTS)}  # per range
 
 

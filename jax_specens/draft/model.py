@@ -52,7 +52,7 @@ def draft_config(target: ModelConfig, layers: Sequence[int], vocab_subset: Seque
                              tie_embeddings=False, feature_input=features, feature_taps=taps)
 
 
-def _pure(model: Model) -> dict:
+def unrolled_params(model: Model) -> dict:
   """`model`'s parameters as a pure dict, per layer, kernels `[d_in, d_out]` (the layout a draft
   is built in, whatever the layout `model` was loaded in: scanned, or rows for the CPU kernel)."""
   return nnx.to_pure_dict(unrolled(model).params)
@@ -60,7 +60,7 @@ def _pure(model: Model) -> dict:
 
 def target_head_rows(target: Model, ids: np.ndarray) -> jax.Array:
   """`[D, K]`: the target's LM head columns of `ids` (its tied embedding rows, or lm_head)."""
-  pure = _pure(target)
+  pure = unrolled_params(target)
   ids = jnp.asarray(ids, jnp.int32)
   if target.config.tie_embeddings:
     return jnp.take(pure["embed"]["embedding"], ids, axis=0).T
@@ -74,7 +74,7 @@ def init_from_target(target: Model, layers: Sequence[int], vocab_subset: Sequenc
   the feature before it; taps: its `feature_fc` starts by reading the final feature alone
   (`tapped`)."""
   config = draft_config(target.config, layers, vocab_subset, features, taps)
-  pure = _pure(target)
+  pure = unrolled_params(target)
   new = {k: pure[k] for k in SHARED if k in pure}
   new["final_norm"] = pure["final_norm"]
   new["layers"] = {j: pure["layers"][i] for j, i in enumerate(layers)}
@@ -103,7 +103,7 @@ def tapped(draft: Model, target: Model, taps: Sequence[int]) -> Model:
                      f"features {c.feature_input}, taps {list(c.feature_taps)})")
   config = dataclasses.replace(c, feature_taps=tuple(target_layers(taps, target.config,
                                                                    "--feature-taps")))
-  pure = _pure(draft)
+  pure = unrolled_params(draft)
   pure["feature_fc"] = {"kernel": _first_of(config).astype(draft.dtype)}
   return _built(config, draft.dtype, pure)
 
@@ -128,8 +128,8 @@ def grown(draft: Model, target: Model, layers: Sequence[int]) -> Model:
                                                           for j in range(c.num_layers))
            if t.layer_types else ())
   config = dataclasses.replace(c, num_layers=c.num_layers + len(layers), layer_types=types)
-  pure = _pure(draft)
-  source = _pure(target)["layers"]
+  pure = unrolled_params(draft)
+  source = unrolled_params(target)["layers"]
 
   def silent(block: dict) -> dict:  # the block's residual contributions made zero
     out = jax.tree_util.tree_map(jnp.asarray, block)

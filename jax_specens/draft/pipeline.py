@@ -13,17 +13,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jax_specens.builtin import resolve
 from jax_specens.checkpoint import (atomic_dir, copy_tokenizer_files, load_model, load_tokenizer,
                                     write_model_files)
 from jax_specens.draft import data as D
 from jax_specens.draft.model import (SHARED, grown, init_from_target, own_bytes,
-                                     read_bytes_per_token, tapped, target_layers)
+                                     read_bytes_per_token, tapped, target_layers,
+                                     unrolled_params)
 from jax_specens.draft.prompts import FAMILIES, held_out_count
 from jax_specens.draft.train import TrainConfig, evaluate, train
-from jax_specens.models.layout import unrolled
 
 DISTILL_FILE = "distill.json"
 GREEDY_LABELS = ("tokens", "teacher")  # DraftRecipe.greedy_labels
@@ -182,7 +181,7 @@ def save_draft(out_dir: str | os.PathLike, draft, target_dir: str | os.PathLike,
   target's tokenizer files (Gemma 3's tokenizer.json is 33 MB, more than its draft), only their
   fingerprint and the target's directory (`checkpoint.copy_tokenizer_files(..., borrow=True)`).
   """
-  pure = nnx.to_pure_dict(unrolled(draft).params)  # a checkpoint's layout, however it was loaded
+  pure = unrolled_params(draft)  # a checkpoint's layout, however the draft was loaded
   own = {k: v for k, v in pure.items() if k not in SHARED}
   (trained,) = {jnp.dtype(x.dtype) for x in jax.tree_util.tree_leaves(own)}
   store = trained if store_dtype is None else jnp.dtype(store_dtype)
